@@ -1,0 +1,283 @@
+// CPU kernel of torchiter.quadratic_descent: the whole projected-gradient loop
+// y <- project(y - lr_k (A y - b)) in one call.
+//
+// Positions (sample, spatial index) are independent: A only mixes channels. The
+// kernel works on a padded (G, C, P) copy in which positions run along the
+// contiguous dim, so one vector lane is one position and the C x C mixing is a
+// chain of broadcast-FMAs. Positions are cut into fixed tiles (their width
+// depends only on C and the dtype), so every position sees the same arithmetic
+// at any thread count: the result is bitwise-stable.
+//
+// Without a stop test (tol == 0) each tile runs all iterations while it sits in
+// L1 ("blocked" mode, one read and one write of y in total). With tol > 0 each
+// iteration is one parallel sweep over y that also yields max |y_k - y_{k-1}|.
+#include "../ops.h"
+#include "vec_math.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace torchiter {
+namespace {
+
+using at::vec::Vectorized;
+
+// A panel: C rows of positions with row stride `ld` (a multiple of the width).
+template <typename T>
+struct Panel {
+  const T* A;
+  int64_t C;
+  const VecProjection<T>* project;
+};
+
+// Updates rows [i, i + R) of the W positions at column s and folds
+// |new - old| over the first `valid` lanes into dmax.
+template <typename T, int R>
+inline void rows_step(
+    const Panel<T>& pn, int64_t i, const T* y, const T* b, T* yn,
+    int64_t ld, int64_t s, const Vectorized<T>& neg_lr, int64_t valid,
+    Vectorized<T>* dmax) {
+  using Vec = Vectorized<T>;
+  const int64_t C = pn.C;
+  Vec acc[R];
+  for (int r = 0; r < R; ++r) {
+    acc[r] = Vec(static_cast<T>(0));
+  }
+  const T* Ai = pn.A + i * C;
+  for (int64_t j = 0; j < C; ++j) {
+    const Vec yj = Vec::loadu(y + j * ld + s);
+    for (int r = 0; r < R; ++r) {
+      acc[r] = at::vec::fmadd(Vec(Ai[r * C + j]), yj, acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const int64_t off = (i + r) * ld + s;
+    const Vec old = Vec::loadu(y + off);
+    const Vec grad = acc[r] - Vec::loadu(b + off);
+    const Vec v = (*pn.project)(at::vec::fmadd(grad, neg_lr, old));
+    v.store(yn + off);
+    if (dmax) {
+      Vec d = (v - old).abs();
+      if (valid < Vec::size()) {
+        d = Vec::set(Vec(static_cast<T>(0)), d, valid);
+      }
+      *dmax = at::vec::maximum(*dmax, d);
+    }
+  }
+}
+
+// One iteration over columns [0, n) of a panel (n a multiple of the width;
+// lanes at or past `valid` are padding, excluded from the delta).
+template <typename T>
+inline void panel_step(
+    const Panel<T>& pn, const T* y, const T* b, T* yn, int64_t ld, int64_t n,
+    int64_t valid, T lr, Vectorized<T>* dmax) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  const Vec neg_lr(-lr);
+  for (int64_t s = 0; s < n; s += W) {
+    const int64_t v = std::min<int64_t>(W, valid - s);
+    int64_t i = 0;
+    for (; i + 4 <= pn.C; i += 4) {
+      rows_step<T, 4>(pn, i, y, b, yn, ld, s, neg_lr, v, dmax);
+    }
+    switch (pn.C - i) {
+      case 3: rows_step<T, 3>(pn, i, y, b, yn, ld, s, neg_lr, v, dmax); break;
+      case 2: rows_step<T, 2>(pn, i, y, b, yn, ld, s, neg_lr, v, dmax); break;
+      case 1: rows_step<T, 1>(pn, i, y, b, yn, ld, s, neg_lr, v, dmax); break;
+      default: break;
+    }
+  }
+}
+
+// Max over the lanes of v, NaN-propagating (a NaN must never pass a stop test).
+template <typename T>
+T lane_max(const Vectorized<T>& v) {
+  T buf[Vectorized<T>::size()];
+  v.store(buf);
+  T m = 0;
+  for (auto x : buf) {
+    if (std::isnan(x)) {
+      return x;
+    }
+    m = std::max(m, x);
+  }
+  return m;
+}
+
+// Tile width: a multiple of the vector width such that the three C x tile
+// blocks a tile touches (y, its next value, b) stay within about 40 KiB of L1.
+template <typename T>
+int64_t tile_width(int64_t C) {
+  constexpr int64_t W = Vectorized<T>::size();
+  const int64_t fit =
+      (40 * 1024) / (3 * std::max<int64_t>(C, 1) * static_cast<int64_t>(sizeof(T)));
+  return std::clamp<int64_t>((fit / W) * W, W, 256);
+}
+
+struct Layout {
+  int64_t G;      // groups (batch in native layout, 1 when permuted)
+  int64_t P;      // positions per group
+  int64_t Ppad;   // P rounded up to the vector width
+  bool permuted;  // positions are (batch, spatial) pairs
+};
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor> run(
+    const at::Tensor& y0, const at::Tensor& A_in, const at::Tensor& b_in,
+    const QuadraticDescentArgs& args, const std::vector<double>& lrs) {
+  constexpr int64_t W = Vectorized<T>::size();
+  const auto [B, C, S] = bcs_sizes(y0);
+  // Few spatial positions: gather all (batch, spatial) positions into one
+  // panel so that vector lanes are filled.
+  Layout L;
+  L.permuted = S < 4 * W;
+  L.G = L.permuted ? 1 : B;
+  L.P = L.permuted ? B * S : S;
+  L.Ppad = (L.P + W - 1) / W * W;
+
+  auto to_panels = [&](const at::Tensor& t) {
+    at::Tensor out = at::zeros({L.G, C, L.Ppad}, t.options().memory_format(at::MemoryFormat::Contiguous));
+    at::Tensor src = t.reshape({B, C, S});
+    if (L.permuted) {
+      src = src.permute({1, 0, 2}).reshape({1, C, B * S});
+    }
+    out.narrow(2, 0, L.P).copy_(src);
+    return out;
+  };
+  at::Tensor Y = to_panels(y0);
+  const at::Tensor Bm = to_panels(b_in);
+  const at::Tensor A = A_in.contiguous();
+  const VecProjection<T> proj(args.shrink, args.min, args.max);
+  const Panel<T> pn{A.const_data_ptr<T>(), C, &proj};
+
+  const int64_t T_w = tile_width<T>(C);
+  const int64_t tiles_per_group = (L.Ppad + T_w - 1) / T_w;
+  const int64_t ntiles = L.G * tiles_per_group;
+  const int64_t group_stride = C * L.Ppad;
+  // Enough tiles per task that a thread gets ~64k FMAs: small problems stay
+  // on the calling thread, with no parallel-region overhead per iteration.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, C * C * T_w));
+
+  auto tile_bounds = [&](int64_t t, int64_t& off, int64_t& n, int64_t& valid) {
+    const int64_t g = t / tiles_per_group;
+    const int64_t s0 = (t % tiles_per_group) * T_w;
+    off = g * group_stride + s0;
+    n = std::min(T_w, L.Ppad - s0);
+    valid = std::max<int64_t>(0, std::min(T_w, L.P - s0));
+  };
+
+  const int64_t K = args.max_iterations;
+  int64_t iterations = K;
+  const bool stop_test = args.tol > 0;
+  T* y = Y.data_ptr<T>();
+  const T* b = Bm.const_data_ptr<T>();
+
+  if (!stop_test) {
+    // Blocked: each tile is copied into three tile-local C x T_w blocks
+    // (allocated once per task, never per iteration) and runs all K
+    // iterations there before its result is written back.
+    at::parallel_for(0, ntiles, std::max<int64_t>(1, grain / std::max<int64_t>(K, 1)), [&](int64_t t0, int64_t t1) {
+      std::vector<T> local(static_cast<size_t>(3 * C * T_w));
+      T* cur = local.data();
+      T* nxt = cur + C * T_w;
+      T* bl = nxt + C * T_w;
+      for (int64_t t = t0; t < t1; ++t) {
+        int64_t off, n, valid;
+        tile_bounds(t, off, n, valid);
+        for (int64_t c = 0; c < C; ++c) {
+          std::copy_n(y + off + c * L.Ppad, n, cur + c * T_w);
+          std::copy_n(b + off + c * L.Ppad, n, bl + c * T_w);
+        }
+        T* src = cur;
+        T* dst = nxt;
+        for (int64_t k = 0; k < K; ++k) {
+          panel_step<T>(pn, src, bl, dst, T_w, n, valid,
+                        static_cast<T>(lrs[static_cast<size_t>(k)]), nullptr);
+          std::swap(src, dst);
+        }
+        for (int64_t c = 0; c < C; ++c) {
+          std::copy_n(src + c * T_w, n, y + off + c * L.Ppad);
+        }
+      }
+    });
+  } else {
+    // Sweeps: one pass per iteration from Y into Y2 and back; each tile
+    // records its max |y_k - y_{k-1}| when iteration k is a check.
+    at::Tensor Y2 = at::empty_like(Y);
+    std::vector<T> tile_max(static_cast<size_t>(ntiles));
+    T* src = y;
+    T* dst = Y2.data_ptr<T>();
+    for (int64_t k = 0; k < K; ++k) {
+      const bool check = k >= 1 && k % args.check_every == 0;
+      const T lr = static_cast<T>(lrs[static_cast<size_t>(k)]);
+      at::parallel_for(0, ntiles, grain, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t) {
+          int64_t off, n, valid;
+          tile_bounds(t, off, n, valid);
+          Vectorized<T> dmax(static_cast<T>(0));
+          panel_step<T>(pn, src + off, b + off, dst + off, L.Ppad, n, valid,
+                        lr, check ? &dmax : nullptr);
+          tile_max[static_cast<size_t>(t)] = lane_max(dmax);
+        }
+      });
+      std::swap(src, dst);
+      if (check) {
+        T m = 0;
+        for (T x : tile_max) {
+          m = std::isnan(x) || std::isnan(m) ? std::numeric_limits<T>::quiet_NaN()
+                                              : std::max(m, x);
+        }
+        // NaN < tol is false: a diverged loop never counts as converged.
+        if (m < static_cast<T>(args.tol)) {
+          iterations = k + 1;
+          break;
+        }
+      }
+    }
+    if (src != y) {
+      Y = Y2;
+    }
+  }
+
+  // Back from padded panels to the caller's (B, C, *spatial) shape.
+  at::Tensor out = Y.narrow(2, 0, L.P);
+  if (L.permuted) {
+    out = out.reshape({C, B, S}).permute({1, 0, 2});
+  }
+  out = out.contiguous().reshape(y0.sizes());
+  return {out, at::scalar_tensor(iterations, y0.options().dtype(at::kLong))};
+}
+
+std::tuple<at::Tensor, at::Tensor> quadratic_descent_cpu(
+    const at::Tensor& y0, const at::Tensor& A, const at::Tensor& b,
+    double lr, int64_t max_iterations, double tol, int64_t check_every,
+    const std::optional<at::Tensor>& lrs, double shrink,
+    std::optional<double> min, std::optional<double> max) {
+  const QuadraticDescentArgs args{lr, max_iterations, tol, check_every,
+                                  shrink, min, max};
+  check_quadratic_descent(y0, A, b, lrs, args, {at::kFloat, at::kDouble});
+  const std::vector<double> host_lrs = host_learning_rates(lrs, args);
+  at::Tensor y0d = y0.detach();
+  if (y0.numel() == 0) {
+    return {y0d.clone(at::MemoryFormat::Contiguous),
+            at::scalar_tensor(max_iterations, y0.options().dtype(at::kLong))};
+  }
+  return AT_DISPATCH_FLOATING_TYPES(y0.scalar_type(), "torchiter.quadratic_descent", [&] {
+    return run<scalar_t>(y0d, A.detach(), b.detach(), args, host_lrs);
+  });
+}
+
+} // namespace
+
+TORCH_LIBRARY_IMPL(torchiter, CPU, m) {
+  m.impl("quadratic_descent", &quadratic_descent_cpu);
+}
+
+} // namespace torchiter

@@ -1,0 +1,121 @@
+"""Typed, documented wrappers of the ``torch.ops.torchiter`` ops.
+
+The wrappers add keyword defaults and docstrings only; they call
+``torch.ops.torchiter.<name>`` (not ``.default``) so that they stay scriptable
+and resolve the ``Tensor lr`` overload of :func:`sgd_step_` by type.
+"""
+
+from typing import List, Optional, Tuple
+
+import torch
+
+__all__ = ["sgd_step_", "quadratic_descent"]
+
+
+def sgd_step_(
+    params: List[torch.Tensor],
+    grads: List[torch.Tensor],
+    momentum_buffers: List[torch.Tensor],
+    lr: float,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+    maximize: bool = False,
+    first_step: bool = False,
+    shrink: float = 0.0,
+    min: Optional[float] = None,
+    max: Optional[float] = None,
+) -> None:
+    """One fused projected-SGD step over lists of tensors, in place.
+
+    Per element (in float32 for float16/bfloat16, else in the tensor's dtype),
+    exactly ``torch.optim.SGD``'s update followed by the projection::
+
+        g = -grad if maximize else grad
+        g = g + weight_decay * p
+        buf = g if first_step else momentum * buf + (1 - dampening) * g
+        g = g + momentum * buf if nesterov else buf       (if momentum != 0)
+        v = p - lr * g
+        v = sign(v) * max(|v| - shrink, 0)                (if shrink > 0)
+        p = clamp(v, min, max)                            (bounds that are given)
+
+    Args:
+        params: tensors updated in place; float32, float64, float16 or
+            bfloat16, any shape, all on one device (CPU or CUDA). Non-contiguous
+            params are updated through their strides.
+        grads: one per param, same shape, dtype and device.
+        momentum_buffers: empty when ``momentum == 0``, else one per param
+            (same shape, dtype, device), updated in place.
+        lr: learning rate, ``>= 0``; a float or a 0-dim floating tensor on the
+            params' device (the tensor form needs no host synchronisation and
+            can be captured in a CUDA graph).
+        momentum, dampening, weight_decay, nesterov, maximize: as in
+            ``torch.optim.SGD``.
+        first_step: initialise the momentum buffer to the gradient (SGD's
+            first step) instead of blending it.
+        shrink: soft-threshold width, ``>= 0`` (0 disables it).
+        min, max: optional clamp bounds (``min=0`` is a ReLU projection).
+
+    Raises:
+        RuntimeError: on bad input, naming the argument; raised before any
+            tensor is written.
+    """
+    torch.ops.torchiter.sgd_step_(
+        params,
+        grads,
+        momentum_buffers,
+        lr,
+        momentum,
+        dampening,
+        weight_decay,
+        nesterov,
+        maximize,
+        first_step,
+        shrink,
+        min,
+        max,
+    )
+
+
+def quadratic_descent(
+    y0: torch.Tensor,
+    A: torch.Tensor,
+    b: torch.Tensor,
+    lr: float,
+    max_iterations: int,
+    tol: float = 0.0,
+    check_every: int = 1,
+    lrs: Optional[torch.Tensor] = None,
+    shrink: float = 0.0,
+    min: Optional[float] = None,
+    max: Optional[float] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A whole projected-gradient loop on ``f(y) = ½ yᵀAy − bᵀy`` in one call.
+
+    Each iteration ``k`` computes ``y ← project(y − lr_k · (A·y − b))`` where
+    ``A·y`` mixes channels (dim 1) at every sample and spatial position, i.e.
+    ``einsum("ij,bj...->bi...", A, y)``. After iteration ``k ≥ 1`` with
+    ``k % check_every == 0`` the loop stops if ``max |y_k − y_{k−1}| < tol``.
+
+    Args:
+        y0: start point, shape ``(B, C, *spatial)``, float32 or float64, CPU or
+            CUDA. Not modified.
+        A: ``(C, C)`` matrix, same dtype and device as ``y0``.
+        b: linear term, same shape, dtype and device as ``y0``.
+        lr: step size used when ``lrs`` is None, ``>= 0``.
+        max_iterations: iteration budget, ``>= 0``.
+        tol: stop threshold on the largest change; 0 never stops early.
+        check_every: test for convergence only every this many iterations.
+        lrs: optional 1-D floating tensor (any device) of at least
+            ``max_iterations`` step sizes, e.g. a scheduler's sequence.
+        shrink, min, max: the projection, as in :func:`sgd_step_`.
+
+    Returns:
+        ``(y, iterations)``: the final ``y`` (a new contiguous tensor with
+        ``y0``'s shape, dtype and device) and the number of iterations run as a
+        0-dim int64 tensor on the same device.
+    """
+    return torch.ops.torchiter.quadratic_descent(
+        y0, A, b, lr, max_iterations, tol, check_every, lrs, shrink, min, max
+    )
