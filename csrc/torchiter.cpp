@@ -6,15 +6,18 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(torchiter, m) {
+  // The Tensor-lr overload is declared first: Python and TorchScript try
+  // overloads in order, and a 0-dim tensor would otherwise be converted to a
+  // float (a host synchronisation on CUDA).
   m.def(
-      "sgd_step_(Tensor(a!)[] params, Tensor[] grads, "
-      "Tensor(b!)[] momentum_buffers, float lr, float momentum=0., "
+      "sgd_step_.tensor_lr(Tensor(a!)[] params, Tensor[] grads, "
+      "Tensor(b!)[] momentum_buffers, Tensor lr, float momentum=0., "
       "float dampening=0., float weight_decay=0., bool nesterov=False, "
       "bool maximize=False, bool first_step=False, float shrink=0., "
       "float? min=None, float? max=None) -> ()");
   m.def(
-      "sgd_step_.tensor_lr(Tensor(a!)[] params, Tensor[] grads, "
-      "Tensor(b!)[] momentum_buffers, Tensor lr, float momentum=0., "
+      "sgd_step_(Tensor(a!)[] params, Tensor[] grads, "
+      "Tensor(b!)[] momentum_buffers, float lr, float momentum=0., "
       "float dampening=0., float weight_decay=0., bool nesterov=False, "
       "bool maximize=False, bool first_step=False, float shrink=0., "
       "float? min=None, float? max=None) -> ()");

@@ -2,7 +2,8 @@
 
 The wrappers add keyword defaults and docstrings only; they call
 ``torch.ops.torchiter.<name>`` (not ``.default``) so that they stay scriptable
-and resolve the ``Tensor lr`` overload of :func:`sgd_step_` by type.
+and resolve the ``Tensor lr`` overload of :func:`sgd_step_` by type. In
+TorchScript, prefer :func:`sgd_step_` here over the raw op: see the note in it.
 """
 
 from typing import List, Optional, Tuple
@@ -76,6 +77,12 @@ def sgd_step_(
         min,
         max,
     )
+    if torch.jit.is_scripting():
+        # TorchScript's alias analysis sees a write to `Tensor(a!)[]` as a write
+        # to the list only (torch._foreach_add_ is hit the same way), and its
+        # dead-code elimination drops the step when the list was built in the
+        # graph. Reading the list afterwards keeps the step alive.
+        torch._assert(len(params) >= 0, "unreachable")
 
 
 def quadratic_descent(
