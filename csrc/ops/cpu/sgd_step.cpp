@@ -49,12 +49,14 @@ void run_segments(const std::vector<Segment>& segs, const SgdOptions& opt) {
           const int64_t lo = pos - starts[s];
           const int64_t hi = std::min(seg.n, end - starts[s]);
           if (hi > lo) {
-            sgd_apply<scalar_t>(
-                static_cast<scalar_t*>(seg.p) + lo,
-                static_cast<const scalar_t*>(seg.g) + lo,
-                seg.buf ? static_cast<scalar_t*>(seg.buf) + lo : nullptr,
-                hi - lo,
-                math);
+            dispatch_sgd_flags(opt, [&]<Mom MOM, bool NEST, bool WD, bool SHRINK>() {
+              sgd_apply<scalar_t, MOM, NEST, WD, SHRINK>(
+                  static_cast<scalar_t*>(seg.p) + lo,
+                  static_cast<const scalar_t*>(seg.g) + lo,
+                  seg.buf ? static_cast<scalar_t*>(seg.buf) + lo : nullptr,
+                  hi - lo,
+                  math);
+            });
           }
           pos = starts[s + 1];
         }

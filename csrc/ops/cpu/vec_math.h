@@ -17,11 +17,13 @@
 namespace torchiter {
 
 // The projection shared by both ops: soft threshold, then clamp to [lo, hi].
+// Absent bounds are infinities: clamp_min/clamp_max are one max/min each
+// (NaN in v passes through), cheaper than a branch on every vector.
 template <typename T>
 struct VecProjection {
   using Vec = at::vec::Vectorized<T>;
   Vec shrink, neg_shrink, lo, hi;
-  bool use_shrink, has_lo, has_hi;
+  bool use_shrink;
 
   VecProjection(
       double s,
@@ -29,32 +31,31 @@ struct VecProjection {
       const std::optional<double>& max)
       : shrink(static_cast<T>(s)),
         neg_shrink(static_cast<T>(-s)),
-        lo(static_cast<T>(min.value_or(0))),
-        hi(static_cast<T>(max.value_or(0))),
-        use_shrink(s > 0),
-        has_lo(min.has_value()),
-        has_hi(max.has_value()) {}
+        lo(min ? static_cast<T>(*min) : -std::numeric_limits<T>::infinity()),
+        hi(max ? static_cast<T>(*max) : std::numeric_limits<T>::infinity()),
+        use_shrink(s > 0) {}
 
-  inline Vec operator()(Vec v) const {
-    if (use_shrink) {
+  template <bool SHRINK>
+  inline Vec apply(Vec v) const {
+    if constexpr (SHRINK) {
       // v - clamp(v, -s, s) == sign(v) * max(|v| - s, 0), bit for bit.
       v = v - at::vec::clamp(v, neg_shrink, shrink);
     }
-    if (has_lo) {
-      v = at::vec::maximum(v, lo);
-    }
-    if (has_hi) {
-      v = at::vec::minimum(v, hi);
-    }
-    return v;
+    return at::vec::clamp_max(at::vec::clamp_min(v, lo), hi);
+  }
+
+  inline Vec operator()(Vec v) const {
+    return use_shrink ? apply<true>(v) : apply<false>(v);
   }
 };
+
+// Momentum handling of one step, a template parameter of the kernels.
+enum class Mom { kNone, kFirst, kBlend };
 
 template <typename T>
 struct SgdVecMath {
   using Vec = at::vec::Vectorized<T>;
-  Vec neg_lr, momentum, one_minus_damp, wd;
-  bool use_wd, use_mom, nesterov, maximize, first_step;
+  Vec neg_lr, momentum, one_minus_damp, wd, sign;
   VecProjection<T> project;
 
   explicit SgdVecMath(const SgdOptions& o)
@@ -62,31 +63,66 @@ struct SgdVecMath {
         momentum(static_cast<T>(o.momentum)),
         one_minus_damp(static_cast<T>(1 - o.dampening)),
         wd(static_cast<T>(o.weight_decay)),
-        use_wd(o.weight_decay != 0),
-        use_mom(o.momentum != 0),
-        nesterov(o.nesterov),
-        maximize(o.maximize),
-        first_step(o.first_step),
+        sign(static_cast<T>(o.maximize ? -1 : 1)),
         project(o.shrink, o.min, o.max) {}
 
-  // Returns the new param; updates `buf` when momentum is on.
-  inline Vec operator()(Vec p, Vec g, Vec& buf) const {
-    if (maximize) {
-      g = g.neg();
-    }
-    if (use_wd) {
+  // Returns the new param; updates `buf` unless MOM is kNone. The fmadd order
+  // mirrors torch.optim.SGD's in-place ops; g * (+-1) is exact.
+  template <Mom MOM, bool NESTEROV, bool WD, bool SHRINK>
+  inline Vec step(Vec p, Vec g, Vec& buf) const {
+    g = g * sign;
+    if constexpr (WD) {
       g = at::vec::fmadd(p, wd, g);
     }
-    if (use_mom) {
-      buf = first_step ? g : at::vec::fmadd(g, one_minus_damp, buf * momentum);
-      g = nesterov ? at::vec::fmadd(buf, momentum, g) : buf;
+    if constexpr (MOM == Mom::kFirst) {
+      buf = g;
+    } else if constexpr (MOM == Mom::kBlend) {
+      buf = at::vec::fmadd(g, one_minus_damp, buf * momentum);
     }
-    return project(at::vec::fmadd(g, neg_lr, p));
+    if constexpr (MOM != Mom::kNone) {
+      g = NESTEROV ? at::vec::fmadd(buf, momentum, g) : buf;
+    }
+    return project.template apply<SHRINK>(at::vec::fmadd(g, neg_lr, p));
   }
 };
 
-// Applies the update to n contiguous elements. `buf` is null without momentum.
-template <typename scalar_t>
+// Calls f.template operator()<MOM, NESTEROV, WD, SHRINK>() with the flags of
+// `o` as compile-time constants, so the element loop has no branches.
+template <typename F>
+inline void dispatch_sgd_flags(const SgdOptions& o, F&& f) {
+  auto with_shrink = [&](auto mom, auto nest, auto wd) {
+    if (o.shrink > 0) {
+      f.template operator()<decltype(mom)::value, decltype(nest)::value, decltype(wd)::value, true>();
+    } else {
+      f.template operator()<decltype(mom)::value, decltype(nest)::value, decltype(wd)::value, false>();
+    }
+  };
+  auto with_wd = [&](auto mom, auto nest) {
+    if (o.weight_decay != 0) {
+      with_shrink(mom, nest, std::true_type{});
+    } else {
+      with_shrink(mom, nest, std::false_type{});
+    }
+  };
+  using First = std::integral_constant<Mom, Mom::kFirst>;
+  using Blend = std::integral_constant<Mom, Mom::kBlend>;
+  if (o.momentum == 0) {
+    with_wd(std::integral_constant<Mom, Mom::kNone>{}, std::false_type{});
+  } else if (o.nesterov) {
+    o.first_step ? with_wd(First{}, std::true_type{}) : with_wd(Blend{}, std::true_type{});
+  } else {
+    o.first_step ? with_wd(First{}, std::false_type{}) : with_wd(Blend{}, std::false_type{});
+  }
+}
+
+// Loads n <= W elements (a partial load past the end of the data).
+template <typename V, typename scalar_t>
+inline V load_n(const scalar_t* p, int64_t n) {
+  return n == V::size() ? V::loadu(p) : V::loadu(p, n);
+}
+
+// Applies the update to n contiguous elements. `buf` is null when MOM is kNone.
+template <typename scalar_t, Mom MOM, bool NESTEROV, bool WD, bool SHRINK>
 inline void sgd_apply(
     scalar_t* p,
     const scalar_t* g,
@@ -97,32 +133,38 @@ inline void sgd_apply(
   using Vec = at::vec::Vectorized<opmath_t>;
   using sVec = at::vec::Vectorized<scalar_t>;
   constexpr int64_t W = sVec::size();
-  for (int64_t i = 0; i < n; i += W) {
-    const int64_t cnt = std::min(W, n - i);
-    const sVec ps = cnt == W ? sVec::loadu(p + i) : sVec::loadu(p + i, cnt);
-    const sVec gs = cnt == W ? sVec::loadu(g + i) : sVec::loadu(g + i, cnt);
+  constexpr bool kBuf = MOM != Mom::kNone;
+  auto body = [&](int64_t i, int64_t cnt) {
+    const sVec ps = load_n<sVec>(p + i, cnt);
+    const sVec gs = load_n<sVec>(g + i, cnt);
     sVec bs(static_cast<scalar_t>(0));
-    if (buf) {
-      bs = cnt == W ? sVec::loadu(buf + i) : sVec::loadu(buf + i, cnt);
+    if constexpr (MOM == Mom::kBlend) {
+      bs = load_n<sVec>(buf + i, cnt);
     }
     if constexpr (std::is_same_v<opmath_t, scalar_t>) {
       Vec b = bs;
-      const Vec out = math(ps, gs, b);
-      out.store(p + i, cnt);
-      if (buf) {
+      math.template step<MOM, NESTEROV, WD, SHRINK>(ps, gs, b).store(p + i, cnt);
+      if constexpr (kBuf) {
         b.store(buf + i, cnt);
       }
     } else {
       auto [p0, p1] = at::vec::convert_to_float<scalar_t>(ps);
       auto [g0, g1] = at::vec::convert_to_float<scalar_t>(gs);
       auto [b0, b1] = at::vec::convert_to_float<scalar_t>(bs);
-      const Vec o0 = math(p0, g0, b0);
-      const Vec o1 = math(p1, g1, b1);
+      const Vec o0 = math.template step<MOM, NESTEROV, WD, SHRINK>(p0, g0, b0);
+      const Vec o1 = math.template step<MOM, NESTEROV, WD, SHRINK>(p1, g1, b1);
       at::vec::convert_from_float<scalar_t>(o0, o1).store(p + i, cnt);
-      if (buf) {
+      if constexpr (kBuf) {
         at::vec::convert_from_float<scalar_t>(b0, b1).store(buf + i, cnt);
       }
     }
+  };
+  int64_t i = 0;
+  for (; i + W <= n; i += W) {
+    body(i, W);
+  }
+  if (i < n) {
+    body(i, n - i);
   }
 }
 

@@ -1,0 +1,41 @@
+"""Shared helpers of the benchmarks: machine description and timing."""
+
+import os
+import platform
+import shlex
+import sys
+
+import torch
+import torch.utils.benchmark as tb
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def machine_header(device: str = "cpu") -> str:
+    """Two lines naming the machine, the software and the command that ran."""
+    dev = cpu_model()
+    if device == "cuda" and torch.cuda.is_available():
+        dev = f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
+    cmd = " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable)] + sys.argv)
+    return (
+        f"# machine: {dev}; {os.cpu_count()} cores, {torch.get_num_threads()} torch threads; "
+        f"{platform.system()} {platform.machine()}; Python {platform.python_version()}; torch {torch.__version__}\n"
+        f"# command: {cmd}"
+    )
+
+
+def median_seconds(stmt, globals_, label: str, sub_label: str, description: str, min_run_time: float = 1.0):
+    """Times `stmt` with torch.utils.benchmark; returns (median seconds, Measurement)."""
+    m = tb.Timer(stmt=stmt, globals=globals_, label=label, sub_label=sub_label, description=description).blocked_autorange(
+        min_run_time=min_run_time
+    )
+    return m.median, m
