@@ -46,8 +46,8 @@ void check_companion(
       t.layout() == at::kStrided, op, ": ", list, "[", i,
       "] must be a dense (strided) tensor, got layout ", t.layout());
   TORCH_CHECK(
-      t.sizes() == p.sizes(), op, ": ", list, "[", i, "] has shape ",
-      t.sizes(), " but params[", i, "] has shape ", p.sizes());
+      t.sym_sizes() == p.sym_sizes(), op, ": ", list, "[", i, "] has shape ",
+      t.sym_sizes(), " but params[", i, "] has shape ", p.sym_sizes());
   TORCH_CHECK(
       t.scalar_type() == p.scalar_type(), op, ": ", list, "[", i,
       "] has dtype ", t.scalar_type(), " but params[", i, "] has dtype ",
@@ -132,8 +132,8 @@ void check_sgd_lr_tensor(
   constexpr const char* op = "torchiter.sgd_step_";
   TORCH_CHECK(lr.defined(), op, ": lr is undefined");
   TORCH_CHECK(
-      lr.numel() == 1 && lr.dim() <= 1, op,
-      ": lr must be a 0-dim tensor, got shape ", lr.sizes());
+      lr.dim() == 0, op, ": lr must be a 0-dim tensor, got shape ",
+      lr.sym_sizes());
   TORCH_CHECK(
       at::isFloatingType(lr.scalar_type()), op,
       ": lr must be a floating tensor, got dtype ", lr.scalar_type());
@@ -168,7 +168,7 @@ void check_quadratic_descent(
   TORCH_CHECK(
       y0.dim() >= 2, op,
       ": y0 must have shape (B, C, *spatial) with at least 2 dims, got shape ",
-      y0.sizes());
+      y0.sym_sizes());
   TORCH_CHECK(
       at::isFloatingType(y0.scalar_type()), op,
       ": y0 must be a floating tensor, got dtype ", y0.scalar_type());
@@ -188,14 +188,15 @@ void check_quadratic_descent(
       A.device() == y0.device() && b.device() == y0.device(), op,
       ": y0, A and b must live on one device, got y0 on ", y0.device(),
       ", A on ", A.device(), ", b on ", b.device());
-  const int64_t C = y0.size(1);
+  // Sym sizes: the Meta kernel runs these checks under dynamic shapes too.
+  const c10::SymInt& C = y0.sym_size(1);
   TORCH_CHECK(
-      A.dim() == 2 && A.size(0) == C && A.size(1) == C, op,
+      A.dim() == 2 && A.sym_size(0) == C && A.sym_size(1) == C, op,
       ": A must have shape (C, C) = [", C, ", ", C,
-      "] where C = y0.size(1), got shape ", A.sizes());
+      "] where C = y0.size(1), got shape ", A.sym_sizes());
   TORCH_CHECK(
-      b.sizes() == y0.sizes(), op, ": b has shape ", b.sizes(),
-      " but y0 has shape ", y0.sizes());
+      b.sym_sizes() == y0.sym_sizes(), op, ": b has shape ", b.sym_sizes(),
+      " but y0 has shape ", y0.sym_sizes());
   check_finite_option(op, "lr", a.lr);
   TORCH_CHECK(a.lr >= 0, op, ": lr must be >= 0, got ", a.lr);
   TORCH_CHECK(
@@ -214,9 +215,9 @@ void check_quadratic_descent(
         at::isFloatingType(l.scalar_type()), op,
         ": lrs must be a floating tensor, got dtype ", l.scalar_type());
     TORCH_CHECK(
-        l.dim() == 1, op, ": lrs must be 1-D, got shape ", l.sizes());
+        l.dim() == 1, op, ": lrs must be 1-D, got shape ", l.sym_sizes());
     TORCH_CHECK(
-        l.numel() >= a.max_iterations, op, ": lrs has ", l.numel(),
+        l.sym_numel() >= a.max_iterations, op, ": lrs has ", l.sym_numel(),
         " entries but max_iterations is ", a.max_iterations);
   }
 }

@@ -18,7 +18,7 @@ std::tuple<at::Tensor, at::Tensor> quadratic_descent_meta(
       QuadraticDescentArgs{lr, max_iterations, tol, check_every, shrink, min, max},
       {at::kFloat, at::kDouble});
   return {
-      at::empty(y0.sizes(), y0.options()),
+      at::empty_symint(y0.sym_sizes(), y0.options()),
       at::empty({}, y0.options().dtype(at::kLong))};
 }
 
