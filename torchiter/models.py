@@ -1,0 +1,476 @@
+"""Similarity-matching and sparse-coding networks on the iteration modules.
+
+Each model's inner loop is projected gradient descent on a quadratic,
+``y ← project(y − lr·(A·y − b))``, so when nothing forbids it the whole loop
+runs as one ``torch.ops.torchiter.quadratic_descent`` call. It falls back to
+the per-iteration path (one fused SGD step per iteration) when an iteration
+hook is registered, a subclass overrides the loop, the optimizer is not a
+momentum-free SGD, the projection is not one the op expresses, or the dtype or
+device has no kernel. Both paths give the same results to float rounding.
+
+See ``shared/spec/models.md`` for the definitions.
+"""
+
+import warnings
+from typing import Any, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from .modules import IterationLossModule
+from .optim import SGD
+from .projections import SoftThreshold
+
+__all__ = ["MultiSimilarityMatching", "SimilarityMatching", "SupervisedSimilarityMatching", "SparseCoding"]
+
+_REGULARIZATIONS = ("weight", "whiten", "none")
+_SGD_TYPES = (torch.optim.SGD, SGD)
+
+
+def _mix(A: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``A·y`` along dim 1: A (C, C), y (B, C, *spatial)."""
+    return torch.einsum("ij,bj...->bi...", A, y)
+
+
+def _has_kernel(y: torch.Tensor) -> bool:
+    if y.dtype not in (torch.float32, torch.float64):
+        return False
+    if y.device.type == "cpu":
+        return True
+    key = {"cuda": "CUDA"}.get(y.device.type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key("torchiter::quadratic_descent", key)
+
+
+class _QuadraticLoopModule(IterationLossModule):
+    """An iteration module whose loop is projected descent on ``½yᵀAy − bᵀy``.
+
+    Subclasses provide ``_state()`` (the iterated tensor, ``(B, C, *spatial)``)
+    and ``_quadratic()`` (``A`` of shape ``(C, C)`` and ``b`` shaped like the
+    state), both valid after ``pre_iteration``; their ``iteration_set_gradients``
+    sets ``state.grad = A·state − b``.
+    """
+
+    tol: float
+
+    def _state(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _quadratic(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def _loop_is_stock(self) -> bool:
+        """False when hooks, overrides or the optimizer need the per-iteration path."""
+        if self.hooks["iteration"]:
+            return False
+        # The loop methods must be this file's (or the base class'): a user's
+        # override of any of them is honoured by running the generic path.
+        mro = type(self).__mro__
+        for name in ("iteration", "iteration_set_gradients", "converged"):
+            owner = next(k for k in mro if name in k.__dict__)
+            if owner.__module__ not in (__name__, IterationLossModule.__module__):
+                return False
+        if self.it_construct_optim not in _SGD_TYPES:
+            return False
+        sched = self.it_construct_sched
+        return sched is None or (
+            isinstance(sched, type)
+            and issubclass(sched, torch.optim.lr_scheduler.LRScheduler)
+            and not issubclass(sched, torch.optim.lr_scheduler.ReduceLROnPlateau)
+        )
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Runs the inner loop; returns what ``post_iteration()`` returns.
+
+        Follows ``IterationModule.forward`` (hooks, setup, loop, teardown);
+        the loop itself is one ``quadratic_descent`` call when possible.
+        """
+        if not self._loop_is_stock():
+            return super().forward(*args, **kwargs)
+        attrs = self.__dict__
+        attrs["iteration_idx"] = -1
+        self._call_hooks(self.hooks["pre"])
+        try:
+            self.pre_iteration(*args, **kwargs)
+            fused = self._fused_loop_args()
+            if fused is None:
+                for i in range(self.max_iterations):
+                    attrs["iteration_idx"] = i
+                    self.iteration(*args, **kwargs)
+                    if self.converged(*args, **kwargs):
+                        break
+            else:
+                self._run_fused_loop(*fused)
+            retval = self.post_iteration(*args, **kwargs)
+        except BaseException:
+            self._abort_iteration()
+            raise
+        self._call_hooks(self.hooks["post"])
+        return retval
+
+    def _fused_loop_args(self) -> Optional[Tuple[Any, ...]]:
+        """``quadratic_descent`` arguments for this forward, or None."""
+        fast = self._it_fast  # the fused-step plan of IterationLossModule
+        state = self._state()
+        if fast is None or not _has_kernel(state):
+            return None
+        optimizer = self.iteration_optimizer
+        if len(optimizer.param_groups) != 1:
+            return None
+        group = optimizer.param_groups[0]
+        if group["momentum"] != 0 or group.get("differentiable", False):
+            return None
+        A, b = self._quadratic()
+        # SGD's own transformations of the gradient A·y − b, folded into A, b.
+        if group["maximize"]:
+            A, b = -A, -b
+        if group["weight_decay"] != 0:
+            A = A + group["weight_decay"] * torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
+        lrs = None
+        if self.iteration_scheduler is not None:
+            # The scheduler runs exactly as in the per-iteration loop: the
+            # rate used at step k is the one it gives for step k.
+            seq = []
+            with warnings.catch_warnings():
+                # The optimizer's step is the op's, so the scheduler cannot see it.
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+                for _ in range(self.max_iterations):
+                    seq.append(float(group["lr"]))
+                    self.iteration_scheduler.step()
+            lrs = torch.tensor(seq, dtype=torch.float64)
+        shrink, lo, hi = fast[2]
+        return state, A, b, float(group["lr"]) if lrs is None else 0.0, lrs, shrink, lo, hi
+
+    def _run_fused_loop(self, state, A, b, lr, lrs, shrink, lo, hi) -> None:
+        y, n = torch.ops.torchiter.quadratic_descent(
+            state.detach(), A.detach(), b.detach(), lr, self.max_iterations, float(self.tol), 1, lrs, shrink, lo, hi
+        )
+        with torch.no_grad():
+            state.copy_(y)
+        # Reading n waits for the device, so only when the count is not known.
+        count = self.max_iterations if self.tol <= 0 else int(n)
+        self.__dict__["iteration_idx"] = count - 1
+
+
+class MultiSimilarityMatching(_QuadraticLoopModule):
+    """Non-negative similarity matching with several encoded inputs.
+
+    ``forward(*xs)`` encodes every input that is not None, ``Wx = Σᵢ
+    encoders[i](xs[i])`` (shape ``(B, C, *spatial)``, detached), and runs the
+    inner loop on ``y`` (starting at zeros): gradient ``M·y − Wx`` along dim 1,
+    an SGD step with ``iteration_lr``, then ``iteration_projection`` (commonly
+    ``nn.ReLU()``). With ``tol > 0`` the loop stops after iteration ``k ≥ 1``
+    when ``max |y_k − y_{k−1}| < tol``. Returns ``y`` detached, on the
+    encoders' device and dtype.
+
+    ``M = competitor.weight`` (``(C, C)``, initialised to the identity) is a
+    parameter for the outer optimizer; its gradient is multiplied by
+    ``-1/tau`` so the outer optimizer ascends in ``M`` at a rate ``1/tau``.
+
+    Args:
+        encoders: modules mapping each input to ``(B, C, *spatial)``.
+        out_channels: ``C``.
+        tau: ratio of learning rates of the encoders and the competitor.
+        tol: convergence threshold on the largest change of ``y``; 0 disables.
+        max_iterations: iteration budget of one forward.
+        regularization: ``"weight"``, ``"whiten"`` or ``"none"``, or one per
+            encoder (see :meth:`loss`).
+        **iteration_kwargs: passed to :class:`IterationLossModule`
+            (``iteration_lr``, ``iteration_projection``, ...).
+
+    Raises:
+        ValueError: for an unknown regularization or a count that does not
+            match the encoders.
+    """
+
+    def __init__(
+        self,
+        encoders: Sequence[nn.Module],
+        out_channels: int,
+        tau: float = 0.1,
+        tol: float = 0.0,
+        max_iterations: int = 40,
+        regularization: Union[str, Sequence[str]] = "weight",
+        **iteration_kwargs: Any,
+    ) -> None:
+        super().__init__(max_iterations=max_iterations, **iteration_kwargs)
+        self.encoders = nn.ModuleList(encoders)
+        self.out_channels = out_channels
+        self.tau = tau
+        self.tol = tol
+        regs = [regularization] * len(self.encoders) if isinstance(regularization, str) else list(regularization)
+        if len(regs) != len(self.encoders):
+            raise ValueError(
+                f"{type(self).__name__}: {len(regs)} regularizations given for {len(self.encoders)} encoders"
+            )
+        for r in regs:
+            if r not in _REGULARIZATIONS:
+                raise ValueError(f"{type(self).__name__}: unknown regularization {r!r}; expected one of {_REGULARIZATIONS}")
+        self.regularization = regs
+
+        self.competitor = nn.Linear(out_channels, out_channels, bias=False)
+        nn.init.eye_(self.competitor.weight)
+        scaling = -1.0 / tau
+        self.competitor.weight.register_hook(lambda g: g * scaling)
+
+        self.y = torch.tensor([])
+        self._Wx_sum: Optional[torch.Tensor] = None
+        self._last_y: Optional[torch.Tensor] = None
+
+    def _encode(self, *xs: Optional[torch.Tensor]) -> List[Optional[torch.Tensor]]:
+        """Each encoder's output, or None where its input is None or missing."""
+        return [enc(x) if x is not None else None for enc, x in zip(self.encoders, xs)] + [None] * max(
+            0, len(self.encoders) - len(xs)
+        )
+
+    @staticmethod
+    def _sum(Wx: Sequence[Optional[torch.Tensor]]) -> torch.Tensor:
+        active = [w for w in Wx if w is not None]
+        if not active:
+            raise ValueError("at least one input must be given (not None)")
+        # Out of place: the encoders' outputs are never modified.
+        total = active[0]
+        for w in active[1:]:
+            total = total + w
+        return total
+
+    def pre_iteration(self, *xs: Optional[torch.Tensor]) -> None:
+        """Encodes the inputs once (detached) and sets ``y`` to zeros."""
+        with torch.no_grad():
+            self._Wx_sum = self._sum(self._encode(*xs)).detach()
+        self._last_y = None
+        self.y = torch.zeros_like(self._Wx_sum)
+        super().pre_iteration(*xs)
+
+    def _state(self) -> torch.Tensor:
+        return self.y
+
+    def _quadratic(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        return self.competitor.weight.detach(), self._Wx_sum
+
+    def iteration_set_gradients(self, *xs: Optional[torch.Tensor]) -> None:
+        """Sets ``y.grad = M·y − Wx`` directly (no autograd)."""
+        with torch.no_grad():
+            self.y.grad = _mix(self.competitor.weight, self.y) - self._Wx_sum
+
+    def iteration_loss(self, *xs: Optional[torch.Tensor]) -> torch.Tensor:
+        """``(2·Σ y⊙(M·y) − 4·Σ y⊙Wx) / 4``, whose gradient in ``y`` the loop uses."""
+        return self._fit(self.y, self._Wx_sum) / 4
+
+    def converged(self, *xs: Optional[torch.Tensor]) -> bool:
+        """``max |y_k − y_{k−1}| < tol`` from the second iteration on (needs ``tol > 0``)."""
+        if self.tol <= 0:
+            return False
+        y = self.y.detach()
+        done = self._last_y is not None and bool((y - self._last_y).abs().max() < self.tol)
+        if self._last_y is None:
+            self._last_y = y.clone()
+        else:
+            self._last_y.copy_(y)
+        return done
+
+    def post_iteration(self, *xs: Optional[torch.Tensor]) -> torch.Tensor:
+        """Restores the flags and returns ``y`` detached."""
+        super().post_iteration(*xs)
+        self._Wx_sum = None
+        self._last_y = None
+        return self.y.detach()
+
+    def iteration_parameters(self) -> List[torch.Tensor]:
+        """``[y]``, the network's output state."""
+        return [self.y]
+
+    def _fit(self, y: torch.Tensor, Wx_sum: torch.Tensor) -> torch.Tensor:
+        return 2 * (y * _mix(self.competitor.weight, y)).sum() - 4 * (y * Wx_sum).sum()
+
+    def loss(self, *args: Optional[torch.Tensor]) -> torch.Tensor:
+        """Training loss ``loss(*xs, y)`` with ``y`` the forward's output.
+
+        With ``N = y.numel()`` and ``C = out_channels``:
+        ``(2·Σ y⊙(M·y) − 4·Σ y⊙Wx) / N − Σ M² / C``, plus per encoder:
+        ``"weight"``: ``Σ w² · 2/C`` over its trainable parameters;
+        ``"whiten"``: ``2·mean(Wxᵢ²)`` (encoders whose input is given);
+        ``"none"``: nothing. Differentiable in the encoders and ``M``.
+        """
+        *xs, y = args
+        if y is None:
+            raise ValueError(f"{type(self).__name__}.loss: the last argument must be the output y")
+        Wx = self._encode(*xs)
+        C = self.out_channels
+        M = self.competitor.weight
+        loss = self._fit(y, self._sum(Wx)) / y.numel() - (M**2).sum() / C
+        for enc, reg, w in zip(self.encoders, self.regularization, Wx):
+            if reg == "weight":
+                for p in enc.parameters():
+                    if p.requires_grad:
+                        loss = loss + (p**2).sum() * (2.0 / C)
+            elif reg == "whiten" and w is not None:
+                loss = loss + 2 * (w**2).mean()
+        return loss
+
+
+class SimilarityMatching(MultiSimilarityMatching):
+    """Similarity matching with one encoder: ``forward(x)``.
+
+    Args:
+        encoder: module mapping ``x`` to ``(B, C, *spatial)``.
+        out_channels: ``C``.
+        **kwargs: as for :class:`MultiSimilarityMatching`.
+    """
+
+    def __init__(self, encoder: nn.Module, out_channels: int, **kwargs: Any) -> None:
+        super().__init__([encoder], out_channels, **kwargs)
+
+    @property
+    def encoder(self) -> nn.Module:
+        """The single encoder."""
+        return self.encoders[0]
+
+
+class SupervisedSimilarityMatching(MultiSimilarityMatching):
+    """Similarity matching with a label input: ``forward(x, labels=None)``.
+
+    The label encoder ``nn.Linear(num_classes, out_channels, bias=label_bias)``
+    maps one-hot float labels ``(B, num_classes)`` (integer class indices are
+    one-hot encoded first) to ``(B, C)``, broadcast over the spatial dims of
+    the first encoder's output. Regularization defaults to
+    ``("weight", "whiten")``.
+
+    Args:
+        encoder: module mapping ``x`` to ``(B, C, *spatial)``.
+        num_classes: number of classes.
+        out_channels: ``C``.
+        label_bias: give the label encoder a bias.
+        **kwargs: as for :class:`MultiSimilarityMatching`.
+    """
+
+    def __init__(
+        self, encoder: nn.Module, num_classes: int, out_channels: int, label_bias: bool = False, **kwargs: Any
+    ) -> None:
+        kwargs.setdefault("regularization", ("weight", "whiten"))
+        label_encoder = nn.Linear(num_classes, out_channels, bias=label_bias)
+        super().__init__([encoder, label_encoder], out_channels, **kwargs)
+        self.num_classes = num_classes
+
+    def _encode(self, *xs: Optional[torch.Tensor]) -> List[Optional[torch.Tensor]]:
+        x = xs[0] if xs else None
+        labels = xs[1] if len(xs) > 1 else None
+        Wx = self.encoders[0](x) if x is not None else None
+        if labels is None:
+            return [Wx, None]
+        if not labels.is_floating_point():
+            labels = nn.functional.one_hot(labels.long(), self.num_classes).to(self.encoders[1].weight.dtype)
+        Wl = self.encoders[1](labels)
+        if Wx is not None:
+            Wl = Wl.reshape(Wl.shape + (1,) * (Wx.dim() - 2)).expand(Wx.shape)
+        return [Wx, Wl]
+
+
+class SparseCoding(_QuadraticLoopModule):
+    """ISTA sparse coding: ``forward(x)`` returns codes ``a`` of shape ``(B, K)``.
+
+    The inner loop minimises ``½‖x − D·a‖² + sparsity·‖a‖₁`` over ``a``
+    (starting at zeros) by proximal gradient steps, i.e. ``quadratic_descent``
+    with ``A = DᵀD``, ``b = Dᵀx``, ``shrink = iteration_lr · sparsity`` (and
+    ``min = 0`` when ``nonnegative``). The dictionary ``D`` of shape
+    ``(input_size, dictionary_size)`` is a parameter for the outer optimizer;
+    :meth:`loss` gives its training loss.
+
+    Args:
+        dictionary_size: number of atoms ``K``.
+        input_size: dimension of ``x``.
+        sparsity: weight of the L1 penalty, ``>= 0``.
+        nonnegative: constrain codes to be non-negative.
+        max_iterations: iteration budget of one forward.
+        tol: convergence threshold on the largest change of ``a``; 0 disables.
+        **iteration_kwargs: passed to :class:`IterationLossModule`; an explicit
+            ``iteration_projection`` replaces the soft threshold.
+    """
+
+    def __init__(
+        self,
+        dictionary_size: int,
+        input_size: int,
+        sparsity: float = 0.1,
+        nonnegative: bool = False,
+        max_iterations: int = 100,
+        tol: float = 0.0,
+        **iteration_kwargs: Any,
+    ) -> None:
+        if sparsity < 0:
+            raise ValueError(f"SparseCoding: sparsity must be >= 0, got {sparsity}")
+        self._user_projection = "iteration_projection" in iteration_kwargs
+        super().__init__(max_iterations=max_iterations, **iteration_kwargs)
+        self.dictionary_size = dictionary_size
+        self.input_size = input_size
+        self.sparsity = sparsity
+        self.nonnegative = nonnegative
+        self.tol = tol
+        D = torch.randn(input_size, dictionary_size)
+        self.dictionary = nn.Parameter(D / D.norm(dim=0, keepdim=True))
+        self.codes = torch.tensor([])
+        self._b: Optional[torch.Tensor] = None
+        self._A: Optional[torch.Tensor] = None
+        self._last_a: Optional[torch.Tensor] = None
+
+    def normalize_dictionary_(self) -> None:
+        """Rescales every atom (column of ``D``) to unit norm, in place."""
+        with torch.no_grad():
+            self.dictionary /= self.dictionary.norm(dim=0, keepdim=True).clamp_min(1e-12)
+
+    def pre_iteration(self, x: torch.Tensor) -> None:
+        """Computes ``A = DᵀD`` and ``b = Dᵀx`` once and sets the codes to zeros."""
+        if not self._user_projection:
+            lr = float(self.it_optim_kwargs["lr"])
+            self.iteration_projection = SoftThreshold(lr * self.sparsity, min=0.0 if self.nonnegative else None)
+        with torch.no_grad():
+            D = self.dictionary.detach()
+            self._A = D.T @ D
+            self._b = x.detach() @ D
+        self._last_a = None
+        self.codes = torch.zeros_like(self._b)
+        super().pre_iteration(x)
+
+    def _state(self) -> torch.Tensor:
+        return self.codes
+
+    def _quadratic(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        return self._A, self._b
+
+    def iteration_parameters(self) -> List[torch.Tensor]:
+        """``[codes]``."""
+        return [self.codes]
+
+    def iteration_set_gradients(self, x: torch.Tensor) -> None:
+        """Sets ``codes.grad = DᵀD·a − Dᵀx``, the gradient of the smooth part."""
+        with torch.no_grad():
+            self.codes.grad = self.codes @ self._A - self._b
+
+    def iteration_loss(self, x: torch.Tensor) -> torch.Tensor:
+        """``½‖x − D·a‖²`` summed over the batch (the smooth part of the objective)."""
+        return 0.5 * ((x - self.codes @ self.dictionary.T) ** 2).sum()
+
+    def converged(self, x: torch.Tensor) -> bool:
+        """``max |a_k − a_{k−1}| < tol`` from the second iteration on (needs ``tol > 0``)."""
+        if self.tol <= 0:
+            return False
+        a = self.codes.detach()
+        done = self._last_a is not None and bool((a - self._last_a).abs().max() < self.tol)
+        if self._last_a is None:
+            self._last_a = a.clone()
+        else:
+            self._last_a.copy_(a)
+        return done
+
+    def post_iteration(self, x: torch.Tensor) -> torch.Tensor:
+        """Restores the flags and returns the codes detached, ``(B, K)``."""
+        super().post_iteration(x)
+        self._A = self._b = self._last_a = None
+        return self.codes.detach()
+
+    def loss(self, x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """Mean over the batch of ``½‖x − D·a‖² + sparsity·‖a‖₁`` at the given codes.
+
+        Differentiable in ``D``; ``x`` is ``(B, input_size)``, ``codes`` ``(B, K)``.
+        """
+        recon = 0.5 * ((x - codes @ self.dictionary.T) ** 2).sum(dim=1)
+        return (recon + self.sparsity * codes.abs().sum(dim=1)).mean()
