@@ -36,63 +36,87 @@ struct Panel {
   const VecProjection<T>* project;
 };
 
-// Updates rows [i, i + R) of the W positions at column s and folds
-// |new - old| over the first `valid` lanes into dmax.
-template <typename T, int R>
+// Updates rows [i, i + R) of the NV * W positions at column s and folds
+// |new - old| over the first `valid` of them into dmax. R x NV accumulators
+// share each broadcast of A and each load of y (a register-blocked GEMM).
+template <typename T, int R, int NV>
 inline void rows_step(
     const Panel<T>& pn, int64_t i, const T* y, const T* b, T* yn,
     int64_t ld, int64_t s, const Vectorized<T>& neg_lr, int64_t valid,
     Vectorized<T>* dmax) {
   using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size();
   const int64_t C = pn.C;
-  Vec acc[R];
+  Vec acc[R][NV];
   for (int r = 0; r < R; ++r) {
-    acc[r] = Vec(static_cast<T>(0));
+    for (int v = 0; v < NV; ++v) {
+      acc[r][v] = Vec(static_cast<T>(0));
+    }
   }
   const T* Ai = pn.A + i * C;
   for (int64_t j = 0; j < C; ++j) {
-    const Vec yj = Vec::loadu(y + j * ld + s);
+    Vec yj[NV];
+    for (int v = 0; v < NV; ++v) {
+      yj[v] = Vec::loadu(y + j * ld + s + v * W);
+    }
     for (int r = 0; r < R; ++r) {
-      acc[r] = at::vec::fmadd(Vec(Ai[r * C + j]), yj, acc[r]);
+      const Vec a(Ai[r * C + j]);
+      for (int v = 0; v < NV; ++v) {
+        acc[r][v] = at::vec::fmadd(a, yj[v], acc[r][v]);
+      }
     }
   }
   for (int r = 0; r < R; ++r) {
-    const int64_t off = (i + r) * ld + s;
-    const Vec old = Vec::loadu(y + off);
-    const Vec grad = acc[r] - Vec::loadu(b + off);
-    const Vec v = (*pn.project)(at::vec::fmadd(grad, neg_lr, old));
-    v.store(yn + off);
-    if (dmax) {
-      Vec d = (v - old).abs();
-      if (valid < Vec::size()) {
-        d = Vec::set(Vec(static_cast<T>(0)), d, valid);
+    for (int v = 0; v < NV; ++v) {
+      const int64_t off = (i + r) * ld + s + v * W;
+      const Vec old = Vec::loadu(y + off);
+      const Vec grad = acc[r][v] - Vec::loadu(b + off);
+      const Vec nv = (*pn.project)(at::vec::fmadd(grad, neg_lr, old));
+      nv.store(yn + off);
+      if (dmax) {
+        Vec d = (nv - old).abs();
+        const int64_t lanes = valid - v * W;
+        if (lanes < W) {
+          d = lanes > 0 ? Vec::set(Vec(static_cast<T>(0)), d, lanes) : Vec(static_cast<T>(0));
+        }
+        *dmax = at::vec::maximum(*dmax, d);
       }
-      *dmax = at::vec::maximum(*dmax, d);
     }
   }
 }
 
+template <typename T, int NV>
+inline void column_step(
+    const Panel<T>& pn, const T* y, const T* b, T* yn, int64_t ld, int64_t s,
+    const Vectorized<T>& neg_lr, int64_t valid, Vectorized<T>* dmax) {
+  int64_t i = 0;
+  for (; i + 4 <= pn.C; i += 4) {
+    rows_step<T, 4, NV>(pn, i, y, b, yn, ld, s, neg_lr, valid, dmax);
+  }
+  switch (pn.C - i) {
+    case 3: rows_step<T, 3, NV>(pn, i, y, b, yn, ld, s, neg_lr, valid, dmax); break;
+    case 2: rows_step<T, 2, NV>(pn, i, y, b, yn, ld, s, neg_lr, valid, dmax); break;
+    case 1: rows_step<T, 1, NV>(pn, i, y, b, yn, ld, s, neg_lr, valid, dmax); break;
+    default: break;
+  }
+}
+
 // One iteration over columns [0, n) of a panel (n a multiple of the width;
-// lanes at or past `valid` are padding, excluded from the delta).
+// lanes at or past `valid` are padding, excluded from the delta). Every lane
+// sees the same sequence of operations whichever block it falls in, so the
+// blocking does not change results.
 template <typename T>
 inline void panel_step(
     const Panel<T>& pn, const T* y, const T* b, T* yn, int64_t ld, int64_t n,
     int64_t valid, T lr, Vectorized<T>* dmax) {
-  using Vec = Vectorized<T>;
-  constexpr int64_t W = Vec::size();
-  const Vec neg_lr(-lr);
-  for (int64_t s = 0; s < n; s += W) {
-    const int64_t v = std::min<int64_t>(W, valid - s);
-    int64_t i = 0;
-    for (; i + 4 <= pn.C; i += 4) {
-      rows_step<T, 4>(pn, i, y, b, yn, ld, s, neg_lr, v, dmax);
-    }
-    switch (pn.C - i) {
-      case 3: rows_step<T, 3>(pn, i, y, b, yn, ld, s, neg_lr, v, dmax); break;
-      case 2: rows_step<T, 2>(pn, i, y, b, yn, ld, s, neg_lr, v, dmax); break;
-      case 1: rows_step<T, 1>(pn, i, y, b, yn, ld, s, neg_lr, v, dmax); break;
-      default: break;
-    }
+  constexpr int64_t W = Vectorized<T>::size();
+  const Vectorized<T> neg_lr(-lr);
+  int64_t s = 0;
+  for (; s + 2 * W <= n; s += 2 * W) {
+    column_step<T, 2>(pn, y, b, yn, ld, s, neg_lr, valid - s, dmax);
+  }
+  for (; s < n; s += W) {
+    column_step<T, 1>(pn, y, b, yn, ld, s, neg_lr, valid - s, dmax);
   }
 }
 

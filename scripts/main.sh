@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The main job: sets up and builds torchiter, runs an example end to end, then
+# the benchmark tables of the inner loop. Usage: bash scripts/main.sh
+source "$(dirname "$0")/bootstrap.sh" scikit-learn matplotlib tqdm
+cd "$ROOT"
+echo; echo "== example: convolutional similarity matching on the digits data set"
+"$PY" examples/conv_nsm_digits.py
+echo; echo "== benchmark: similarity-matching workloads (shared/spec/models.md)"
+"$PY" benchmarks/bench_workloads.py
+echo; echo "== benchmark: iteration modules, generic path vs the original loop"
+"$PY" benchmarks/bench_modules.py
+echo; echo "== benchmark: fused projected-SGD step"
+"$PY" benchmarks/bench_sgd_step.py
