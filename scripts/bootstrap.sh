@@ -22,5 +22,5 @@ echo "== installing torch 2.13.0, build tools and: $*"
 "$PY" -m pip install -q --disable-pip-version-check "torch==2.13.0" numpy ninja "setuptools>=70" wheel "$@"
 echo "== building torchiter (pip install --no-build-isolation -e .)"
 # MAX_JOBS keeps the compile within the machine's cores and memory.
-MAX_JOBS="${MAX_JOBS:-2}" "$PY" -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e "$ROOT"
+MAX_JOBS="${MAX_JOBS:-2}" "$PY" -m pip install -q --disable-pip-version-check --no-build-isolation --use-pep517 --no-deps -e "$ROOT"
 "$PY" -c "import torchiter, torch; print('== torchiter ready: torch', torch.__version__, '| CUDA kernels:', torch._C._dispatch_has_kernel_for_dispatch_key('torchiter::sgd_step_', 'CUDA'))"
