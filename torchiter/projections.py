@@ -9,13 +9,13 @@ SGD step followed by one of them runs as a single pass over memory.
 """
 
 import math
-from typing import Callable, Optional, Tuple
+from typing import Callable, Iterable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Projection", "Clamp", "SoftThreshold", "fused_projection_args"]
+__all__ = ["Projection", "Clamp", "SoftThreshold", "fused_projection_args", "project_"]
 
 # (shrink, min, max) in the order of the sgd_step_ schema.
 ProjectionArgs = Tuple[float, Optional[float], Optional[float]]
@@ -108,6 +108,10 @@ class Projection:
             x = x.clamp(self._min, self._max)
         return x
 
+    def __reduce__(self) -> Tuple[Callable, Tuple]:
+        # Copy and pickle through the constructor; __setattr__ is closed.
+        return (_rebuild, (type(self), self.args))
+
     def __eq__(self, other: object) -> bool:
         return type(other) is type(self) and other.args == self.args  # type: ignore[attr-defined]
 
@@ -116,6 +120,12 @@ class Projection:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(shrink={self._shrink}, min={self._min}, max={self._max})"
+
+
+def _rebuild(cls: type, args: ProjectionArgs) -> Projection:
+    obj = object.__new__(cls)
+    Projection.__init__(obj, *args)
+    return obj
 
 
 class Clamp(Projection):
@@ -207,3 +217,45 @@ def fused_projection_args(projection: Optional[Callable]) -> Optional[Projection
         # Read per instance: min_val and max_val are plain, mutable attributes.
         return (0.0, float(projection.min_val), float(projection.max_val))  # type: ignore[union-attr]
     return _FUNCTIONS.get(id(projection))
+
+
+def project_(params: Iterable[torch.Tensor], projection: Callable) -> None:
+    """Applies ``projection`` to each tensor in place, without autograd.
+
+    The result is copied into the tensor's own memory (the original library
+    reassigned ``.data`` instead, which silently reallocated on a shape or
+    dtype change and broke aliases such as optimizer state keys).
+
+    Args:
+        params: tensors to project; any shape, dtype and device.
+        projection: callable ``tensor -> tensor``; may also work in place
+            and return its input.
+
+    Raises:
+        TypeError: if the projection returns something other than a tensor.
+        ValueError: if the result's shape, dtype or device differs from the
+            parameter's.
+    """
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            out = projection(p)
+            if out is p:
+                continue
+            if not isinstance(out, torch.Tensor):
+                raise TypeError(
+                    f"projection {projection!r} returned {type(out).__name__} for "
+                    f"iteration parameter {i}; a tensor is expected"
+                )
+            if out.shape != p.shape or out.dtype != p.dtype or out.device != p.device:
+                raise ValueError(
+                    f"projection {projection!r} changed iteration parameter {i} from "
+                    f"{tuple(p.shape)} {p.dtype} on {p.device} to {tuple(out.shape)} "
+                    f"{out.dtype} on {out.device}; a projection must keep shape, dtype "
+                    "and device"
+                )
+            try:
+                p.copy_(out)
+            except RuntimeError:
+                # A result that aliases p through another view (say x.mT of a
+                # square x) cannot be copied onto p directly.
+                p.copy_(out.clone())

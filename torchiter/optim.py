@@ -1,0 +1,233 @@
+"""SGD steps through the fused ``torchiter.sgd_step_`` kernel.
+
+:func:`fused_sgd_step` runs one step of a ``torch.optim.SGD`` optimizer, plus
+a projection, in one pass over memory while keeping the optimizer's state
+exactly as ``torch.optim.SGD.step`` would (``state[p]["momentum_buffer"]``),
+so a loop may switch between the fused and the generic step at any time.
+:class:`SGD` is ``torch.optim.SGD`` with an optional projection whose step
+uses it.
+"""
+
+from typing import Any, Callable, Iterable, List, Optional, Tuple
+
+import torch
+from torch.autograd.graph import increment_version
+from torch.optim import optimizer as _optimizer_module
+
+from .projections import ProjectionArgs, fused_projection_args, project_
+
+__all__ = ["SGD", "fused_sgd_step"]
+
+_NO_PROJECTION: ProjectionArgs = (0.0, None, None)
+_Number = (int, float)
+
+
+def _step_hooks_present(optimizer: torch.optim.Optimizer) -> bool:
+    # The kernel bypasses optimizer.step(), so it must not run where step
+    # hooks expect to be called.
+    return bool(
+        optimizer._optimizer_step_pre_hooks
+        or optimizer._optimizer_step_post_hooks
+        or getattr(_optimizer_module, "_global_optimizer_pre_hooks", None)
+        or getattr(_optimizer_module, "_global_optimizer_post_hooks", None)
+    )
+
+
+def fused_sgd_step(
+    optimizer: torch.optim.SGD,
+    projection: Optional[Callable] = None,
+    projection_args: Optional[ProjectionArgs] = None,
+) -> bool:
+    """One ``torch.optim.SGD`` step followed by a projection, fused.
+
+    Reads ``lr``, ``momentum``, ``dampening``, ``weight_decay``, ``nesterov``
+    and ``maximize`` from every param group at call time (so schedulers are
+    honoured), skips params whose ``.grad`` is None for the update (as SGD
+    does) and keeps momentum buffers in ``optimizer.state[p]["momentum_buffer"]``
+    as SGD does. Params without a gradient are still projected, generically,
+    so the result equals ``optimizer.step()`` followed by the projection of
+    every param.
+
+    Args:
+        optimizer: a ``torch.optim.SGD`` (or a subclass with SGD's step
+            semantics); params and grads on one device, float32, float64,
+            float16 or bfloat16.
+        projection: the callable applied after the step, or None.
+        projection_args: ``fused_projection_args(projection)``, if already
+            known; must be an expressible projection's args.
+
+    Returns:
+        True when the step was done; False, with nothing written, when the
+        kernel cannot do it (``differentiable`` groups, tensor-valued options
+        other than a 0-dim ``lr``, step hooks, inputs the kernel rejects, such
+        as sparse gradients or a device it was not built for). The caller then
+        runs ``optimizer.step()`` and the projection itself.
+    """
+    if projection_args is None:
+        projection_args = fused_projection_args(projection)
+        if projection_args is None:
+            return False
+    if _step_hooks_present(optimizer):
+        return False
+    state = optimizer.state
+    calls: List[Tuple[Any, ...]] = []
+    new_buffers: List[Tuple[torch.Tensor, torch.Tensor]] = []
+    skipped: List[torch.Tensor] = []
+    for group in optimizer.param_groups:
+        lr = group["lr"]
+        momentum = group["momentum"]
+        dampening = group["dampening"]
+        weight_decay = group["weight_decay"]
+        if group.get("differentiable", False):
+            return False
+        if isinstance(lr, torch.Tensor):
+            if lr.requires_grad or lr.dim() != 0:
+                return False
+        elif not isinstance(lr, _Number):
+            return False
+        if not (
+            isinstance(momentum, _Number)
+            and isinstance(dampening, _Number)
+            and isinstance(weight_decay, _Number)
+        ):
+            return False
+        params: List[torch.Tensor] = []
+        grads: List[torch.Tensor] = []
+        for p in group["params"]:
+            g = p.grad
+            if g is None:
+                skipped.append(p)
+            else:
+                params.append(p)
+                grads.append(g)
+        if not params:
+            continue
+        options = (lr, momentum, dampening, weight_decay, group["nesterov"], group["maximize"])
+        if momentum == 0:
+            calls.append((params, grads, [], options, False))
+            continue
+        # SGD starts a buffer as a copy of the (decayed) gradient; the
+        # kernel's first_step writes exactly that into a fresh tensor.
+        old_p, old_g, old_b, new_p, new_g, new_b = [], [], [], [], [], []
+        for p, g in zip(params, grads):
+            buf = state[p].get("momentum_buffer")
+            if buf is None:
+                buf = torch.empty_like(p)
+                new_p.append(p)
+                new_g.append(g)
+                new_b.append(buf)
+                new_buffers.append((p, buf))
+            else:
+                old_p.append(p)
+                old_g.append(g)
+                old_b.append(buf)
+        if old_p:
+            calls.append((old_p, old_g, old_b, options, False))
+        if new_p:
+            calls.append((new_p, new_g, new_b, options, True))
+    shrink, lo, hi = projection_args
+    packet = torch.ops.torchiter.sgd_step_
+    for i, (params, grads, bufs, options, first_step) in enumerate(calls):
+        lr, momentum, dampening, weight_decay, nesterov, maximize = options
+        # The overload named outright: the packet tries tensor_lr first and
+        # pays a failed match (about 14 µs) for every float lr.
+        op = packet.tensor_lr if isinstance(lr, torch.Tensor) else packet.default
+        try:
+            op(params, grads, bufs, lr, momentum, dampening, weight_decay,
+               nesterov, maximize, first_step, shrink, lo, hi)
+        except RuntimeError:
+            # The op checks all input before writing, so after a failed first
+            # call nothing has changed and the generic step can take over.
+            if i == 0:
+                return False
+            raise
+        # SGD's in-place updates bump autograd's version counters; the op
+        # does not, so do it here for graphs that saved a param.
+        increment_version(params)
+    for p, buf in new_buffers:
+        state[p]["momentum_buffer"] = buf
+    if skipped and projection is not None and projection_args != _NO_PROJECTION:
+        project_(skipped, projection)
+    # An LR scheduler warns unless it sees optimizer.step() called; this is
+    # the flag its wrapper around step() sets.
+    optimizer._opt_called = True  # type: ignore[attr-defined]
+    return True
+
+
+def _torch_sgd_step(optimizer: torch.optim.SGD) -> None:
+    # torch.optim.SGD's own step without the hook wrapper that Optimizer
+    # patches onto the class (our subclass' step already ran the hooks).
+    step = torch.optim.SGD.step
+    if getattr(step, "hooked", False):
+        step = step.__wrapped__  # type: ignore[attr-defined]
+    step(optimizer)
+
+
+class SGD(torch.optim.SGD):
+    """``torch.optim.SGD`` with an optional projection, stepped by the fused kernel.
+
+    The step equals ``torch.optim.SGD.step()`` followed by
+    ``projection(p)`` for every param (to float rounding), in one pass over
+    memory when :func:`fused_sgd_step` can do it, otherwise through
+    ``torch.optim.SGD``'s own code. Step hooks run once either way.
+
+    Args:
+        params: iterable of tensors or param-group dicts, as for any optimizer.
+        lr: learning rate (float or 0-dim tensor).
+        momentum: momentum factor.
+        dampening: dampening for momentum.
+        weight_decay: L2 penalty.
+        nesterov: enables Nesterov momentum.
+        projection: optional callable applied in place to every param after
+            each step; :mod:`torchiter.projections` objects, ReLU and
+            ``None`` are fused.
+        **kwargs: ``maximize``, ``foreach``, ``differentiable``, ``fused``,
+            passed to ``torch.optim.SGD``.
+
+    Example:
+        >>> y = torch.zeros(8, requires_grad=True)
+        >>> opt = SGD([y], lr=0.1, momentum=0.9, projection=torchiter.Clamp(min=0.0))
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        *,
+        projection: Optional[Callable] = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            params,
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            **kwargs,
+        )
+        self.projection = projection
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        """Performs one step, then the projection.
+
+        Args:
+            closure: optional closure re-evaluating the loss (run with grad).
+
+        Returns:
+            The closure's loss, or None.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if not fused_sgd_step(self, self.projection):
+            _torch_sgd_step(self)
+            if self.projection is not None:
+                project_([p for g in self.param_groups for p in g["params"]], self.projection)
+        return loss
