@@ -1,6 +1,8 @@
 """Scriptable modules built on the torchiter ops, for TorchScript, export and C++.
 
-The modules here call ``torch.ops.torchiter.*`` directly and keep every option
+The modules here call the ops (``torch.ops.torchiter.quadratic_descent``, and
+``sgd_step_`` through :func:`torchiter.ops.sgd_step_`, which keeps an in-place
+step on a list built in the graph alive in TorchScript) and keep every option
 as a typed attribute, so the same object runs eagerly, under
 ``torch.jit.script`` (and, saved with ``torch.jit.save``, from a LibTorch C++
 program that links the op library), under ``torch.compile(fullgraph=True)`` and
@@ -19,6 +21,8 @@ from typing import Optional
 
 import torch
 from torch import nn
+
+from . import ops
 
 __all__ = ["ScriptableNSM", "ScriptableOnlineNSM"]
 
@@ -115,7 +119,7 @@ class ScriptableOnlineNSM(ScriptableNSM):
     """:class:`ScriptableNSM` whose forward also takes one Hebbian learning step.
 
     After computing ``y`` it updates the buffers in place with one
-    ``torch.ops.torchiter.sgd_step_`` call on ``[W, M]``::
+    ``torchiter.sgd_step_`` call on ``[W, M]``::
 
         W ← W − η (W − yᵀx / B)        M ← M − η (M − yᵀy / B)
 
@@ -159,15 +163,8 @@ class ScriptableOnlineNSM(ScriptableNSM):
         inv_batch = 1.0 / x.shape[0]
         grad_W = self.W - (y.T @ x) * inv_batch
         grad_M = self.M - (y.T @ y) * inv_batch
-        params = [self.W, self.M]
-        torch.ops.torchiter.sgd_step_(params, [grad_W, grad_M], [], self.eta)
-        if torch.jit.is_scripting():
-            # TorchScript's alias analysis takes a write through `Tensor(a!)[]`
-            # for a write to the list, not to its elements, so it drops the
-            # call when the list literal is never read again (torch._foreach_*_
-            # alike). Reading the list back keeps it; the assignment is a no-op.
-            self.W = params[0]
-            self.M = params[1]
+        # The wrapper (not the raw op) keeps the in-place step alive in TorchScript.
+        ops.sgd_step_([self.W, self.M], [grad_W, grad_M], [], self.eta)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Returns the NSM output of ``x`` and learns from it: ``(B, N) -> (B, C)``."""

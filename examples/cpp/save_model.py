@@ -1,0 +1,46 @@
+"""Writes a TorchScript NSM model and an input for the C++ example program.
+
+    python3 examples/cpp/save_model.py OUT_DIR [--online]
+
+creates ``OUT_DIR/model.pt`` (``torch.jit.save`` of a scripted
+:class:`torchiter.scripting.ScriptableNSM`, or of :class:`ScriptableOnlineNSM`
+with ``--online``) and ``OUT_DIR/input.pt`` (``torch.save`` of a float64
+``(8, 16)`` input), and prints the eager output of one forward call in the
+program's format, for comparison with ``torchiter_run OUT_DIR/model.pt
+OUT_DIR/input.pt``.
+"""
+
+import argparse
+import os
+import warnings
+
+import torch
+
+import torchiter  # noqa: F401  (registers torch.ops.torchiter.*)
+from torchiter.scripting import ScriptableNSM, ScriptableOnlineNSM
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("out_dir")
+    parser.add_argument("--online", action="store_true", help="also take a Hebbian sgd_step_ per call")
+    args = parser.parse_args()
+    os.makedirs(args.out_dir, exist_ok=True)
+
+    torch.manual_seed(0)
+    cls = ScriptableOnlineNSM if args.online else ScriptableNSM
+    model = cls(16, 4, lr=0.2, iterations=100, dtype=torch.float64)
+    x = torch.randn(8, 16, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is deprecated in torch >= 2.11
+        torch.jit.save(torch.jit.script(model), os.path.join(args.out_dir, "model.pt"))
+    torch.save(x, os.path.join(args.out_dir, "input.pt"))
+
+    y = model(x)
+    print(f"tensor output Double {' '.join(str(s) for s in y.shape)}")
+    for v in y.flatten().tolist():
+        print(f"{v:.17g}")
+
+
+if __name__ == "__main__":
+    main()
