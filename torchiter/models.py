@@ -41,6 +41,16 @@ def _has_kernel(y: torch.Tensor) -> bool:
     return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key("torchiter::quadratic_descent", key)
 
 
+class _ScaleGrad:
+    """Tensor hook multiplying a gradient by a constant (picklable, recognisable)."""
+
+    def __init__(self, scale: float) -> None:
+        self.scale = scale
+
+    def __call__(self, grad: torch.Tensor) -> torch.Tensor:
+        return grad * self.scale
+
+
 class _QuadraticLoopModule(IterationLossModule):
     """An iteration module whose loop is projected descent on ``½yᵀAy − bᵀy``.
 
@@ -209,12 +219,21 @@ class MultiSimilarityMatching(_QuadraticLoopModule):
 
         self.competitor = nn.Linear(out_channels, out_channels, bias=False)
         nn.init.eye_(self.competitor.weight)
-        scaling = -1.0 / tau
-        self.competitor.weight.register_hook(lambda g: g * scaling)
+        self._hook_competitor()
 
         self.y = torch.tensor([])
         self._Wx_sum: Optional[torch.Tensor] = None
         self._last_y: Optional[torch.Tensor] = None
+
+    def _hook_competitor(self) -> None:
+        weight = self.competitor.weight
+        if not any(isinstance(h, _ScaleGrad) for h in (weight._backward_hooks or {}).values()):
+            weight.register_hook(_ScaleGrad(-1.0 / self.tau))
+
+    def __setstate__(self, state: dict) -> None:
+        # Tensor hooks do not survive copy.deepcopy or pickling: put it back.
+        super().__setstate__(state)
+        self._hook_competitor()
 
     def _encode(self, *xs: Optional[torch.Tensor]) -> List[Optional[torch.Tensor]]:
         """Each encoder's output, or None where its input is None or missing."""
