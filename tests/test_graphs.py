@@ -265,11 +265,6 @@ def test_scripted_op_takes_tensor_lr_overload_without_conversion():
     assert "torchiter::sgd_step_" in graph and "FloatImplicit" not in graph
 
 
-@pytest.mark.xfail(
-    reason="torchiter.ops.sgd_step_ annotates lr as float, so TorchScript converts a tensor lr "
-    "with aten::FloatImplicit (a host sync) and calls the float overload",
-    strict=True,
-)
 def test_scripted_wrapper_takes_tensor_lr_overload_without_conversion():
     def fn(params: List[torch.Tensor], grads: List[torch.Tensor], lr: torch.Tensor) -> None:
         tops.sgd_step_(params, grads, [], lr)

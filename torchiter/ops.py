@@ -6,7 +6,7 @@ and resolve the ``Tensor lr`` overload of :func:`sgd_step_` by type. In
 TorchScript, prefer :func:`sgd_step_` here over the raw op: see the note in it.
 """
 
-from typing import List, Optional, Tuple
+from typing import List, Optional, Tuple, Union
 
 import torch
 
@@ -17,7 +17,7 @@ def sgd_step_(
     params: List[torch.Tensor],
     grads: List[torch.Tensor],
     momentum_buffers: List[torch.Tensor],
-    lr: float,
+    lr: Union[float, torch.Tensor],
     momentum: float = 0.0,
     dampening: float = 0.0,
     weight_decay: float = 0.0,
@@ -62,21 +62,18 @@ def sgd_step_(
         RuntimeError: on bad input, naming the argument; raised before any
             tensor is written.
     """
-    torch.ops.torchiter.sgd_step_(
-        params,
-        grads,
-        momentum_buffers,
-        lr,
-        momentum,
-        dampening,
-        weight_decay,
-        nesterov,
-        maximize,
-        first_step,
-        shrink,
-        min,
-        max,
-    )
+    # Two calls, so that TorchScript (which refines lr's Union type per branch)
+    # binds a tensor lr to the Tensor overload instead of converting it.
+    if isinstance(lr, torch.Tensor):
+        torch.ops.torchiter.sgd_step_(
+            params, grads, momentum_buffers, lr, momentum, dampening, weight_decay,
+            nesterov, maximize, first_step, shrink, min, max,
+        )
+    else:
+        torch.ops.torchiter.sgd_step_(
+            params, grads, momentum_buffers, lr, momentum, dampening, weight_decay,
+            nesterov, maximize, first_step, shrink, min, max,
+        )
     if torch.jit.is_scripting():
         # TorchScript's alias analysis sees a write to `Tensor(a!)[]` as a write
         # to the list only (torch._foreach_add_ is hit the same way), and its
