@@ -15,7 +15,8 @@ JIT_WARNINGS = [
 
 # (B, C) and (B, C, *spatial), with channel counts on both sides of the 4-row
 # block and position counts around the vector widths and tile widths.
-SHAPES = [(1000, 3), (100, 10), (33, 1), (5, 70), (7, 5, 3, 3), (4, 3, 40), (2, 13, 9, 11), (3, 50, 23, 23), (2, 6, 2, 2, 2)]
+# C >= 128 takes the GEMM-backed path.
+SHAPES = [(1000, 3), (100, 10), (33, 1), (5, 70), (7, 5, 3, 3), (4, 3, 40), (2, 13, 9, 11), (3, 50, 23, 23), (2, 6, 2, 2, 2), (37, 130), (2, 150, 3, 5)]
 PROJECTIONS = {
     "none": dict(),
     "relu": dict(min=0.0),
@@ -58,7 +59,7 @@ def test_matches_per_iteration_loop_float64(device, shape, proj):
     assert torch.equal(_bits(y0), snap), "y0 was modified"
 
 
-@pytest.mark.parametrize("shape", [(1000, 3), (3, 50, 23, 23), (5, 70)], ids=str)
+@pytest.mark.parametrize("shape", [(1000, 3), (3, 50, 23, 23), (5, 70), (20, 140)], ids=str)
 def test_float32_close_to_float64(device, shape):
     y0, A, b = problem(shape, device=device)
     y32, n = OP(y0.float(), A.float(), b.float(), 0.4, 40, min=0.0)
@@ -117,7 +118,7 @@ def test_bitwise_stable_across_thread_counts_and_modes():
     old = torch.get_num_threads()
     outs = []
     try:
-        for shape in [(3, 50, 23, 23), (4000, 3)]:
+        for shape in [(3, 50, 23, 23), (4000, 3), (300, 160)]:
             y0, A, b = problem(shape, dtype=torch.float32)
             for threads in (1, 2, 3):
                 torch.set_num_threads(threads)

@@ -11,6 +11,9 @@
 // Without a stop test (tol == 0) each tile runs all iterations while it sits in
 // L1 ("blocked" mode, one read and one write of y in total). With tol > 0 each
 // iteration is one parallel sweep over y that also yields max |y_k - y_{k-1}|.
+// From kGemmMinChannels channels on, each iteration is a BLAS GEMM (A times
+// the (C, positions) panel, into a preallocated buffer) followed by one fused
+// pass for the step, projection and delta.
 #include "../ops.h"
 #include "vec_math.h"
 
@@ -120,6 +123,39 @@ inline void panel_step(
   }
 }
 
+// The GEMM path's second half: given G = A·y for columns [0, n) of a panel,
+// ynext = project(y - lr (G - b)) and the delta, one pass over memory.
+template <typename T>
+inline void panel_update(
+    const VecProjection<T>& project, int64_t C, const T* G, const T* y,
+    const T* b, T* yn, int64_t ld, int64_t n, int64_t valid, T lr,
+    Vectorized<T>* dmax) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  const Vec neg_lr(-lr);
+  for (int64_t i = 0; i < C; ++i) {
+    for (int64_t s = 0; s < n; s += W) {
+      const int64_t off = i * ld + s;
+      const Vec old = Vec::loadu(y + off);
+      const Vec grad = Vec::loadu(G + off) - Vec::loadu(b + off);
+      const Vec nv = project(at::vec::fmadd(grad, neg_lr, old));
+      nv.store(yn + off);
+      if (dmax) {
+        Vec d = (nv - old).abs();
+        const int64_t lanes = valid - s;
+        if (lanes < W) {
+          d = lanes > 0 ? Vec::set(Vec(static_cast<T>(0)), d, lanes) : Vec(static_cast<T>(0));
+        }
+        *dmax = at::vec::maximum(*dmax, d);
+      }
+    }
+  }
+}
+
+// From this many channels on, the mixing is a BLAS GEMM per iteration: the
+// register-blocked kernel's working set no longer fits the caches.
+constexpr int64_t kGemmMinChannels = 128;
+
 // Max over the lanes of v, NaN-propagating (a NaN must never pass a stop test).
 template <typename T>
 T lane_max(const Vectorized<T>& v) {
@@ -160,8 +196,10 @@ std::tuple<at::Tensor, at::Tensor> run(
   const auto [B, C, S] = bcs_sizes(y0);
   // Few spatial positions: gather all (batch, spatial) positions into one
   // panel so that vector lanes are filled.
+  const bool gemm = C >= kGemmMinChannels;
   Layout L;
-  L.permuted = S < 4 * W;
+  // The GEMM path multiplies A by one (C, positions) matrix.
+  L.permuted = gemm || S < 4 * W;
   L.G = L.permuted ? 1 : B;
   L.P = L.permuted ? B * S : S;
   L.Ppad = (L.P + W - 1) / W * W;
@@ -181,13 +219,14 @@ std::tuple<at::Tensor, at::Tensor> run(
   const VecProjection<T> proj(args.shrink, args.min, args.max);
   const Panel<T> pn{A.const_data_ptr<T>(), C, &proj};
 
-  const int64_t T_w = tile_width<T>(C);
+  const int64_t T_w = gemm ? 64 * W : tile_width<T>(C);
   const int64_t tiles_per_group = (L.Ppad + T_w - 1) / T_w;
   const int64_t ntiles = L.G * tiles_per_group;
   const int64_t group_stride = C * L.Ppad;
   // Enough tiles per task that a thread gets ~64k FMAs: small problems stay
   // on the calling thread, with no parallel-region overhead per iteration.
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, C * C * T_w));
+  const int64_t work_per_tile = gemm ? C * T_w : C * C * T_w;
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, work_per_tile));
 
   auto tile_bounds = [&](int64_t t, int64_t& off, int64_t& n, int64_t& valid) {
     const int64_t g = t / tiles_per_group;
@@ -200,13 +239,13 @@ std::tuple<at::Tensor, at::Tensor> run(
   const int64_t K = args.max_iterations;
   int64_t iterations = K;
   const bool stop_test = args.tol > 0;
-  T* y = Y.data_ptr<T>();
   const T* b = Bm.const_data_ptr<T>();
 
-  if (!stop_test) {
+  if (!stop_test && !gemm) {
     // Blocked: each tile is copied into three tile-local C x T_w blocks
     // (allocated once per task, never per iteration) and runs all K
     // iterations there before its result is written back.
+    T* y = Y.data_ptr<T>();
     at::parallel_for(0, ntiles, std::max<int64_t>(1, grain / std::max<int64_t>(K, 1)), [&](int64_t t0, int64_t t1) {
       std::vector<T> local(static_cast<size_t>(3 * C * T_w));
       T* cur = local.data();
@@ -232,26 +271,38 @@ std::tuple<at::Tensor, at::Tensor> run(
       }
     });
   } else {
-    // Sweeps: one pass per iteration from Y into Y2 and back; each tile
-    // records its max |y_k - y_{k-1}| when iteration k is a check.
+    // Sweeps: one pass per iteration from Y into Y2 and back (after a GEMM
+    // into G on the GEMM path); each tile records its max |y_k - y_{k-1}|
+    // when iteration k is a check.
     at::Tensor Y2 = at::empty_like(Y);
+    at::Tensor G = gemm ? at::empty({C, L.Ppad}, Y.options()) : at::Tensor();
     std::vector<T> tile_max(static_cast<size_t>(ntiles));
-    T* src = y;
-    T* dst = Y2.data_ptr<T>();
+    at::Tensor src_t = Y;
+    at::Tensor dst_t = Y2;
     for (int64_t k = 0; k < K; ++k) {
-      const bool check = k >= 1 && k % args.check_every == 0;
+      const bool check = stop_test && k >= 1 && k % args.check_every == 0;
       const T lr = static_cast<T>(lrs[static_cast<size_t>(k)]);
+      const T* src = src_t.const_data_ptr<T>();
+      T* dst = dst_t.data_ptr<T>();
+      if (gemm) {
+        at::mm_out(G, A, src_t.view({C, L.Ppad}));
+      }
+      const T* g = gemm ? G.const_data_ptr<T>() : nullptr;
       at::parallel_for(0, ntiles, grain, [&](int64_t t0, int64_t t1) {
         for (int64_t t = t0; t < t1; ++t) {
           int64_t off, n, valid;
           tile_bounds(t, off, n, valid);
           Vectorized<T> dmax(static_cast<T>(0));
-          panel_step<T>(pn, src + off, b + off, dst + off, L.Ppad, n, valid,
-                        lr, check ? &dmax : nullptr);
+          Vectorized<T>* d = check ? &dmax : nullptr;
+          if (gemm) {
+            panel_update<T>(proj, C, g + off, src + off, b + off, dst + off, L.Ppad, n, valid, lr, d);
+          } else {
+            panel_step<T>(pn, src + off, b + off, dst + off, L.Ppad, n, valid, lr, d);
+          }
           tile_max[static_cast<size_t>(t)] = lane_max(dmax);
         }
       });
-      std::swap(src, dst);
+      std::swap(src_t, dst_t);
       if (check) {
         T m = 0;
         for (T x : tile_max) {
@@ -265,9 +316,7 @@ std::tuple<at::Tensor, at::Tensor> run(
         }
       }
     }
-    if (src != y) {
-      Y = Y2;
-    }
+    Y = src_t;
   }
 
   // Back from padded panels to the caller's (B, C, *spatial) shape.
