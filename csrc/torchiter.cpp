@@ -3,21 +3,25 @@
 // Python dependency, so a C++ program that links the op library finds every
 // op through the dispatcher.
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
 TORCH_LIBRARY(torchiter, m) {
-  // The Tensor-lr overload is declared first: Python and TorchScript try
-  // overloads in order, and a 0-dim tensor would otherwise be converted to a
-  // float (a host synchronisation on CUDA).
+  // The float overload is declared first: Python tries overloads in order,
+  // and a failed match costs more than the step itself on small tensors. A
+  // 0-dim tensor lr passed to the raw op from Python is then read as a float;
+  // torchiter.ops.sgd_step_ (and TorchScript, which matches types exactly
+  // first) picks the Tensor overload, with no host synchronisation.
   m.def(
-      "sgd_step_.tensor_lr(Tensor(a!)[] params, Tensor[] grads, "
-      "Tensor(b!)[] momentum_buffers, Tensor lr, float momentum=0., "
+      "sgd_step_(Tensor(a!)[] params, Tensor[] grads, "
+      "Tensor(b!)[] momentum_buffers, float lr, float momentum=0., "
       "float dampening=0., float weight_decay=0., bool nesterov=False, "
       "bool maximize=False, bool first_step=False, float shrink=0., "
       "float? min=None, float? max=None) -> ()");
   m.def(
-      "sgd_step_(Tensor(a!)[] params, Tensor[] grads, "
-      "Tensor(b!)[] momentum_buffers, float lr, float momentum=0., "
+      "sgd_step_.tensor_lr(Tensor(a!)[] params, Tensor[] grads, "
+      "Tensor(b!)[] momentum_buffers, Tensor lr, float momentum=0., "
       "float dampening=0., float weight_decay=0., bool nesterov=False, "
       "bool maximize=False, bool first_step=False, float shrink=0., "
       "float? min=None, float? max=None) -> ()");
@@ -47,4 +51,30 @@ void sgd_step_no_tensors(
 
 TORCH_LIBRARY_IMPL(torchiter, CompositeExplicitAutograd, m) {
   m.impl("sgd_step_", &sgd_step_no_tensors);
+}
+
+// sgd_step_ writes its params and momentum buffers in place. Like ATen's own
+// in-place ops, it bumps their version counters (ADInplaceOrView key), so
+// autograd reports a graph that saved one of them instead of silently using
+// the new values.
+namespace {
+void sgd_step_bump_versions(
+    const c10::OperatorHandle& op,
+    c10::DispatchKeySet ks,
+    torch::jit::Stack* stack) {
+  const auto args = torch::jit::last(*stack, op.schema().arguments().size());
+  const std::vector<at::Tensor> params = args[0].toTensorVector();
+  const std::vector<at::Tensor> bufs = args[2].toTensorVector();
+  op.redispatchBoxed(ks & c10::after_ADInplaceOrView_keyset, stack);
+  for (const auto* list : {&params, &bufs}) {
+    for (const at::Tensor& t : *list) {
+      torch::autograd::impl::bump_version(t);
+    }
+  }
+}
+} // namespace
+
+TORCH_LIBRARY_IMPL(torchiter, ADInplaceOrView, m) {
+  m.impl("sgd_step_", torch::CppFunction::makeFromBoxedFunction<&sgd_step_bump_versions>());
+  m.impl("sgd_step_.tensor_lr", torch::CppFunction::makeFromBoxedFunction<&sgd_step_bump_versions>());
 }

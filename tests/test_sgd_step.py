@@ -185,7 +185,11 @@ def test_tensor_lr_overload(device):
     p = torch.randn(1025, device=device)
     g = torch.randn(1025, device=device)
     exp = (p - 0.25 * g).clamp(max=0.1)
-    OP([p], [g], [], torch.tensor(0.25, device=device), max=0.1)
+    OP.tensor_lr([p], [g], [], torch.tensor(0.25, device=device), max=0.1)
+    torch.testing.assert_close(p, exp)
+    # the wrapper picks the Tensor overload by type
+    exp = (p - 0.5 * g).clamp(max=0.1)
+    torchiter.ops.sgd_step_([p], [g], [], torch.tensor(0.5, device=device), max=0.1)
     torch.testing.assert_close(p, exp)
     torchiter.ops.sgd_step_([p], [g], [], torch.tensor(0.0, dtype=torch.float64, device=device))
 
@@ -261,12 +265,12 @@ def test_bad_tensor_lr(device):
     p, g = torch.randn(4, device=device), torch.randn(4, device=device)
     before = p.clone()
     with pytest.raises(RuntimeError, match=r"torchiter.sgd_step_: lr must be a 0-dim tensor"):
-        OP([p], [g], [], torch.tensor([0.1, 0.2], device=device))
+        OP.tensor_lr([p], [g], [], torch.tensor([0.1, 0.2], device=device))
     with pytest.raises(RuntimeError, match=r"torchiter.sgd_step_: lr must be a floating tensor"):
-        OP([p], [g], [], torch.tensor(1, device=device))
+        OP.tensor_lr([p], [g], [], torch.tensor(1, device=device))
     if device == "cpu":
         with pytest.raises(RuntimeError, match=r"torchiter.sgd_step_: lr must be a finite number >= 0"):
-            OP([p], [g], [], torch.tensor(-1.0))
+            OP.tensor_lr([p], [g], [], torch.tensor(-1.0))
     assert torch.equal(p, before)
 
 
@@ -314,3 +318,18 @@ def test_torchscript_round_trip(tmp_path):
         outs.append(p)
     assert not torch.equal(outs[0], p0)
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+def test_bumps_autograd_version_counters():
+    # A graph that saved a param must notice that the step changed it.
+    p, g, b = torch.randn(5), torch.randn(5), torch.zeros(5)
+    v = (p._version, b._version)
+    OP([p], [g], [b], 0.1, momentum=0.9, first_step=True)
+    assert p._version > v[0] and b._version > v[1]
+    y = torch.randn(5, requires_grad=True)
+    w = y * 1
+    loss = (w * w).sum()
+    with torch.no_grad():
+        torchiter.ops.sgd_step_([w], [torch.ones(5)], [], torch.tensor(0.1))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
