@@ -42,6 +42,29 @@ def _use_cuda() -> bool:
     return torch.cuda.is_available() and cpp_extension.CUDA_HOME is not None
 
 
+def _cuda_library_headers() -> None:
+    """Points CUDA_INC_PATH at the CUDA wheels' headers when the toolkit lacks them.
+
+    ATen's CUDA headers include cuSPARSE/cuBLAS/cuSOLVER headers; a bare toolkit
+    (nvcc and the runtime only) does not ship them, but the nvidia-* wheels that
+    a CUDA build of torch depends on do. torch appends CUDA_INC_PATH after
+    CUDA_HOME/include, so the toolkit's own headers still win.
+    """
+    if os.environ.get("CUDA_INC_PATH") or cpp_extension.CUDA_HOME is None:
+        return
+    if os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "include", "cusparse.h")):
+        return
+    try:
+        import nvidia  # namespace package of the nvidia-* wheels
+    except ImportError:
+        return
+    for root in getattr(nvidia, "__path__", []):
+        for inc in sorted(glob.glob(os.path.join(root, "*", "include"))):
+            if os.path.exists(os.path.join(inc, "cusparse.h")):
+                os.environ["CUDA_INC_PATH"] = inc
+                return
+
+
 def extensions():
     with_cuda = _use_cuda()
     sources = sorted(
@@ -64,8 +87,27 @@ def extensions():
         ext_cls = cpp_extension.CUDAExtension
         sources += cuda_sources
         macros.append(("WITH_CUDA", None))
-        extra["nvcc"] = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
-    print(f"torchiter build: CPU kernels ({vec}), CUDA kernels: {'yes' if with_cuda else 'no'}")
+        # --fmad=false: like -ffp-contract=off for the CPU kernels, FMAs appear
+        # only where the kernels ask for them, so CPU and CUDA round alike.
+        extra["nvcc"] = [
+            "-O3",
+            "-std=c++20",
+            "--expt-relaxed-constexpr",
+            "-lineinfo",
+            "--fmad=false",
+            "-Xcompiler",
+            "-fvisibility=hidden",
+        ]
+        _cuda_library_headers()
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            import torch
+
+            if torch.cuda.device_count() == 0:
+                # No GPU to take the architecture from (a build or CI machine):
+                # build for H100/H200. Set TORCH_CUDA_ARCH_LIST to override.
+                os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
+    arch = f" (TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', 'visible GPUs')})" if with_cuda else ""
+    print(f"torchiter build: CPU kernels ({vec}), CUDA kernels: {'yes' if with_cuda else 'no'}{arch}")
     return [
         ext_cls(
             "torchiter._C",

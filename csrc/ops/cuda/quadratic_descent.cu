@@ -1,0 +1,462 @@
+// CUDA kernel of torchiter.quadratic_descent: the whole projected-gradient loop
+// y <- project(y - lr_k (A y - b)) in one call.
+//
+// Positions (sample, spatial index) are independent: A only mixes channels.
+// Three paths, picked on the host:
+//
+// 1. Blocked (tol == 0, C <= 64): ONE launch for the whole loop. Each thread
+//    owns one position; its C values of y and b sit in shared memory (a
+//    column per thread, so accesses are conflict-free) and A (transposed,
+//    rows padded to CMAX) is broadcast from shared memory with 16-byte loads.
+//    The thread runs all max_iterations there and writes y once: global
+//    memory sees one read of y0 and b and one write of y in total, and there
+//    is no launch or host round trip per iteration. This is the fastest
+//    design for small C, where a per-iteration GEMM would be launch- and
+//    bandwidth-bound, and needs no host synchronisation at all.
+// 2. Fused sweeps (tol > 0, C <= 64): one launch per iteration over a
+//    (C, B*S) working layout (positions contiguous, coalesced for any S).
+//    Each thread computes the C x C mixing for its position, writes y_next
+//    and, on check iterations only, folds max |y_k - y_{k-1}| into a device
+//    scalar (atomicMax on the bit pattern, NaN mapped to +inf so it never
+//    passes the test). The host reads that scalar (one sync) on check
+//    iterations only, i.e. every check_every iterations.
+// 3. Large C (> 64): per iteration A·y by cuBLAS (at::mm_out into a
+//    preallocated buffer) and one fused update/projection/delta kernel.
+//
+// The per-element arithmetic is that of the CPU kernel: acc_i = sum_j A_ij y_j
+// accumulated with one FMA per term from j = 0, grad = acc - b,
+// v = fma(grad, -lr_k, y), then the shared projection (device_math.cuh). Path
+// 3 accumulates in cuBLAS's order, equal to float rounding only. The
+// iteration count is returned as a 0-dim int64 tensor on the device, written
+// by a fill kernel (no sync) with the count the host decided.
+#include "../ops.h"
+#include "device_math.cuh"
+
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+namespace torchiter {
+namespace {
+
+using cuda::DeviceProjection;
+using cuda::fma_rn;
+using cuda::Pack;
+using cuda::vec16;
+
+constexpr int kMaxSmallC = 64;
+constexpr int kStepThreads = 256;
+constexpr int kBlockedThreads = 128;
+constexpr size_t kDefaultSmem = 48 * 1024;
+
+// Element strides of a (B, C, S) view: position q = b * S + s.
+struct Layout {
+  int64_t sB, sC, sS;
+};
+
+__device__ __forceinline__ int64_t position_offset(const Layout& l, int64_t q, int64_t S) {
+  return (q / S) * l.sB + (q % S) * l.sS;
+}
+
+// At[j * CMAX + i] = A[i][j], zero for i >= C: row j of At holds column j of
+// A, padded so each row starts 16-byte aligned.
+template <typename T, int CMAX>
+__device__ __forceinline__ void load_transposed_A(T* At, const T* __restrict__ A, int C) {
+  for (int idx = threadIdx.x; idx < C * CMAX; idx += blockDim.x) {
+    const int j = idx / CMAX;
+    const int i = idx % CMAX;
+    At[idx] = i < C ? A[i * C + j] : T(0);
+  }
+}
+
+// acc[i] = sum_j A[i][j] * y(j), one FMA per term from j = 0 upward (the CPU
+// kernel's order), for i < C; entries i >= C are scratch.
+template <typename T, int CMAX, typename LoadY>
+__device__ __forceinline__ void mix_channels(T (&acc)[CMAX], const T* At, int C, LoadY load_y) {
+  constexpr int V = vec16<T>();
+  static_assert(CMAX % V == 0, "CMAX must be a multiple of the vector width");
+  using VecT = Pack<T, V>;
+#pragma unroll
+  for (int i = 0; i < CMAX; ++i) {
+    acc[i] = T(0);
+  }
+  for (int j = 0; j < C; ++j) {
+    const T yj = load_y(j);
+    const VecT* row = reinterpret_cast<const VecT*>(At + j * CMAX);
+#pragma unroll
+    for (int i0 = 0; i0 < CMAX; i0 += V) {
+      if (i0 < C) {
+        const VecT a = row[i0 / V];
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+          acc[i0 + e] = fma_rn(a.v[e], yj, acc[i0 + e]);
+        }
+      }
+    }
+  }
+}
+
+// |d| as an order-preserving unsigned bit pattern; NaN becomes +inf so that a
+// diverged loop never passes `max < tol`.
+__device__ __forceinline__ unsigned long long delta_bits(float d) {
+  d = fabsf(d);
+  return d != d ? 0x7f800000ull : static_cast<unsigned long long>(__float_as_uint(d));
+}
+__device__ __forceinline__ unsigned long long delta_bits(double d) {
+  d = fabs(d);
+  return d != d ? 0x7ff0000000000000ull : static_cast<unsigned long long>(__double_as_longlong(d));
+}
+
+template <typename T>
+T delta_from_bits(unsigned long long bits) {
+  if constexpr (std::is_same_v<T, float>) {
+    const auto u = static_cast<uint32_t>(bits);
+    float f;
+    std::memcpy(&f, &u, sizeof f);
+    return f;
+  } else {
+    double d;
+    std::memcpy(&d, &bits, sizeof d);
+    return d;
+  }
+}
+
+// Warp max then one atomic per warp. Every thread of the block must call it
+// (blockDim.x is a multiple of 32).
+__device__ __forceinline__ void atomic_max_delta(unsigned long long bits, unsigned long long* dmax) {
+  for (int o = 16; o > 0; o >>= 1) {
+    const unsigned long long other = __shfl_xor_sync(0xffffffffu, bits, o);
+    bits = other > bits ? other : bits;
+  }
+  if ((threadIdx.x & 31) == 0 && bits != 0) {
+    atomicMax(dmax, bits);
+  }
+}
+
+// Path 1: all K iterations for one position per thread.
+template <typename T, int CMAX>
+__global__ void __launch_bounds__(kBlockedThreads) quadratic_descent_blocked_kernel(
+    const T* __restrict__ A, const T* __restrict__ y0, Layout ly,
+    const T* __restrict__ b, Layout lb, T* __restrict__ out, int C, int64_t S,
+    int64_t P, int64_t K, const T* __restrict__ lrs, T lr, DeviceProjection<T> proj) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int nt = blockDim.x;
+  const int t = threadIdx.x;
+  T* At = reinterpret_cast<T*>(smem_raw);
+  T* ys = At + C * CMAX; // channel c of this block's thread t at ys[c * nt + t]
+  T* bs = ys + C * nt;
+  load_transposed_A<T, CMAX>(At, A, C);
+  const int64_t q = static_cast<int64_t>(blockIdx.x) * nt + t;
+  const bool active = q < P;
+  if (active) {
+    const int64_t oy = position_offset(ly, q, S);
+    const int64_t ob = position_offset(lb, q, S);
+    for (int c = 0; c < C; ++c) {
+      ys[c * nt + t] = y0[oy + c * ly.sC];
+      bs[c * nt + t] = b[ob + c * lb.sC];
+    }
+  }
+  __syncthreads();
+  if (!active) {
+    return;
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const T neg_lr = -(lrs ? lrs[k] : lr);
+    T acc[CMAX];
+    mix_channels<T, CMAX>(acc, At, C, [&](int j) { return ys[j * nt + t]; });
+    // Every read of this thread's old y is done: update its column in place.
+#pragma unroll
+    for (int i = 0; i < CMAX; ++i) {
+      if (i < C) {
+        T& yi = ys[i * nt + t];
+        yi = proj(fma_rn(acc[i] - bs[i * nt + t], neg_lr, yi));
+      }
+    }
+  }
+  // The output is contiguous (B, C, S).
+  const int64_t oo = (q / S) * C * S + (q % S);
+  for (int c = 0; c < C; ++c) {
+    out[oo + c * S] = ys[c * nt + t];
+  }
+}
+
+// Path 2: one iteration over the (C, P) working layout.
+template <typename T, int CMAX>
+__global__ void __launch_bounds__(kStepThreads) quadratic_descent_step_kernel(
+    const T* __restrict__ A, const T* __restrict__ y, const T* __restrict__ b,
+    T* __restrict__ yn, int C, int64_t P, T neg_lr, DeviceProjection<T> proj,
+    unsigned long long* dmax) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* At = reinterpret_cast<T*>(smem_raw);
+  load_transposed_A<T, CMAX>(At, A, C);
+  __syncthreads();
+  const int64_t q = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  unsigned long long dm = 0;
+  if (q < P) {
+    T acc[CMAX];
+    mix_channels<T, CMAX>(acc, At, C, [&](int j) { return y[j * P + q]; });
+#pragma unroll
+    for (int i = 0; i < CMAX; ++i) {
+      if (i < C) {
+        const T old = y[i * P + q];
+        const T v = proj(fma_rn(acc[i] - b[i * P + q], neg_lr, old));
+        yn[i * P + q] = v;
+        if (dmax) {
+          const unsigned long long d = delta_bits(v - old);
+          dm = d > dm ? d : dm;
+        }
+      }
+    }
+  }
+  if (dmax) {
+    atomic_max_delta(dm, dmax);
+  }
+}
+
+// Path 3: the update after a cuBLAS A·y, elementwise over the (C, P) layout.
+template <typename T>
+__global__ void __launch_bounds__(kStepThreads) quadratic_descent_update_kernel(
+    const T* __restrict__ ay, const T* __restrict__ y, const T* __restrict__ b,
+    T* __restrict__ yn, int64_t n, T neg_lr, DeviceProjection<T> proj,
+    unsigned long long* dmax) {
+  unsigned long long dm = 0;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    const T old = y[i];
+    const T v = proj(fma_rn(ay[i] - b[i], neg_lr, old));
+    yn[i] = v;
+    if (dmax) {
+      const unsigned long long d = delta_bits(v - old);
+      dm = d > dm ? d : dm;
+    }
+  }
+  if (dmax) {
+    atomic_max_delta(dm, dmax);
+  }
+}
+
+// Calls f(std::integral_constant<int, CMAX>) with the smallest CMAX >= C.
+template <typename F>
+void with_cmax(int64_t C, F&& f) {
+  if (C <= 4) {
+    f(std::integral_constant<int, 4>{});
+  } else if (C <= 8) {
+    f(std::integral_constant<int, 8>{});
+  } else if (C <= 16) {
+    f(std::integral_constant<int, 16>{});
+  } else if (C <= 32) {
+    f(std::integral_constant<int, 32>{});
+  } else {
+    f(std::integral_constant<int, 64>{});
+  }
+}
+
+int64_t blocks_for(int64_t n, int threads) {
+  return (n + threads - 1) / threads;
+}
+
+Layout bcs_layout(const at::Tensor& t) {
+  return {t.stride(0), t.stride(1), t.stride(2)};
+}
+
+// Path 1. Returns false (nothing launched) when its shared memory does not
+// fit the device, so that the caller takes path 2.
+template <typename T>
+bool run_blocked(
+    const at::Tensor& y3, const at::Tensor& A, const at::Tensor& b3,
+    at::Tensor& out, const QuadraticDescentArgs& args,
+    const std::vector<double>* host_lrs, cudaStream_t stream) {
+  const int64_t B = y3.size(0);
+  const int C = static_cast<int>(y3.size(1));
+  const int64_t S = y3.size(2);
+  const int64_t P = B * S;
+  const int64_t K = args.max_iterations;
+  const auto proj = DeviceProjection<T>::make(args.shrink, args.min, args.max);
+  const auto* prop = at::cuda::getCurrentDeviceProperties();
+  bool launched = false;
+  with_cmax(C, [&](auto cmax) {
+    constexpr int CMAX = decltype(cmax)::value;
+    auto kernel = &quadratic_descent_blocked_kernel<T, CMAX>;
+    int nt = kBlockedThreads;
+    auto smem = [&](int threads) {
+      return static_cast<size_t>(C) * (CMAX + 2 * threads) * sizeof(T);
+    };
+    while (smem(nt) > kDefaultSmem && nt > 32) {
+      nt /= 2;
+    }
+    if (smem(nt) > kDefaultSmem) {
+      if (smem(nt) > prop->sharedMemPerBlockOptin) {
+        return;
+      }
+      C10_CUDA_CHECK(cudaFuncSetAttribute(
+          kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem(nt))));
+    }
+    // The per-iteration rates, cast to T on the host (as the CPU kernel
+    // does), reach the device through pinned memory without a sync.
+    at::Tensor lrs_dev;
+    if (host_lrs) {
+      at::Tensor h = at::empty(
+          {K}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value).pinned_memory(true));
+      T* hp = h.data_ptr<T>();
+      for (int64_t k = 0; k < K; ++k) {
+        hp[k] = static_cast<T>((*host_lrs)[static_cast<size_t>(k)]);
+      }
+      lrs_dev = h.to(y3.options(), /*non_blocking=*/true);
+    }
+    kernel<<<static_cast<unsigned>(blocks_for(P, nt)), nt, smem(nt), stream>>>(
+        A.const_data_ptr<T>(), y3.const_data_ptr<T>(), bcs_layout(y3),
+        b3.const_data_ptr<T>(), bcs_layout(b3), out.data_ptr<T>(), C, S, P, K,
+        lrs_dev.defined() ? lrs_dev.const_data_ptr<T>() : nullptr,
+        static_cast<T>(args.lr), proj);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launched = true;
+  });
+  return launched;
+}
+
+// Paths 2 and 3. Returns the iteration count; `out` receives the result.
+template <typename T>
+int64_t run_sweeps(
+    const at::Tensor& y3, const at::Tensor& A, const at::Tensor& b3,
+    at::Tensor& out, const QuadraticDescentArgs& args,
+    const std::vector<double>* host_lrs, cudaStream_t stream) {
+  const int64_t B = y3.size(0);
+  const int64_t C = y3.size(1);
+  const int64_t S = y3.size(2);
+  const int64_t P = B * S;
+  const int64_t K = args.max_iterations;
+  const auto proj = DeviceProjection<T>::make(args.shrink, args.min, args.max);
+  const bool stop_test = args.tol > 0;
+
+  // (C, P) working copies: channel-major, positions contiguous.
+  auto to_working = [&](const at::Tensor& t3) {
+    at::Tensor w = at::empty({C, P}, t3.options());
+    w.view({C, B, S}).copy_(t3.permute({1, 0, 2}));
+    return w;
+  };
+  at::Tensor y = to_working(y3);
+  const at::Tensor bw = to_working(b3);
+  at::Tensor yn = at::empty_like(y);
+  at::Tensor ay;
+  if (C > kMaxSmallC) {
+    ay = at::empty_like(y);
+  }
+  at::Tensor dmax_slot;
+  unsigned long long* dmax_ptr = nullptr;
+  if (stop_test) {
+    dmax_slot = at::empty({1}, y3.options().dtype(at::kLong));
+    dmax_ptr = reinterpret_cast<unsigned long long*>(dmax_slot.data_ptr<int64_t>());
+  }
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+
+  int64_t iterations = K;
+  for (int64_t k = 0; k < K; ++k) {
+    const bool check = stop_test && k >= 1 && k % args.check_every == 0;
+    const T neg_lr = -static_cast<T>(host_lrs ? (*host_lrs)[static_cast<size_t>(k)] : args.lr);
+    unsigned long long* dmax = check ? dmax_ptr : nullptr;
+    if (check) {
+      C10_CUDA_CHECK(cudaMemsetAsync(dmax, 0, sizeof(unsigned long long), stream));
+    }
+    if (C <= kMaxSmallC) {
+      with_cmax(C, [&](auto cmax) {
+        constexpr int CMAX = decltype(cmax)::value;
+        const size_t smem = static_cast<size_t>(C) * CMAX * sizeof(T);
+        quadratic_descent_step_kernel<T, CMAX>
+            <<<static_cast<unsigned>(blocks_for(P, kStepThreads)), kStepThreads, smem, stream>>>(
+                A.const_data_ptr<T>(), y.const_data_ptr<T>(), bw.const_data_ptr<T>(),
+                yn.data_ptr<T>(), static_cast<int>(C), P, neg_lr, proj, dmax);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    } else {
+      at::mm_out(ay, A, y);
+      const int64_t n = C * P;
+      const int64_t grid = std::min<int64_t>(blocks_for(n, kStepThreads), 8 * sms);
+      quadratic_descent_update_kernel<T><<<static_cast<unsigned>(grid), kStepThreads, 0, stream>>>(
+          ay.const_data_ptr<T>(), y.const_data_ptr<T>(), bw.const_data_ptr<T>(),
+          yn.data_ptr<T>(), n, neg_lr, proj, dmax);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    std::swap(y, yn);
+    if (check) {
+      // The only host synchronisation of the loop, once per check.
+      unsigned long long bits = 0;
+      c10::cuda::memcpy_and_sync(&bits, dmax, sizeof bits, cudaMemcpyDeviceToHost, stream);
+      // NaN arrives as +inf: inf < tol is false, so it never converges.
+      if (delta_from_bits<T>(bits) < static_cast<T>(args.tol)) {
+        iterations = k + 1;
+        break;
+      }
+    }
+  }
+  out.view({B, C, S}).copy_(y.view({C, B, S}).permute({1, 0, 2}));
+  return iterations;
+}
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor> run(
+    const at::Tensor& y0, const at::Tensor& A_in, const at::Tensor& b_in,
+    const QuadraticDescentArgs& args, const std::vector<double>* host_lrs) {
+  const auto [B, C, S] = bcs_sizes(y0);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  // (B, C, S) views of the inputs (copies only where the spatial dims do not
+  // merge); they are only read.
+  const at::Tensor y3 = y0.reshape({B, C, S});
+  const at::Tensor b3 = b_in.reshape({B, C, S});
+  const at::Tensor A = A_in.contiguous();
+  at::Tensor out = at::empty(y0.sizes(), y0.options().memory_format(at::MemoryFormat::Contiguous));
+  int64_t iterations = args.max_iterations;
+  const bool blocked = C <= kMaxSmallC && args.tol == 0 &&
+      run_blocked<T>(y3, A, b3, out, args, host_lrs, stream);
+  if (!blocked) {
+    iterations = run_sweeps<T>(y3, A, b3, out, args, host_lrs, stream);
+  }
+  return {out, at::scalar_tensor(iterations, y0.options().dtype(at::kLong))};
+}
+
+std::tuple<at::Tensor, at::Tensor> quadratic_descent_cuda(
+    const at::Tensor& y0, const at::Tensor& A, const at::Tensor& b,
+    double lr, int64_t max_iterations, double tol, int64_t check_every,
+    const std::optional<at::Tensor>& lrs, double shrink,
+    std::optional<double> min, std::optional<double> max) {
+  const QuadraticDescentArgs args{lr, max_iterations, tol, check_every,
+                                  shrink, min, max};
+  check_quadratic_descent(y0, A, b, lrs, args, {at::kFloat, at::kDouble});
+  TORCH_CHECK(
+      y0.is_cuda(), "torchiter.quadratic_descent: the CUDA kernel got y0 on ",
+      y0.device());
+  const c10::cuda::CUDAGuard guard(y0.device());
+  // Given rates are validated (finite, >= 0) before anything runs, like on
+  // the CPU. This reads lrs on the host: free when lrs is a CPU tensor, one
+  // sync before the loop when it lives on the GPU.
+  std::vector<double> host_lrs;
+  const bool has_lrs = lrs.has_value() && lrs->defined();
+  if (has_lrs) {
+    host_lrs = host_learning_rates(lrs, args);
+  }
+  const at::Tensor y0d = y0.detach();
+  if (y0.numel() == 0 || max_iterations == 0) {
+    return {y0d.clone(at::MemoryFormat::Contiguous),
+            at::scalar_tensor(max_iterations, y0.options().dtype(at::kLong))};
+  }
+  return AT_DISPATCH_FLOATING_TYPES(y0.scalar_type(), "torchiter.quadratic_descent", [&] {
+    return run<scalar_t>(y0d, A.detach(), b.detach(), args, has_lrs ? &host_lrs : nullptr);
+  });
+}
+
+} // namespace
+
+TORCH_LIBRARY_IMPL(torchiter, CUDA, m) {
+  m.impl("quadratic_descent", &quadratic_descent_cuda);
+}
+
+} // namespace torchiter

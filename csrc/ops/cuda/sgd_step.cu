@@ -1,0 +1,335 @@
+// CUDA kernels of torchiter.sgd_step_ (float lr and Tensor lr): one pass over
+// memory, and one launch for many tensors of a dtype (multi-tensor apply).
+//
+// A launch carries, by value in its kernel arguments, the pointers and sizes
+// of up to kMaxTensors tensors and, per tensor, the index of its first block.
+// Each block updates one chunk of one tensor: it finds its tensor by a binary
+// search over those first-block indices. Unlike PyTorch's multi_tensor_apply
+// (a fixed table of 320 blocks per launch), the grid has as many blocks as
+// the chunks of the listed tensors, so a single large tensor is one launch.
+// Chunks are sized from the total work (4096 to 65536 elements) so that a
+// list of a few million elements still spreads over every SM.
+#include "../ops.h"
+#include "device_math.cuh"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <utility>
+#include <vector>
+
+namespace torchiter {
+namespace {
+
+using cuda::DeviceSgdMath;
+using cuda::Pack;
+using cuda::vec16;
+
+constexpr int kThreads = 256;
+constexpr int kMaxTensors = 64;
+constexpr int64_t kMinChunk = 4096; // a multiple of every vector width
+constexpr int64_t kMaxChunk = 65536;
+constexpr int64_t kMaxBlocksPerLaunch = int64_t{1} << 30;
+
+// The tensors of one launch, passed by value (kept well under the 4 KiB
+// kernel-argument limit of older toolkits).
+struct TensorListArgs {
+  void* p[kMaxTensors];
+  const void* g[kMaxTensors];
+  void* buf[kMaxTensors]; // unused without momentum
+  int64_t n[kMaxTensors];
+  int32_t first_block[kMaxTensors + 1];
+  int32_t count;
+  int64_t chunk;
+};
+static_assert(
+    sizeof(TensorListArgs) + sizeof(DeviceSgdMath<double>) < 4000,
+    "kernel arguments must stay under 4 KiB");
+
+template <typename T>
+__device__ __forceinline__ bool aligned16(const T* ptr) {
+  return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0;
+}
+
+template <typename scalar_t, bool kMomentum>
+__global__ void __launch_bounds__(kThreads) sgd_multi_tensor_kernel(
+    const TensorListArgs args,
+    const DeviceSgdMath<at::opmath_type<scalar_t>> math) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  constexpr int V = vec16<scalar_t>();
+  using VecT = Pack<scalar_t, V>;
+
+  // The tensor this block works on: the last one whose first block <= ours.
+  const int blk = static_cast<int>(blockIdx.x);
+  int lo = 0;
+  int hi = args.count - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (args.first_block[mid] <= blk) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  const int64_t begin = static_cast<int64_t>(blk - args.first_block[lo]) * args.chunk;
+  const int64_t n = std::min(args.chunk, args.n[lo] - begin);
+  scalar_t* p = static_cast<scalar_t*>(args.p[lo]) + begin;
+  const scalar_t* g = static_cast<const scalar_t*>(args.g[lo]) + begin;
+  scalar_t* buf = kMomentum ? static_cast<scalar_t*>(args.buf[lo]) + begin : nullptr;
+  const opmath_t neg_lr = math.load_neg_lr();
+
+  int64_t tail = 0;
+  if (aligned16(p) && aligned16(g) && (!kMomentum || aligned16(buf))) {
+    // 16-byte loads and stores; chunk starts keep the tensor's alignment
+    // because chunks are multiples of every vector width.
+    const int64_t nv = n / V;
+    for (int64_t i = threadIdx.x; i < nv; i += kThreads) {
+      VecT pv = reinterpret_cast<const VecT*>(p)[i];
+      const VecT gv = reinterpret_cast<const VecT*>(g)[i];
+      VecT bv;
+      if constexpr (kMomentum) {
+        bv = reinterpret_cast<const VecT*>(buf)[i];
+      }
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        opmath_t b = kMomentum ? static_cast<opmath_t>(bv.v[e]) : opmath_t(0);
+        pv.v[e] = static_cast<scalar_t>(math(
+            static_cast<opmath_t>(pv.v[e]), static_cast<opmath_t>(gv.v[e]), b, neg_lr));
+        if constexpr (kMomentum) {
+          bv.v[e] = static_cast<scalar_t>(b);
+        }
+      }
+      reinterpret_cast<VecT*>(p)[i] = pv;
+      if constexpr (kMomentum) {
+        reinterpret_cast<VecT*>(buf)[i] = bv;
+      }
+    }
+    tail = nv * V;
+  }
+  // Unaligned chunks, and the last n % V elements of aligned ones.
+  for (int64_t i = tail + threadIdx.x; i < n; i += kThreads) {
+    opmath_t b = kMomentum ? static_cast<opmath_t>(buf[i]) : opmath_t(0);
+    p[i] = static_cast<scalar_t>(
+        math(static_cast<opmath_t>(p[i]), static_cast<opmath_t>(g[i]), b, neg_lr));
+    if constexpr (kMomentum) {
+      buf[i] = static_cast<scalar_t>(b);
+    }
+  }
+}
+
+// One tensor's memory seen as a flat array (dense, same strides for all three).
+struct Segment {
+  void* p;
+  const void* g;
+  void* buf; // null without momentum
+  int64_t n;
+};
+
+// Chunk size for a launch series over `total` elements: the smallest power of
+// two in [kMinChunk, kMaxChunk] that gives at most ~8 blocks per SM.
+int64_t chunk_size(int64_t total) {
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t target = total / (8 * std::max<int64_t>(sms, 1));
+  int64_t c = kMinChunk;
+  while (c < target && c < kMaxChunk) {
+    c *= 2;
+  }
+  return c;
+}
+
+template <typename scalar_t>
+void launch_segments(
+    const std::vector<Segment>& segs,
+    const SgdOptions& opt,
+    const double* lr_ptr,
+    cudaStream_t stream) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const auto math = DeviceSgdMath<opmath_t>::make(opt, lr_ptr);
+  const bool momentum = opt.momentum != 0;
+  int64_t total = 0;
+  for (const Segment& s : segs) {
+    total += s.n;
+  }
+  TensorListArgs args;
+  args.count = 0;
+  args.chunk = chunk_size(total);
+  int64_t blocks = 0;
+
+  auto flush = [&] {
+    if (args.count == 0) {
+      return;
+    }
+    args.first_block[args.count] = static_cast<int32_t>(blocks);
+    const dim3 grid(static_cast<unsigned>(blocks));
+    if (momentum) {
+      sgd_multi_tensor_kernel<scalar_t, true><<<grid, kThreads, 0, stream>>>(args, math);
+    } else {
+      sgd_multi_tensor_kernel<scalar_t, false><<<grid, kThreads, 0, stream>>>(args, math);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    args.count = 0;
+    blocks = 0;
+  };
+
+  constexpr int64_t elem = sizeof(scalar_t);
+  for (const Segment& s : segs) {
+    // A tensor too large for one grid is cut into pieces of whole chunks.
+    for (int64_t off = 0; off < s.n;) {
+      const int64_t piece = std::min(s.n - off, kMaxBlocksPerLaunch * args.chunk);
+      const int64_t nchunks = (piece + args.chunk - 1) / args.chunk;
+      if (blocks + nchunks > kMaxBlocksPerLaunch) {
+        flush();
+      }
+      const int i = args.count;
+      args.p[i] = static_cast<char*>(s.p) + off * elem;
+      args.g[i] = static_cast<const char*>(s.g) + off * elem;
+      args.buf[i] = s.buf ? static_cast<char*>(s.buf) + off * elem : nullptr;
+      args.n[i] = piece;
+      args.first_block[i] = static_cast<int32_t>(blocks);
+      blocks += nchunks;
+      ++args.count;
+      if (args.count == kMaxTensors) {
+        flush();
+      }
+      off += piece;
+    }
+  }
+  flush();
+}
+
+// True when p, g (and buf) cover dense memory in the same element order, so
+// the kernel may walk them as flat arrays (as the CPU kernel decides).
+bool same_dense_layout(const at::Tensor& p, const at::Tensor& g, const at::Tensor* buf) {
+  if (!p.is_non_overlapping_and_dense()) {
+    return false;
+  }
+  if (p.is_contiguous() && g.is_contiguous() && (!buf || buf->is_contiguous())) {
+    return true;
+  }
+  return g.strides() == p.strides() && (!buf || buf->strides() == p.strides());
+}
+
+void sgd_step_cuda_impl(
+    at::TensorList params,
+    at::TensorList grads,
+    at::TensorList bufs,
+    const SgdOptions& opt,
+    const at::Tensor* lr_tensor) {
+  if (params.empty()) {
+    return;
+  }
+  TORCH_CHECK(
+      params[0].is_cuda(), "torchiter.sgd_step_: the CUDA kernel got tensors on ",
+      params[0].device());
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  // The Tensor-lr overload reads lr on the device: converting it to float64
+  // is a device-side copy (none when it already is float64), never a sync,
+  // so the step can be captured in a CUDA graph and replayed with a new lr.
+  at::Tensor lr64;
+  if (lr_tensor) {
+    lr64 = lr_tensor->detach().to(at::kDouble);
+  }
+  const double* lr_ptr = lr_tensor ? lr64.const_data_ptr<double>() : nullptr;
+
+  const bool with_buf = opt.momentum != 0;
+  std::vector<std::pair<at::ScalarType, std::vector<Segment>>> groups;
+  auto add = [&](at::ScalarType dtype, const Segment& seg) {
+    auto it = std::find_if(groups.begin(), groups.end(), [&](const auto& gr) {
+      return gr.first == dtype;
+    });
+    if (it == groups.end()) {
+      groups.push_back({dtype, {seg}});
+    } else {
+      it->second.push_back(seg);
+    }
+  };
+  // Tensors that cannot be walked flat are updated in a dense working copy
+  // (in the same launch as the others) and written back through their own
+  // strides afterwards, on the same stream, so nothing is left stale.
+  struct WriteBack {
+    at::Tensor dst, src;
+  };
+  std::vector<WriteBack> write_back;
+  // Working copies stay referenced until their launch is enqueued: freed
+  // earlier, their memory could go to the next working copy first.
+  std::vector<at::Tensor> keep_alive;
+  for (size_t i = 0; i < params.size(); ++i) {
+    const at::Tensor& p = params[i];
+    const at::Tensor* buf = with_buf ? &bufs[i] : nullptr;
+    if (p.numel() == 0) {
+      continue;
+    }
+    if (same_dense_layout(p, grads[i], buf)) {
+      add(p.scalar_type(),
+          Segment{p.data_ptr(), grads[i].const_data_ptr(), buf ? buf->data_ptr() : nullptr, p.numel()});
+      continue;
+    }
+    at::Tensor pw = p.is_contiguous() ? p : p.contiguous();
+    at::Tensor gw = grads[i].contiguous();
+    at::Tensor bw;
+    if (with_buf) {
+      bw = buf->is_contiguous() ? *buf : buf->contiguous();
+    }
+    add(p.scalar_type(),
+        Segment{pw.data_ptr(), gw.const_data_ptr(), with_buf ? bw.data_ptr() : nullptr, pw.numel()});
+    if (!pw.is_same(p)) {
+      write_back.push_back({p, pw});
+    }
+    if (with_buf && !bw.is_same(*buf)) {
+      write_back.push_back({*buf, bw});
+    }
+    keep_alive.push_back(std::move(gw));
+  }
+  for (const auto& [dtype, segs] : groups) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, dtype, "torchiter.sgd_step_", [&] {
+          launch_segments<scalar_t>(segs, opt, lr_ptr, stream);
+        });
+  }
+  for (const WriteBack& wb : write_back) {
+    // Tensor::copy_ is a const member: it writes through the caller's strides.
+    wb.dst.copy_(wb.src);
+  }
+}
+
+void sgd_step_cuda(
+    at::TensorList params, at::TensorList grads, at::TensorList bufs,
+    double lr, double momentum, double dampening, double weight_decay,
+    bool nesterov, bool maximize, bool first_step, double shrink,
+    std::optional<double> min, std::optional<double> max) {
+  const SgdOptions opt{lr, momentum, dampening, weight_decay, nesterov,
+                       maximize, first_step, shrink, min, max};
+  check_sgd_step(params, grads, bufs, opt);
+  sgd_step_cuda_impl(params, grads, bufs, opt, nullptr);
+}
+
+void sgd_step_tensor_lr_cuda(
+    at::TensorList params, at::TensorList grads, at::TensorList bufs,
+    const at::Tensor& lr, double momentum, double dampening,
+    double weight_decay, bool nesterov, bool maximize, bool first_step,
+    double shrink, std::optional<double> min, std::optional<double> max) {
+  // The value of lr stays on the device (reading it would synchronise the
+  // stream and break graph capture), so only its shape, dtype and device are
+  // checked; 0 stands in for it in the option checks.
+  check_sgd_lr_tensor(params, lr, /*check_value=*/false);
+  const SgdOptions opt{0., momentum, dampening, weight_decay, nesterov,
+                       maximize, first_step, shrink, min, max};
+  check_sgd_step(params, grads, bufs, opt);
+  sgd_step_cuda_impl(params, grads, bufs, opt, &lr);
+}
+
+} // namespace
+
+TORCH_LIBRARY_IMPL(torchiter, CUDA, m) {
+  m.impl("sgd_step_", &sgd_step_cuda);
+  m.impl("sgd_step_.tensor_lr", &sgd_step_tensor_lr_cuda);
+}
+
+} // namespace torchiter
