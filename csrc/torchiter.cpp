@@ -78,3 +78,11 @@ TORCH_LIBRARY_IMPL(torchiter, ADInplaceOrView, m) {
   m.impl("sgd_step_", torch::CppFunction::makeFromBoxedFunction<&sgd_step_bump_versions>());
   m.impl("sgd_step_.tensor_lr", torch::CppFunction::makeFromBoxedFunction<&sgd_step_bump_versions>());
 }
+
+// The step is not differentiable and returns nothing; without this the
+// dispatcher's generic autograd fallback inspects every argument on each
+// call (a few microseconds of a small step).
+TORCH_LIBRARY_IMPL(torchiter, Autograd, m) {
+  m.impl("sgd_step_", torch::CppFunction::makeFallthrough());
+  m.impl("sgd_step_.tensor_lr", torch::CppFunction::makeFallthrough());
+}

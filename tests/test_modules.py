@@ -129,14 +129,14 @@ class Spy:
         monkeypatch.setattr(torch.ops.torchiter, "sgd_step_", self)
 
     def _counting(self, fn: Callable) -> Callable:
-        def call(*args: Any) -> None:
+        def call(*args: Any, **kwargs: Any) -> None:
             self.calls += 1
-            fn(*args)
+            fn(*args, **kwargs)
 
         return call
 
-    def __call__(self, *args: Any) -> None:
-        self._packet(*args)
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        self._packet(*args, **kwargs)
 
 
 class PlainSGD(torch.optim.SGD):

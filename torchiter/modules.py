@@ -22,6 +22,30 @@ __all__ = ["IterationModule", "IterationLossModule"]
 _HOOK_KINDS = ("pre", "iteration", "post")
 
 
+_ENGINE = torch.autograd.Variable._execution_engine
+# Seed gradients d(loss)/d(loss) = 1, one per (dtype, device), made once.
+_ONES: Dict[Any, torch.Tensor] = {}
+
+
+def _backward(loss: torch.Tensor) -> None:
+    """``loss.backward()`` for a scalar loss, without its Python wrapper.
+
+    ``Tensor.backward`` spends about 5 µs in Python (argument handling, a new
+    seed gradient) before it reaches the autograd engine, a tenth of a small
+    iteration; the engine is called directly with a cached seed. Anything
+    unusual (a tensor subclass, a non-scalar or graph-less loss) takes
+    ``loss.backward()`` itself, with its checks and error messages.
+    """
+    if type(loss) is torch.Tensor and loss.grad_fn is not None and loss.dim() == 0:
+        key = (loss.dtype, loss.device)
+        one = _ONES.get(key)
+        if one is None:
+            one = _ONES[key] = torch.ones((), dtype=loss.dtype, device=loss.device)
+        _ENGINE.run_backward((loss,), (one,), False, False, (), allow_unreachable=True, accumulate_grad=True)
+    else:
+        loss.backward()
+
+
 class _DefaultLr(float):
     """1.0, told apart by identity from a learning rate the caller passed."""
 
@@ -287,7 +311,7 @@ class IterationLossModule(IterationModule):
         """
         value = self.__dict__["_last_iteration_loss"]
         if isinstance(value, torch.Tensor):
-            value = value.item()
+            value = value.detach().item()
             self.__dict__["_last_iteration_loss"] = value
         return value
 
@@ -344,15 +368,20 @@ class IterationLossModule(IterationModule):
         else:
             optimizer.zero_grad()
         loss = self.iteration_loss(*args, **kwargs)
-        loss.backward()
-        self.__dict__["_last_iteration_loss"] = loss.detach()
+        _backward(loss)
+        # Kept as is (its graph is already freed by backward): detaching
+        # costs more than a microsecond per iteration; reading it converts.
+        self.__dict__["_last_iteration_loss"] = loss
 
     def iteration(self, *args: Any, **kwargs: Any) -> None:
         """Runs one iteration: gradients, optimizer step, scheduler step, projection."""
         self.iteration_set_gradients(*args, **kwargs)
-        optimizer = self.iteration_optimizer
-        projection = self.iteration_projection
-        fast = self._it_fast
+        attrs = self.__dict__
+        optimizer = attrs["iteration_optimizer"]
+        # A module projection (nn.ReLU()) lives in _modules: reading it there
+        # skips nn.Module.__getattr__'s search, once per iteration.
+        projection = attrs["iteration_projection"] if "iteration_projection" in attrs else attrs["_modules"]["iteration_projection"]
+        fast = attrs["_it_fast"]
         if not (
             fast is not None
             and fast[0] is optimizer

@@ -8,7 +8,7 @@ so a loop may switch between the fused and the generic step at any time.
 uses it.
 """
 
-from typing import Any, Callable, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch.optim import optimizer as _optimizer_module
@@ -19,6 +19,19 @@ __all__ = ["SGD", "fused_sgd_step"]
 
 _NO_PROJECTION: ProjectionArgs = (0.0, None, None)
 _Number = (int, float)
+
+
+_KWARGS_CACHE: Dict[ProjectionArgs, Dict[str, float]] = {}
+
+
+def _projection_kwargs(args: ProjectionArgs) -> Dict[str, float]:
+    """The op's keyword arguments for a projection (non-defaults only), cached."""
+    kw = _KWARGS_CACHE.get(args)
+    if kw is None:
+        shrink, lo, hi = args
+        kw = {k: v for k, v in (("shrink", shrink), ("min", lo), ("max", hi)) if v not in (None, 0.0) or (k != "shrink" and v is not None)}
+        _KWARGS_CACHE[args] = kw
+    return kw
 
 
 def _step_hooks_present(optimizer: torch.optim.Optimizer) -> bool:
@@ -68,6 +81,35 @@ def fused_sgd_step(
             return False
     if _step_hooks_present(optimizer):
         return False
+    groups = optimizer.param_groups
+    if len(groups) == 1:
+        # The common case (one group of float options, no momentum), with the
+        # least Python per iteration: it runs once per inner iteration.
+        group = groups[0]
+        lr = group["lr"]
+        weight_decay = group["weight_decay"]
+        if (
+            group["momentum"] == 0
+            and type(lr) is float
+            and type(weight_decay) in _Number
+            and not group.get("differentiable", False)
+        ):
+            params = group["params"]
+            grads = [p.grad for p in params]
+            # Not `None in grads`: that compares tensors with ==.
+            if all(g is not None for g in grads):
+                # Only options that differ from the schema's defaults are
+                # passed: the binding parses each argument (~0.1 us apiece).
+                kw = _projection_kwargs(projection_args)
+                if weight_decay != 0 or group["maximize"]:
+                    kw = dict(kw, weight_decay=weight_decay, maximize=group["maximize"])
+                try:
+                    torch.ops.torchiter.sgd_step_.default(params, grads, [], lr, **kw)
+                except RuntimeError:
+                    # Checked before anything is written: the generic step may run.
+                    return False
+                optimizer._opt_called = True  # type: ignore[attr-defined]
+                return True
     state = optimizer.state
     calls: List[Tuple[Any, ...]] = []
     new_buffers: List[Tuple[torch.Tensor, torch.Tensor]] = []
