@@ -2,8 +2,9 @@
 
 CUDA sources (``csrc/ops/cuda/*.cu``) are compiled when a CUDA toolkit is found
 and torch can use it, or when ``FORCE_CUDA=1``; ``FORCE_ONLY_CPU=1`` (or
-``TORCHITER_NO_CUDA=1``) opts out. CPU kernels are built for AVX2+FMA when the
-build machine has them (``TORCHITER_CPU_BASELINE=1`` builds for plain x86-64).
+``TORCHITER_NO_CUDA=1``) opts out. CPU kernels are built for the widest vector
+instruction set of the build machine (AVX-512, else AVX2+FMA, else plain
+x86-64); ``TORCHITER_CPU_ISA=avx512|avx2|baseline`` chooses it.
 Build against the installed torch: ``pip install --no-build-isolation .``
 """
 
@@ -21,15 +22,41 @@ def _flag(name: str) -> bool:
     return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
 
 
-def _cpu_has_avx2_fma() -> bool:
+# at::vec specialisations by instruction set, as ATen builds its own kernels:
+# each defines CPU_CAPABILITY, which puts at::vec in a namespace of its own.
+_ISA_FLAGS = {
+    "avx512": (["avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"],
+               ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+                "-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"]),
+    "avx2": (["avx2", "fma"],
+             ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]),
+    "baseline": ([], []),
+}
+
+
+def _cpu_isa() -> str:
+    """The widest instruction set of the build machine that the kernels use.
+
+    TORCHITER_CPU_ISA=avx512|avx2|baseline overrides it (baseline also via
+    TORCHITER_CPU_BASELINE=1), e.g. to build for other machines.
+    """
+    forced = os.environ.get("TORCHITER_CPU_ISA") or ("baseline" if _flag("TORCHITER_CPU_BASELINE") else "")
+    if forced:
+        if forced not in _ISA_FLAGS:
+            raise SystemExit(f"TORCHITER_CPU_ISA must be one of {sorted(_ISA_FLAGS)}, got {forced!r}")
+        return forced
     if platform.machine() not in ("x86_64", "AMD64"):
-        return False
+        return "baseline"
     try:
         with open("/proc/cpuinfo") as f:
-            flags = f.read()
+            line = next((l for l in f if l.startswith("flags")), "")
     except OSError:
-        return False
-    return " avx2" in flags and " fma" in flags
+        return "baseline"
+    have = set(line.split(":", 1)[-1].split())
+    for isa in ("avx512", "avx2"):
+        if set(_ISA_FLAGS[isa][0]) <= have:
+            return isa
+    return "baseline"
 
 
 def _use_cuda() -> bool:
@@ -74,12 +101,8 @@ def extensions():
     # -ffp-contract=off: FMAs appear only where the kernels ask for them, so the
     # vector body and the partial-load tails round identically.
     cxx = ["-O3", "-std=c++20", "-ffp-contract=off", "-fvisibility=hidden"]
-    vec = "baseline"
-    if not _flag("TORCHITER_CPU_BASELINE") and _cpu_has_avx2_fma():
-        # ATen's own AVX2 kernels are built the same way: this selects the
-        # at::vec AVX2 specialisations in a namespace of their own.
-        cxx += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
-        vec = "AVX2+FMA"
+    vec = _cpu_isa()
+    cxx += _ISA_FLAGS[vec][1]
     macros = []
     ext_cls = cpp_extension.CppExtension
     extra = {"cxx": cxx}
