@@ -12,7 +12,8 @@ import os
 import pytest
 import torch
 
-import torchiter  # noqa: F401  (registers the ops)
+import torchiter
+from _util import DTYPES, TOL, bits as _bits, cpu_has_vector_fma
 from torchiter.reference import quadratic_descent_reference, sgd_step_reference
 
 _ON = os.environ.get("TORCHITER_CUDA_TESTS_ON", "cuda")
@@ -23,33 +24,13 @@ IS_CUDA = DEV.type == "cuda" and HAS_DEVICE
 pytestmark = pytest.mark.skipif(not HAS_DEVICE, reason="CUDA is not available")
 cuda_only = pytest.mark.skipif(not IS_CUDA, reason="needs a CUDA device")
 
-SGD = torch.ops.torchiter.sgd_step_
+# The wrapper binds a tensor lr to the Tensor-lr overload (the raw op, in eager
+# Python, would read a 0-dim tensor as a float).
+SGD = torchiter.ops.sgd_step_
 QD = torch.ops.torchiter.quadratic_descent
 
-DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 # Around every vector width (2/4/8 lanes), chunk sizes (4096..65536) and odd tails.
 SIZES = [1, 2, 3, 7, 8, 9, 15, 17, 33, 127, 1000, 4095, 4097, 65537]
-TOL = {
-    torch.float64: dict(rtol=1e-12, atol=1e-12),
-    torch.float32: dict(rtol=2e-6, atol=2e-6),
-    torch.float16: dict(rtol=2e-3, atol=2e-3),
-    torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2),
-}
-
-
-def _bits(t):
-    """A bitwise snapshot (NaN-safe equality)."""
-    t = t.detach().cpu().clone(memory_format=torch.contiguous_format)
-    return t.view(torch.uint8) if t.numel() else t
-
-
-def _cpu_has_avx2_fma():
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return " avx2" in flags and " fma" in flags
 
 
 def _rand(shape, dtype, device=DEV):
@@ -170,7 +151,7 @@ def test_sgd_step_non_contiguous(dtype):
     assert torch.equal(_bits(base[:, 1::2]), _bits(neigh))
 
 
-@pytest.mark.skipif(not _cpu_has_avx2_fma(), reason="bitwise CPU agreement needs the AVX2+FMA CPU kernels")
+@pytest.mark.skipif(not cpu_has_vector_fma(), reason="bitwise CPU agreement needs the vector-FMA CPU kernels")
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_sgd_step_bitwise_equals_cpu_kernel(dtype):
     """Same per-element formula and FMA order as the CPU kernel: equal bits."""
@@ -499,7 +480,7 @@ def test_quadratic_descent_errors():
             _qd(y0, A.cpu(), b, 0.1, 3)
 
 
-@pytest.mark.skipif(not _cpu_has_avx2_fma(), reason="bitwise CPU agreement needs the AVX2+FMA CPU kernels")
+@pytest.mark.skipif(not cpu_has_vector_fma(), reason="bitwise CPU agreement needs the vector-FMA CPU kernels")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("tol", [0.0, 1e-6])
 def test_quadratic_descent_bitwise_equals_cpu_kernel(dtype, tol):

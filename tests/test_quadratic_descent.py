@@ -4,14 +4,10 @@ import pytest
 import torch
 
 import torchiter
+from _util import JIT_WARNINGS, bits
 from torchiter.reference import quadratic_descent_reference
 
 OP = torch.ops.torchiter.quadratic_descent
-JIT_WARNINGS = [
-    "ignore:`torch.jit.script` is deprecated:DeprecationWarning",
-    "ignore:`torch.jit.save` is deprecated:DeprecationWarning",
-    "ignore:`torch.jit.load` is deprecated:DeprecationWarning",
-]
 
 # (B, C) and (B, C, *spatial), with channel counts on both sides of the 4-row
 # block and position counts around the vector widths and tile widths.
@@ -40,15 +36,11 @@ def problem(shape, dtype=torch.float64, device="cpu"):
     return y0, spd(C, dtype, device), b
 
 
-def _bits(t):
-    return t.detach().cpu().clone().contiguous().view(torch.uint8)
-
-
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("proj", PROJECTIONS, ids=str)
 def test_matches_per_iteration_loop_float64(device, shape, proj):
     y0, A, b = problem(shape, device=device)
-    snap = _bits(y0)
+    snap = bits(y0)
     y, n = OP(y0, A, b, 0.4, 30, **PROJECTIONS[proj])
     yr, nr = quadratic_descent_reference(y0, A, b, 0.4, 30, **PROJECTIONS[proj])
     assert n.dtype == torch.int64 and n.dim() == 0 and n.device == y0.device
@@ -56,7 +48,7 @@ def test_matches_per_iteration_loop_float64(device, shape, proj):
     assert y.shape == y0.shape and y.dtype == y0.dtype and y.is_contiguous()
     assert not torch.isnan(y).any()
     torch.testing.assert_close(y, yr, rtol=1e-12, atol=1e-12)
-    assert torch.equal(_bits(y0), snap), "y0 was modified"
+    assert torch.equal(bits(y0), snap), "y0 was modified"
 
 
 @pytest.mark.parametrize("shape", [(1000, 3), (3, 50, 23, 23), (5, 70), (20, 140)], ids=str)

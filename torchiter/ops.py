@@ -62,13 +62,21 @@ def sgd_step_(
         RuntimeError: on bad input, naming the argument; raised before any
             tensor is written.
     """
-    # Two calls, so that TorchScript (which refines lr's Union type per branch)
-    # binds a tensor lr to the Tensor overload instead of converting it.
+    # A tensor lr must reach the Tensor overload, never be read as a float (a
+    # host synchronisation on CUDA). TorchScript refines lr's Union type per
+    # branch and matches the overload by type; eager Python tries overloads in
+    # order (float first), so it names the overload.
     if isinstance(lr, torch.Tensor):
-        torch.ops.torchiter.sgd_step_(
-            params, grads, momentum_buffers, lr, momentum, dampening, weight_decay,
-            nesterov, maximize, first_step, shrink, min, max,
-        )
+        if torch.jit.is_scripting():
+            torch.ops.torchiter.sgd_step_(
+                params, grads, momentum_buffers, lr, momentum, dampening, weight_decay,
+                nesterov, maximize, first_step, shrink, min, max,
+            )
+        else:
+            torch.ops.torchiter.sgd_step_.tensor_lr(
+                params, grads, momentum_buffers, lr, momentum, dampening, weight_decay,
+                nesterov, maximize, first_step, shrink, min, max,
+            )
     else:
         torch.ops.torchiter.sgd_step_(
             params, grads, momentum_buffers, lr, momentum, dampening, weight_decay,

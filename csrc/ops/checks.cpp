@@ -242,6 +242,19 @@ std::vector<double> host_learning_rates(
   return out;
 }
 
+bool same_dense_layout(
+    const at::Tensor& p,
+    const at::Tensor& g,
+    const at::Tensor* buf) {
+  if (!p.is_non_overlapping_and_dense()) {
+    return false;
+  }
+  if (p.is_contiguous() && g.is_contiguous() && (!buf || buf->is_contiguous())) {
+    return true;
+  }
+  return g.strides() == p.strides() && (!buf || buf->strides() == p.strides());
+}
+
 BCS bcs_sizes(const at::Tensor& y) {
   int64_t S = 1;
   for (int64_t d = 2; d < y.dim(); ++d) {

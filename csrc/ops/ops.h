@@ -41,6 +41,14 @@ void check_sgd_lr_tensor(
     const at::Tensor& lr,
     bool check_value);
 
+// True when p, g (and buf, if given) cover dense memory in the same element
+// order, so a kernel may walk them as flat arrays; otherwise kernels work on a
+// dense copy and write it back through the param's strides.
+bool same_dense_layout(
+    const at::Tensor& p,
+    const at::Tensor& g,
+    const at::Tensor* buf);
+
 // Arguments of torchiter.quadratic_descent after validation.
 struct QuadraticDescentArgs {
   double lr = 0.;

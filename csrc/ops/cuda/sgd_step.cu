@@ -203,18 +203,6 @@ void launch_segments(
   flush();
 }
 
-// True when p, g (and buf) cover dense memory in the same element order, so
-// the kernel may walk them as flat arrays (as the CPU kernel decides).
-bool same_dense_layout(const at::Tensor& p, const at::Tensor& g, const at::Tensor* buf) {
-  if (!p.is_non_overlapping_and_dense()) {
-    return false;
-  }
-  if (p.is_contiguous() && g.is_contiguous() && (!buf || buf->is_contiguous())) {
-    return true;
-  }
-  return g.strides() == p.strides() && (!buf || buf->strides() == p.strides());
-}
-
 void sgd_step_cuda_impl(
     at::TensorList params,
     at::TensorList grads,

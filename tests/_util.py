@@ -1,0 +1,34 @@
+"""Helpers shared by the op tests (CPU and CUDA)."""
+
+import torch
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+# Tolerances against a float64 reference. Half types compute in float32 and
+# round once, so the result differs by at most one rounding of the output.
+TOL = {
+    torch.float64: dict(rtol=1e-12, atol=1e-12),
+    torch.float32: dict(rtol=2e-6, atol=2e-6),
+    torch.float16: dict(rtol=2e-3, atol=2e-3),
+    torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2),
+}
+JIT_WARNINGS = [
+    "ignore:`torch.jit.script` is deprecated:DeprecationWarning",
+    "ignore:`torch.jit.save` is deprecated:DeprecationWarning",
+    "ignore:`torch.jit.load` is deprecated:DeprecationWarning",
+]
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """A bitwise snapshot on the CPU (NaN-safe equality with torch.equal)."""
+    t = t.detach().cpu().clone(memory_format=torch.contiguous_format)
+    return t.view(torch.uint8) if t.numel() else t
+
+
+def cpu_has_vector_fma() -> bool:
+    """Whether the CPU kernels were built with FMA vectors (AVX2 or AVX-512)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return " fma" in flags and (" avx2" in flags or " avx512f" in flags)
