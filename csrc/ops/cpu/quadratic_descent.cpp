@@ -204,13 +204,27 @@ std::tuple<at::Tensor, at::Tensor> run(
   L.P = L.permuted ? B * S : S;
   L.Ppad = (L.P + W - 1) / W * W;
 
+  // Copies into and out of the panels are plain loops: for the small
+  // problems this op is for, ATen's reshape/permute/copy chain would cost
+  // more than the whole loop.
   auto to_panels = [&](const at::Tensor& t) {
-    at::Tensor out = at::zeros({L.G, C, L.Ppad}, t.options().memory_format(at::MemoryFormat::Contiguous));
-    at::Tensor src = t.reshape({B, C, S});
-    if (L.permuted) {
-      src = src.permute({1, 0, 2}).reshape({1, C, B * S});
+    const at::Tensor src_t = t.contiguous();
+    const T* src = src_t.const_data_ptr<T>();
+    at::Tensor out = at::empty({L.G, C, L.Ppad}, t.options().memory_format(at::MemoryFormat::Contiguous));
+    T* dst = out.data_ptr<T>();
+    for (int64_t g = 0; g < L.G; ++g) {
+      for (int64_t c = 0; c < C; ++c) {
+        T* row = dst + (g * C + c) * L.Ppad;
+        if (L.permuted) {
+          for (int64_t bb = 0; bb < B; ++bb) {
+            std::copy_n(src + (bb * C + c) * S, S, row + bb * S);
+          }
+        } else {
+          std::copy_n(src + (g * C + c) * S, S, row);
+        }
+        std::fill(row + L.P, row + L.Ppad, T(0));
+      }
     }
-    out.narrow(2, 0, L.P).copy_(src);
     return out;
   };
   at::Tensor Y = to_panels(y0);
@@ -320,11 +334,23 @@ std::tuple<at::Tensor, at::Tensor> run(
   }
 
   // Back from padded panels to the caller's (B, C, *spatial) shape.
-  at::Tensor out = Y.narrow(2, 0, L.P);
-  if (L.permuted) {
-    out = out.reshape({C, B, S}).permute({1, 0, 2});
+  at::Tensor out = at::empty(y0.sizes(), y0.options().memory_format(at::MemoryFormat::Contiguous));
+  {
+    const T* src = Y.const_data_ptr<T>();
+    T* dst = out.data_ptr<T>();
+    for (int64_t g = 0; g < L.G; ++g) {
+      for (int64_t c = 0; c < C; ++c) {
+        const T* row = src + (g * C + c) * L.Ppad;
+        if (L.permuted) {
+          for (int64_t bb = 0; bb < B; ++bb) {
+            std::copy_n(row + bb * S, S, dst + (bb * C + c) * S);
+          }
+        } else {
+          std::copy_n(row, S, dst + (g * C + c) * S);
+        }
+      }
+    }
   }
-  out = out.contiguous().reshape(y0.sizes());
   return {out, at::scalar_tensor(iterations, y0.options().dtype(at::kLong))};
 }
 
