@@ -39,14 +39,16 @@ struct Panel {
   const VecProjection<T>* project;
 };
 
-// Updates rows [i, i + R) of the NV * W positions at column s and folds
-// |new - old| over the first `valid` of them into dmax. R x NV accumulators
-// share each broadcast of A and each load of y (a register-blocked GEMM).
-template <typename T, int R, int NV>
-inline void rows_step(
+// Updates rows [i, i + R) of the NV * W positions at column s. With DELTA,
+// returns max |new - old| over the first `valid` of those positions (NaN if
+// any is NaN). R x NV accumulators share each broadcast of A and each load of
+// y (a register-blocked GEMM). Deltas are returned by value, not folded
+// through a pointer: the stores to yn could alias it, which would serialise
+// the maxima through memory.
+template <typename T, int R, int NV, bool DELTA>
+inline Vectorized<T> rows_step(
     const Panel<T>& pn, int64_t i, const T* y, const T* b, T* yn,
-    int64_t ld, int64_t s, const Vectorized<T>& neg_lr, int64_t valid,
-    Vectorized<T>* dmax) {
+    int64_t ld, int64_t s, const Vectorized<T>& neg_lr, int64_t valid) {
   using Vec = Vectorized<T>;
   constexpr int64_t W = Vec::size();
   const int64_t C = pn.C;
@@ -69,6 +71,7 @@ inline void rows_step(
       }
     }
   }
+  Vec dmax(static_cast<T>(0));
   for (int r = 0; r < R; ++r) {
     for (int v = 0; v < NV; ++v) {
       const int64_t off = (i + r) * ld + s + v * W;
@@ -76,51 +79,64 @@ inline void rows_step(
       const Vec grad = acc[r][v] - Vec::loadu(b + off);
       const Vec nv = (*pn.project)(at::vec::fmadd(grad, neg_lr, old));
       nv.store(yn + off);
-      if (dmax) {
+      if constexpr (DELTA) {
         Vec d = (nv - old).abs();
         const int64_t lanes = valid - v * W;
         if (lanes < W) {
           d = lanes > 0 ? Vec::set(Vec(static_cast<T>(0)), d, lanes) : Vec(static_cast<T>(0));
         }
-        *dmax = at::vec::maximum(*dmax, d);
+        dmax = at::vec::maximum(dmax, d);
       }
     }
   }
+  return dmax;
 }
 
-template <typename T, int NV>
-inline void column_step(
+template <typename T, int NV, bool DELTA>
+inline Vectorized<T> column_step(
     const Panel<T>& pn, const T* y, const T* b, T* yn, int64_t ld, int64_t s,
-    const Vectorized<T>& neg_lr, int64_t valid, Vectorized<T>* dmax) {
+    const Vectorized<T>& neg_lr, int64_t valid) {
+  Vectorized<T> dmax(static_cast<T>(0));
   int64_t i = 0;
   for (; i + 4 <= pn.C; i += 4) {
-    rows_step<T, 4, NV>(pn, i, y, b, yn, ld, s, neg_lr, valid, dmax);
+    dmax = at::vec::maximum(dmax, rows_step<T, 4, NV, DELTA>(pn, i, y, b, yn, ld, s, neg_lr, valid));
   }
+  Vectorized<T> tail(static_cast<T>(0));
   switch (pn.C - i) {
-    case 3: rows_step<T, 3, NV>(pn, i, y, b, yn, ld, s, neg_lr, valid, dmax); break;
-    case 2: rows_step<T, 2, NV>(pn, i, y, b, yn, ld, s, neg_lr, valid, dmax); break;
-    case 1: rows_step<T, 1, NV>(pn, i, y, b, yn, ld, s, neg_lr, valid, dmax); break;
+    case 3: tail = rows_step<T, 3, NV, DELTA>(pn, i, y, b, yn, ld, s, neg_lr, valid); break;
+    case 2: tail = rows_step<T, 2, NV, DELTA>(pn, i, y, b, yn, ld, s, neg_lr, valid); break;
+    case 1: tail = rows_step<T, 1, NV, DELTA>(pn, i, y, b, yn, ld, s, neg_lr, valid); break;
     default: break;
   }
+  return DELTA ? at::vec::maximum(dmax, tail) : dmax;
 }
 
 // One iteration over columns [0, n) of a panel (n a multiple of the width;
 // lanes at or past `valid` are padding, excluded from the delta). Every lane
 // sees the same sequence of operations whichever block it falls in, so the
-// blocking does not change results.
-template <typename T>
-inline void panel_step(
+// blocking does not change results. Returns the lane-wise max |delta| (zeros
+// without DELTA).
+template <typename T, bool DELTA>
+inline Vectorized<T> panel_step(
     const Panel<T>& pn, const T* y, const T* b, T* yn, int64_t ld, int64_t n,
-    int64_t valid, T lr, Vectorized<T>* dmax) {
+    int64_t valid, T lr) {
   constexpr int64_t W = Vectorized<T>::size();
   const Vectorized<T> neg_lr(-lr);
+  Vectorized<T> dmax(static_cast<T>(0));
   int64_t s = 0;
   for (; s + 2 * W <= n; s += 2 * W) {
-    column_step<T, 2>(pn, y, b, yn, ld, s, neg_lr, valid - s, dmax);
+    const auto d = column_step<T, 2, DELTA>(pn, y, b, yn, ld, s, neg_lr, valid - s);
+    if constexpr (DELTA) {
+      dmax = at::vec::maximum(dmax, d);
+    }
   }
   for (; s < n; s += W) {
-    column_step<T, 1>(pn, y, b, yn, ld, s, neg_lr, valid - s, dmax);
+    const auto d = column_step<T, 1, DELTA>(pn, y, b, yn, ld, s, neg_lr, valid - s);
+    if constexpr (DELTA) {
+      dmax = at::vec::maximum(dmax, d);
+    }
   }
+  return dmax;
 }
 
 // The GEMM path's second half: given G = A·y for columns [0, n) of a panel,
@@ -216,8 +232,11 @@ std::tuple<at::Tensor, at::Tensor> run(
       for (int64_t c = 0; c < C; ++c) {
         T* row = dst + (g * C + c) * L.Ppad;
         if (L.permuted) {
+          // Element loops, not copy_n: S is often 1 (a transpose).
           for (int64_t bb = 0; bb < B; ++bb) {
-            std::copy_n(src + (bb * C + c) * S, S, row + bb * S);
+            for (int64_t s = 0; s < S; ++s) {
+              row[bb * S + s] = src[(bb * C + c) * S + s];
+            }
           }
         } else {
           std::copy_n(src + (g * C + c) * S, S, row);
@@ -275,8 +294,8 @@ std::tuple<at::Tensor, at::Tensor> run(
         T* src = cur;
         T* dst = nxt;
         for (int64_t k = 0; k < K; ++k) {
-          panel_step<T>(pn, src, bl, dst, T_w, n, valid,
-                        static_cast<T>(lrs[static_cast<size_t>(k)]), nullptr);
+          panel_step<T, false>(pn, src, bl, dst, T_w, n, valid,
+                               static_cast<T>(lrs[static_cast<size_t>(k)]));
           std::swap(src, dst);
         }
         for (int64_t c = 0; c < C; ++c) {
@@ -307,11 +326,12 @@ std::tuple<at::Tensor, at::Tensor> run(
           int64_t off, n, valid;
           tile_bounds(t, off, n, valid);
           Vectorized<T> dmax(static_cast<T>(0));
-          Vectorized<T>* d = check ? &dmax : nullptr;
           if (gemm) {
-            panel_update<T>(proj, C, g + off, src + off, b + off, dst + off, L.Ppad, n, valid, lr, d);
+            panel_update<T>(proj, C, g + off, src + off, b + off, dst + off, L.Ppad, n, valid, lr, check ? &dmax : nullptr);
+          } else if (check) {
+            dmax = panel_step<T, true>(pn, src + off, b + off, dst + off, L.Ppad, n, valid, lr);
           } else {
-            panel_step<T>(pn, src + off, b + off, dst + off, L.Ppad, n, valid, lr, d);
+            panel_step<T, false>(pn, src + off, b + off, dst + off, L.Ppad, n, valid, lr);
           }
           tile_max[static_cast<size_t>(t)] = lane_max(dmax);
         }
@@ -343,7 +363,9 @@ std::tuple<at::Tensor, at::Tensor> run(
         const T* row = src + (g * C + c) * L.Ppad;
         if (L.permuted) {
           for (int64_t bb = 0; bb < B; ++bb) {
-            std::copy_n(row + bb * S, S, dst + (bb * C + c) * S);
+            for (int64_t s = 0; s < S; ++s) {
+              dst[(bb * C + c) * S + s] = row[bb * S + s];
+            }
           }
         } else {
           std::copy_n(row, S, dst + (g * C + c) * S);
