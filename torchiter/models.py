@@ -88,34 +88,26 @@ class _QuadraticLoopModule(IterationLossModule):
             and not issubclass(sched, torch.optim.lr_scheduler.ReduceLROnPlateau)
         )
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """Runs the inner loop; returns what ``post_iteration()`` returns.
+    def _run_iterations(self, *args: Any, **kwargs: Any) -> None:
+        """The whole loop as one ``quadratic_descent`` call when possible."""
+        fused = self._fused_loop_args() if self._loop_is_stock() else None
+        if fused is None:
+            super()._run_iterations(*args, **kwargs)
+        else:
+            self._run_fused_loop(*fused)
 
-        Follows ``IterationModule.forward`` (hooks, setup, loop, teardown);
-        the loop itself is one ``quadratic_descent`` call when possible.
-        """
-        if not self._loop_is_stock():
-            return super().forward(*args, **kwargs)
-        attrs = self.__dict__
-        attrs["iteration_idx"] = -1
-        self._call_hooks(self.hooks["pre"])
-        try:
-            self.pre_iteration(*args, **kwargs)
-            fused = self._fused_loop_args()
-            if fused is None:
-                for i in range(self.max_iterations):
-                    attrs["iteration_idx"] = i
-                    self.iteration(*args, **kwargs)
-                    if self.converged(*args, **kwargs):
-                        break
-            else:
-                self._run_fused_loop(*fused)
-            retval = self.post_iteration(*args, **kwargs)
-        except BaseException:
-            self._abort_iteration()
-            raise
-        self._call_hooks(self.hooks["post"])
-        return retval
+    def converged(self, *args: Any, **kwargs: Any) -> bool:
+        """``max |y_k − y_{k−1}| < tol`` of the state from the second iteration on (needs ``tol > 0``)."""
+        if self.tol <= 0:
+            return False
+        y = self._state().detach()
+        last = self._last_state
+        if last is None:
+            self._last_state = y.clone()
+            return False
+        done = bool((y - last).abs().max() < self.tol)
+        last.copy_(y)
+        return done
 
     def _fused_loop_args(self) -> Optional[Tuple[Any, ...]]:
         """``quadratic_descent`` arguments for this forward, or None."""
@@ -223,7 +215,7 @@ class MultiSimilarityMatching(_QuadraticLoopModule):
 
         self.y = torch.tensor([])
         self._Wx_sum: Optional[torch.Tensor] = None
-        self._last_y: Optional[torch.Tensor] = None
+        self._last_state: Optional[torch.Tensor] = None
 
     def _hook_competitor(self) -> None:
         weight = self.competitor.weight
@@ -259,7 +251,7 @@ class MultiSimilarityMatching(_QuadraticLoopModule):
         attrs = self.__dict__
         with torch.no_grad():
             Wx_sum = attrs["_Wx_sum"] = self._sum(self._encode(*xs)).detach()
-        attrs["_last_y"] = None
+        attrs["_last_state"] = None
         attrs["y"] = torch.zeros_like(Wx_sum)
         super().pre_iteration(*xs)
 
@@ -278,23 +270,11 @@ class MultiSimilarityMatching(_QuadraticLoopModule):
         """``(2·Σ y⊙(M·y) − 4·Σ y⊙Wx) / 4``, whose gradient in ``y`` the loop uses."""
         return self._fit(self.y, self._Wx_sum) / 4
 
-    def converged(self, *xs: Optional[torch.Tensor]) -> bool:
-        """``max |y_k − y_{k−1}| < tol`` from the second iteration on (needs ``tol > 0``)."""
-        if self.tol <= 0:
-            return False
-        y = self.y.detach()
-        done = self._last_y is not None and bool((y - self._last_y).abs().max() < self.tol)
-        if self._last_y is None:
-            self._last_y = y.clone()
-        else:
-            self._last_y.copy_(y)
-        return done
-
     def post_iteration(self, *xs: Optional[torch.Tensor]) -> torch.Tensor:
         """Restores the flags and returns ``y`` detached."""
         super().post_iteration(*xs)
         attrs = self.__dict__
-        attrs["_Wx_sum"] = attrs["_last_y"] = None
+        attrs["_Wx_sum"] = attrs["_last_state"] = None
         return self.y.detach()
 
     def iteration_parameters(self) -> List[torch.Tensor]:
@@ -432,7 +412,7 @@ class SparseCoding(_QuadraticLoopModule):
         self.codes = torch.tensor([])
         self._b: Optional[torch.Tensor] = None
         self._A: Optional[torch.Tensor] = None
-        self._last_a: Optional[torch.Tensor] = None
+        self._last_state: Optional[torch.Tensor] = None
 
     def normalize_dictionary_(self) -> None:
         """Rescales every atom (column of ``D``) to unit norm, in place."""
@@ -449,7 +429,7 @@ class SparseCoding(_QuadraticLoopModule):
             D = self.dictionary.detach()
             attrs["_A"] = D.T @ D
             b = attrs["_b"] = x.detach() @ D
-        attrs["_last_a"] = None
+        attrs["_last_state"] = None
         attrs["codes"] = torch.zeros_like(b)
         super().pre_iteration(x)
 
@@ -472,23 +452,11 @@ class SparseCoding(_QuadraticLoopModule):
         """``½‖x − D·a‖²`` summed over the batch (the smooth part of the objective)."""
         return 0.5 * ((x - self.codes @ self.dictionary.T) ** 2).sum()
 
-    def converged(self, x: torch.Tensor) -> bool:
-        """``max |a_k − a_{k−1}| < tol`` from the second iteration on (needs ``tol > 0``)."""
-        if self.tol <= 0:
-            return False
-        a = self.codes.detach()
-        done = self._last_a is not None and bool((a - self._last_a).abs().max() < self.tol)
-        if self._last_a is None:
-            self._last_a = a.clone()
-        else:
-            self._last_a.copy_(a)
-        return done
-
     def post_iteration(self, x: torch.Tensor) -> torch.Tensor:
         """Restores the flags and returns the codes detached, ``(B, K)``."""
         super().post_iteration(x)
         attrs = self.__dict__
-        attrs["_A"] = attrs["_b"] = attrs["_last_a"] = None
+        attrs["_A"] = attrs["_b"] = attrs["_last_state"] = None
         return self.codes.detach()
 
     def loss(self, x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:

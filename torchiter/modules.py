@@ -149,22 +149,31 @@ class IterationModule(nn.Module):
         self._call_hooks(self.hooks["pre"])
         try:
             self.pre_iteration(*args, **kwargs)
-            iteration = self.iteration
-            iteration_hooks = self.hooks["iteration"]
-            converged = None if type(self).converged is IterationModule.converged else self.converged
-            for i in range(self.max_iterations):
-                attrs["iteration_idx"] = i
-                iteration(*args, **kwargs)
-                if iteration_hooks and self._call_hooks(iteration_hooks, check_output=True):
-                    break
-                if converged is not None and converged(*args, **kwargs):
-                    break
+            self._run_iterations(*args, **kwargs)
             retval = self.post_iteration(*args, **kwargs)
         except BaseException:
             self._abort_iteration()
             raise
         self._call_hooks(self.hooks["post"])
         return retval
+
+    def _run_iterations(self, *args: Any, **kwargs: Any) -> None:
+        """The loop of ``forward``: iteration, hooks, convergence test.
+
+        Subclasses whose whole loop can run in one op (``torchiter.models``)
+        override this, and call it when they cannot.
+        """
+        attrs = self.__dict__
+        iteration = self.iteration
+        iteration_hooks = self.hooks["iteration"]
+        converged = None if type(self).converged is IterationModule.converged else self.converged
+        for i in range(self.max_iterations):
+            attrs["iteration_idx"] = i
+            iteration(*args, **kwargs)
+            if iteration_hooks and self._call_hooks(iteration_hooks, check_output=True):
+                break
+            if converged is not None and converged(*args, **kwargs):
+                break
 
     def _call_hooks(self, hooks: List[Callable], check_output: bool = False) -> bool:
         # A copy, so a hook may remove itself (or others) while running.
