@@ -79,9 +79,10 @@ def test_matches_torch_sgd_large_and_parallel(device, dtype):
     _run_against_sgd(dtype, device, opts, [100_003, 65_537, 5], steps=3)
 
 
-def test_without_projection_equals_torch_sgd_bitwise_float64(device):
-    # Same FMA order as torch.optim.SGD's in-place ops: float64 results agree to
-    # the last bit on CPU (documented property, checked to 1 ulp elsewhere).
+def test_without_projection_matches_torch_sgd_to_one_ulp_float64(device):
+    # Same operation order as torch.optim.SGD's in-place ops. With vector FMA
+    # (AVX2/AVX-512 builds, like torch's kernels) the results are bitwise
+    # equal; a plain x86-64 build rounds the products separately: one ulp.
     params = _tensors([1000, 17], torch.float64, device)
     ref = [p.clone().requires_grad_(True) for p in params]
     opt = torch.optim.SGD(ref, lr=0.05, momentum=0.9, weight_decay=0.01, foreach=False)
@@ -93,7 +94,7 @@ def test_without_projection_equals_torch_sgd_bitwise_float64(device):
         opt.step()
         OP(params, grads, bufs, 0.05, momentum=0.9, weight_decay=0.01, first_step=step == 0)
         for p, r in zip(params, ref):
-            torch.testing.assert_close(p, r.detach(), rtol=0, atol=4e-16)
+            torch.testing.assert_close(p, r.detach(), rtol=2.3e-16, atol=4.5e-16)
 
 
 def test_reference_function_agrees(device):
