@@ -3,17 +3,23 @@
 import torch  # noqa: F401  (loads libtorch before the op library)
 
 from . import _C  # noqa: F401  (registers torch.ops.torchiter.*)
-from . import ops
-from . import optim, projections
+from . import models, ops, optim, projections, reference, scripting
 from .modules import IterationLossModule, IterationModule
+from .optim import SGD
 from .projections import Clamp, Projection, SoftThreshold
 
+__version__ = "0.1.0"
+
 __all__ = [
+    "models",
     "ops",
     "optim",
     "projections",
+    "reference",
+    "scripting",
     "IterationModule",
     "IterationLossModule",
+    "SGD",
     "Projection",
     "Clamp",
     "SoftThreshold",
