@@ -7,8 +7,8 @@ SGD, ReLU projection, 100 iterations per forward) are timed side by side:
   from, reproduced below (``zero_grad()``, loss, ``backward()``,
   ``loss.item()``, ``optimizer.step()``, projection by reassigning ``.data``);
 * ``torchiter generic``: ``torchiter.IterationLossModule`` with the projection
-  given as a user lambda, so the generic path (``optimizer.step()`` plus an
-  in-place projection) runs;
+  given as a user lambda, which the kernel cannot express: the SGD step is
+  fused and the lambda then runs as an in-place projection;
 * ``torchiter fused``: the same with ``nn.ReLU()``, so SGD and the projection
   run as one ``torchiter.sgd_step_`` call;
 * ``autograd floor``: only clearing gradients, the loss and ``backward()``,

@@ -111,9 +111,11 @@ class _QuadraticLoopModule(IterationLossModule):
 
     def _fused_loop_args(self) -> Optional[Tuple[Any, ...]]:
         """``quadratic_descent`` arguments for this forward, or None."""
-        fast = self._it_fast  # the fused-step plan of IterationLossModule
+        # The fused-step plan of IterationLossModule: (optimizer, projection,
+        # kernel projection args, projection the kernel applies or None).
+        fast = self._it_fast
         state = self._state()
-        if fast is None or not _has_kernel(state):
+        if fast is None or (fast[1] is not None and fast[3] is None) or not _has_kernel(state):
             return None
         optimizer = self.iteration_optimizer
         if len(optimizer.param_groups) != 1:

@@ -57,6 +57,7 @@ class _DefaultLr(float):
 
 _DEFAULT_LR = _DefaultLr(1.0)
 _OPTIMIZER_ZERO_GRAD = torch.optim.Optimizer.zero_grad
+_NO_PROJECTION_ARGS = (0.0, None, None)
 _FUSED_SGD_TYPES = (torch.optim.SGD, SGD)
 
 
@@ -306,7 +307,8 @@ class IterationLossModule(IterationModule):
         # (iteration params, module params) whose flags pre_iteration changed
         # and that still need restoring; None when nothing is pending.
         self._it_restore: Any = None
-        # (optimizer, projection, kernel args, projection the kernel applies)
+        # (optimizer, projection, kernel args, projection the kernel applies
+        # or None if the projection runs generically after the fused step)
         # when the fused step applies, else None.
         self._it_fast: Any = None
 
@@ -402,7 +404,7 @@ class IterationLossModule(IterationModule):
         scheduler = self.iteration_scheduler
         if scheduler is not None:
             scheduler.step()
-        if fast is None and projection is not None:
+        if projection is not None and (fast is None or fast[3] is None):
             project_(self.iteration_parameters(), projection)
 
     def pre_iteration(self, *args: Any, **kwargs: Any) -> None:
@@ -507,7 +509,11 @@ class IterationLossModule(IterationModule):
             fused = optimizer.projection
         args = fused_projection_args(fused)
         if args is None:
-            return None
+            # A projection the kernel cannot express (a user's function):
+            # the step is still fused, the projection then runs generically.
+            if fused is not projection:
+                return None
+            args, fused = _NO_PROJECTION_ARGS, None
         # The generic path projects iteration_parameters(); the kernel, the
         # optimizer's params. Fuse only when the two are the same tensors.
         opt_params = [p for group in optimizer.param_groups for p in group["params"]]
