@@ -2,6 +2,8 @@
 // themselves per dispatch key in csrc/ops/{cpu,cuda,meta}/. This file has no
 // Python dependency, so a C++ program that links the op library finds every
 // op through the dispatcher.
+#include "ops/ops.h"
+
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/variable.h>
@@ -33,24 +35,29 @@ TORCH_LIBRARY(torchiter, m) {
 }
 
 // With every list empty the dispatcher sees no tensor and would fail to pick
-// a backend; the step is then a no-op. For any non-empty call this kernel is
-// shadowed by the backend kernels, and it refuses devices that have none.
+// a backend; the step is then a no-op. For any other call this kernel is
+// shadowed by the backend kernels, so it runs only for tensors no backend
+// takes (sparse ones, a device torchiter was not built for): the shared
+// checks name the offending argument, else the device is refused.
 namespace {
-void sgd_step_no_tensors(
+void sgd_step_no_backend(
     at::TensorList params, at::TensorList grads, at::TensorList bufs,
-    double, double, double, double, bool, bool, bool, double,
-    std::optional<double>, std::optional<double>) {
+    double lr, double momentum, double dampening, double weight_decay,
+    bool nesterov, bool maximize, bool first_step, double shrink,
+    std::optional<double> min, std::optional<double> max) {
+  torchiter::check_sgd_step(
+      params, grads, bufs,
+      torchiter::SgdOptions{lr, momentum, dampening, weight_decay, nesterov,
+                            maximize, first_step, shrink, min, max});
   TORCH_CHECK(
-      params.empty() && grads.empty() && bufs.empty(),
-      "torchiter.sgd_step_: no kernel for tensors on ",
-      !params.empty() ? params[0].device()
-                      : (!grads.empty() ? grads[0].device() : bufs[0].device()),
+      params.empty(), "torchiter.sgd_step_: no kernel for tensors on ",
+      params.empty() ? c10::Device(c10::kCPU) : params[0].device(),
       " (was torchiter built with support for this device?)");
 }
 } // namespace
 
 TORCH_LIBRARY_IMPL(torchiter, CompositeExplicitAutograd, m) {
-  m.impl("sgd_step_", &sgd_step_no_tensors);
+  m.impl("sgd_step_", &sgd_step_no_backend);
 }
 
 // sgd_step_ writes its params and momentum buffers in place. Like ATen's own

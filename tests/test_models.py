@@ -275,3 +275,36 @@ def test_sparse_coding(nonneg):
     torch.testing.assert_close(loss, ref_loss)
     loss.backward()
     assert model.dictionary.grad is not None and model.dictionary.grad.abs().sum() > 0
+
+
+def test_scheduler_state_after_an_early_stop_matches_the_per_iteration_path():
+    def make():
+        torch.manual_seed(5)
+        return SimilarityMatching(nn.Linear(10, 3, bias=False), 3, max_iterations=100, iteration_lr=0.1, tol=1e-3,
+                                  iteration_scheduler=torch.optim.lr_scheduler.StepLR,
+                                  it_sched_kwargs=dict(step_size=10, gamma=0.9))
+
+    x = torch.randn(50, 10)
+    fast, generic = make(), make()
+    force_generic(generic)
+    torch.testing.assert_close(fast(x), generic(x))
+    assert fast.iteration_idx == generic.iteration_idx < 99
+    assert fast.iteration_scheduler.last_epoch == generic.iteration_scheduler.last_epoch
+    assert fast.iteration_optimizer.param_groups[0]["lr"] == pytest.approx(generic.iteration_optimizer.param_groups[0]["lr"])
+
+
+def test_tau_is_read_when_the_gradient_is_scaled():
+    model = SimilarityMatching(nn.Linear(3, 2), 2, tau=0.5)
+    x = torch.randn(6, 3)
+    y = model(x)
+    model.loss(x, y).backward()
+    g_half = model.competitor.weight.grad.clone()
+    model.zero_grad()
+    model.tau = 0.1
+    model.loss(x, y).backward()
+    torch.testing.assert_close(model.competitor.weight.grad, g_half * 5)
+
+
+def test_more_inputs_than_encoders_is_an_error():
+    with pytest.raises(ValueError, match="got 2 inputs for 1 encoders"):
+        MultiSimilarityMatching([nn.Linear(3, 2)], 2)(torch.randn(2, 3), torch.randn(2, 3))

@@ -929,3 +929,30 @@ def test_package_exports():
     for name in ("IterationModule", "IterationLossModule", "Projection", "Clamp", "SoftThreshold", "optim", "projections", "ops"):
         assert hasattr(torchiter, name)
     assert torchiter.optim.SGD is SGD
+
+
+def test_mock_object_as_optimizer():
+    # A MagicMock has zero_grad and step on the instance only.
+    from unittest import mock
+
+    opt = mock.MagicMock()
+    m = Quadratic(max_iterations=2, iteration_optimizer=lambda params, **kw: opt)
+    m()
+    assert opt.step.call_count == 2 and opt.zero_grad.call_count == 2
+
+
+def test_last_iteration_loss_is_the_loss_before_the_step_even_for_a_view():
+    class View(IterationLossModule):
+        def __init__(self, **kw: Any) -> None:
+            super().__init__(**kw)
+            self.register_buffer("y", torch.ones(1, dtype=torch.float64))
+
+        def iteration_parameters(self) -> List[torch.Tensor]:
+            return [self.y]
+
+        def iteration_loss(self) -> torch.Tensor:
+            return self.y[0]  # shares memory with the state the step changes
+
+    m = View(max_iterations=1, iteration_lr=0.5)
+    m()
+    assert m.last_iteration_loss == 1.0 and m.y.item() == 0.5

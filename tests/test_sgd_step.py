@@ -248,6 +248,15 @@ def test_bad_input_raises_before_writing(device, case):
             assert torch.equal(_bits(t), s), f"{name}: a tensor was written before the error"
 
 
+def test_sparse_grad_is_named(device):
+    ps = [torch.randn(3, 4, device=device) for _ in range(3)]
+    gs = [torch.randn(3, 4, device=device) for _ in range(2)] + [torch.randn(3, 4, device=device).to_sparse()]
+    snap = [_bits(p) for p in ps]
+    with pytest.raises(RuntimeError, match=r"torchiter.sgd_step_: grads\[2\] must be a dense \(strided\) tensor, got layout Sparse"):
+        OP(ps, gs, [], 0.1)
+    assert all(torch.equal(_bits(p), s) for p, s in zip(ps, snap))
+
+
 def test_bad_tensor_lr(device):
     p, g = torch.randn(4, device=device), torch.randn(4, device=device)
     before = p.clone()

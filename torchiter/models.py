@@ -12,6 +12,7 @@ See ``shared/spec/models.md`` for the definitions.
 """
 
 import warnings
+import weakref
 from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -42,13 +43,18 @@ def _has_kernel(y: torch.Tensor) -> bool:
 
 
 class _ScaleGrad:
-    """Tensor hook multiplying a gradient by a constant (picklable, recognisable)."""
+    """Tensor hook multiplying the competitor's gradient by ``-1 / model.tau``.
 
-    def __init__(self, scale: float) -> None:
-        self.scale = scale
+    Reads ``tau`` at call time (through a weak reference, so the hook does
+    not keep its model alive), so assigning ``model.tau`` takes effect.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = weakref.ref(model)
 
     def __call__(self, grad: torch.Tensor) -> torch.Tensor:
-        return grad * self.scale
+        model = self.model()
+        return grad if model is None else grad * (-1.0 / model.tau)
 
 
 class _QuadraticLoopModule(IterationLossModule):
@@ -130,21 +136,33 @@ class _QuadraticLoopModule(IterationLossModule):
         if group["weight_decay"] != 0:
             A = A + group["weight_decay"] * torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
         lrs = None
-        if self.iteration_scheduler is not None:
+        sched = self.iteration_scheduler
+        snapshot = None
+        if sched is not None:
             # The scheduler runs exactly as in the per-iteration loop: the
-            # rate used at step k is the one it gives for step k.
-            seq = []
-            with warnings.catch_warnings():
-                # The optimizer's step is the op's, so the scheduler cannot see it.
-                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
-                for _ in range(self.max_iterations):
-                    seq.append(float(group["lr"]))
-                    self.iteration_scheduler.step()
+            # rate used at step k is the one it gives for step k. If the loop
+            # may stop early, the state before is kept to replay only the
+            # steps that ran.
+            if self.tol > 0:
+                snapshot = (sched.state_dict(), float(group["lr"]))
+            seq = self._step_scheduler(self.max_iterations)
             lrs = torch.tensor(seq, dtype=torch.float64)
         shrink, lo, hi = fast[2]
-        return state, A, b, float(group["lr"]) if lrs is None else 0.0, lrs, shrink, lo, hi
+        return state, A, b, float(group["lr"]) if lrs is None else 0.0, lrs, shrink, lo, hi, snapshot
 
-    def _run_fused_loop(self, state, A, b, lr, lrs, shrink, lo, hi) -> None:
+    def _step_scheduler(self, steps: int) -> List[float]:
+        """Steps the scheduler; returns the learning rate before each step."""
+        group = self.iteration_optimizer.param_groups[0]
+        seq = []
+        with warnings.catch_warnings():
+            # The optimizer's step is the op's, so the scheduler cannot see it.
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+            for _ in range(steps):
+                seq.append(float(group["lr"]))
+                self.iteration_scheduler.step()
+        return seq
+
+    def _run_fused_loop(self, state, A, b, lr, lrs, shrink, lo, hi, snapshot) -> None:
         y, n = torch.ops.torchiter.quadratic_descent(
             state.detach(), A.detach(), b.detach(), lr, self.max_iterations, float(self.tol), 1, lrs, shrink, lo, hi
         )
@@ -153,6 +171,11 @@ class _QuadraticLoopModule(IterationLossModule):
         # Reading n waits for the device, so only when the count is not known.
         count = self.max_iterations if self.tol <= 0 else int(n)
         self.__dict__["iteration_idx"] = count - 1
+        if snapshot is not None and count < self.max_iterations:
+            # Leave scheduler and learning rate as after `count` steps.
+            self.iteration_scheduler.load_state_dict(snapshot[0])
+            self.iteration_optimizer.param_groups[0]["lr"] = snapshot[1]
+            self._step_scheduler(count)
 
 
 class MultiSimilarityMatching(_QuadraticLoopModule):
@@ -222,7 +245,7 @@ class MultiSimilarityMatching(_QuadraticLoopModule):
     def _hook_competitor(self) -> None:
         weight = self.competitor.weight
         if not any(isinstance(h, _ScaleGrad) for h in (weight._backward_hooks or {}).values()):
-            weight.register_hook(_ScaleGrad(-1.0 / self.tau))
+            weight.register_hook(_ScaleGrad(self))
 
     def __setstate__(self, state: dict) -> None:
         # Tensor hooks do not survive copy.deepcopy or pickling: put it back.
@@ -231,8 +254,12 @@ class MultiSimilarityMatching(_QuadraticLoopModule):
 
     def _encode(self, *xs: Optional[torch.Tensor]) -> List[Optional[torch.Tensor]]:
         """Each encoder's output, or None where its input is None or missing."""
-        return [enc(x) if x is not None else None for enc, x in zip(self.encoders, xs)] + [None] * max(
-            0, len(self.encoders) - len(xs)
+        if len(xs) > len(self.encoders):
+            raise ValueError(
+                f"{type(self).__name__}: got {len(xs)} inputs for {len(self.encoders)} encoders"
+            )
+        return [enc(x) if x is not None else None for enc, x in zip(self.encoders, xs)] + [None] * (
+            len(self.encoders) - len(xs)
         )
 
     @staticmethod
@@ -402,7 +429,8 @@ class SparseCoding(_QuadraticLoopModule):
     ) -> None:
         if sparsity < 0:
             raise ValueError(f"SparseCoding: sparsity must be >= 0, got {sparsity}")
-        self._user_projection = "iteration_projection" in iteration_kwargs
+        # None (given or not) means the soft threshold of models.md.
+        self._user_projection = iteration_kwargs.get("iteration_projection") is not None
         super().__init__(max_iterations=max_iterations, **iteration_kwargs)
         self.dictionary_size = dictionary_size
         self.input_size = input_size

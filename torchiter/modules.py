@@ -371,7 +371,8 @@ class IterationLossModule(IterationModule):
         gradients by hand.
         """
         optimizer = self.iteration_optimizer
-        if type(optimizer).zero_grad is _OPTIMIZER_ZERO_GRAD:
+        # getattr: a mock optimizer has zero_grad on the instance only.
+        if getattr(type(optimizer), "zero_grad", None) is _OPTIMIZER_ZERO_GRAD:
             # What zero_grad(set_to_none=True) does, without its profiler scope.
             for group in optimizer.param_groups:
                 for p in group["params"]:
@@ -382,6 +383,10 @@ class IterationLossModule(IterationModule):
         _backward(loss)
         # Kept as is (its graph is already freed by backward): detaching
         # costs more than a microsecond per iteration; reading it converts.
+        # A loss that shares memory with the state (a view of it, or the state
+        # itself) would change with the step, so that one is copied.
+        if loss.is_leaf or loss._is_view():
+            loss = loss.detach().clone()
         self.__dict__["_last_iteration_loss"] = loss
 
     def iteration(self, *args: Any, **kwargs: Any) -> None:
