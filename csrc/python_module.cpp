@@ -1,11 +1,46 @@
-// An empty Python module: `import torchiter._C` loads this library, whose
-// static initialisers register the ops. Kept apart from the op sources so the
-// C++ build (examples/cpp) links the ops without libpython.
-#include <Python.h>
+// The Python module torchiter._C. Importing it loads this library, whose
+// static initialisers register the ops; it also holds one Python entry point
+// for the per-iteration hot path. Kept apart from the op sources so the C++
+// build (examples/cpp) links the ops without libpython.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/extension.h>
 
-// PyMODINIT_FUNC exports the symbol despite -fvisibility=hidden.
-PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module_def = {
-      PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
+#include <optional>
+#include <vector>
+
+namespace {
+
+// One sgd_step_ without momentum, called through the dispatcher like
+// torch.ops.torchiter.sgd_step_ (same kernels, checks, version counters), but
+// without the generic torch.ops argument parsing, which costs more than the
+// step itself on the small tensors of an inner loop (~1.8 us of ~2.6 us).
+void sgd_step_no_momentum(
+    const std::vector<at::Tensor>& params,
+    const std::vector<at::Tensor>& grads,
+    double lr,
+    double weight_decay,
+    bool maximize,
+    double shrink,
+    std::optional<double> min,
+    std::optional<double> max) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("torchiter::sgd_step_", "")
+          .typed<void(
+              at::TensorList, at::TensorList, at::TensorList, double, double,
+              double, double, bool, bool, bool, double, std::optional<double>,
+              std::optional<double>)>();
+  op.call(
+      params, grads, {}, lr, 0.0, 0.0, weight_decay, false, maximize, false,
+      shrink, min, max);
+}
+
+} // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def(
+      "_sgd_step_no_momentum", &sgd_step_no_momentum,
+      "torch.ops.torchiter.sgd_step_ with momentum 0, for the iteration "
+      "modules' hot loop (params, grads, lr, weight_decay, maximize, shrink, "
+      "min, max).");
 }

@@ -118,7 +118,7 @@ def reference_run(
 
 
 class Spy:
-    """Stands in for torch.ops.torchiter.sgd_step_ and counts calls of any overload."""
+    """Stands in for torch.ops.torchiter.sgd_step_ (and its direct binding) and counts calls."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.calls = 0
@@ -127,6 +127,9 @@ class Spy:
         self.tensor_lr = self._counting(real.tensor_lr)
         self._packet = self._counting(real)
         monkeypatch.setattr(torch.ops.torchiter, "sgd_step_", self)
+        # The hot loop's direct binding of the same op.
+        monkeypatch.setattr(torchiter._C, "_sgd_step_no_momentum",
+                            self._counting(torchiter._C._sgd_step_no_momentum))
 
     def _counting(self, fn: Callable) -> Callable:
         def call(*args: Any, **kwargs: Any) -> None:

@@ -322,3 +322,24 @@ def test_bumps_autograd_version_counters():
         torchiter.ops.sgd_step_([w], [torch.ones(5)], [], torch.tensor(0.1))
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+def test_direct_binding_equals_the_op():
+    # torchiter._C._sgd_step_no_momentum (the iteration modules' hot path)
+    # goes through the same dispatcher entry as the op.
+    step = torchiter._C._sgd_step_no_momentum
+    for kw in [dict(), dict(weight_decay=0.1, maximize=True, shrink=0.05, min=-0.2, max=0.3)]:
+        ps = _tensors([17, 1000], torch.float32, "cpu")
+        gs = _tensors([17, 1000], torch.float32, "cpu")
+        ref = [p.clone() for p in ps]
+        OP(ref, gs, [], 0.1, **kw)
+        versions = [p._version for p in ps]
+        step(ps, gs, 0.1, kw.get("weight_decay", 0.0), kw.get("maximize", False), kw.get("shrink", 0.0),
+             kw.get("min"), kw.get("max"))
+        assert all(torch.equal(p, r) for p, r in zip(ps, ref))
+        assert all(p._version > v for p, v in zip(ps, versions))
+    p = torch.randn(4)
+    before = p.clone()
+    with pytest.raises(RuntimeError, match=r"torchiter.sgd_step_: lr must be >= 0"):
+        step([p], [torch.randn(4)], -1.0, 0.0, False, 0.0, None, None)
+    assert torch.equal(p, before)

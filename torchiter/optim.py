@@ -8,30 +8,18 @@ so a loop may switch between the fused and the generic step at any time.
 uses it.
 """
 
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Iterable, List, Optional, Tuple
 
 import torch
 from torch.optim import optimizer as _optimizer_module
 
+from . import _C
 from .projections import ProjectionArgs, fused_projection_args, project_
 
 __all__ = ["SGD", "fused_sgd_step"]
 
 _NO_PROJECTION: ProjectionArgs = (0.0, None, None)
 _Number = (int, float)
-
-
-_KWARGS_CACHE: Dict[ProjectionArgs, Dict[str, float]] = {}
-
-
-def _projection_kwargs(args: ProjectionArgs) -> Dict[str, float]:
-    """The op's keyword arguments for a projection (non-defaults only), cached."""
-    kw = _KWARGS_CACHE.get(args)
-    if kw is None:
-        shrink, lo, hi = args
-        kw = {k: v for k, v in (("shrink", shrink), ("min", lo), ("max", hi)) if v not in (None, 0.0) or (k != "shrink" and v is not None)}
-        _KWARGS_CACHE[args] = kw
-    return kw
 
 
 def _step_hooks_present(optimizer: torch.optim.Optimizer) -> bool:
@@ -98,13 +86,14 @@ def fused_sgd_step(
             grads = [p.grad for p in params]
             # Not `None in grads`: that compares tensors with ==.
             if all(g is not None for g in grads):
-                # Only options that differ from the schema's defaults are
-                # passed: the binding parses each argument (~0.1 us apiece).
-                kw = _projection_kwargs(projection_args)
-                if weight_decay != 0 or group["maximize"]:
-                    kw = dict(kw, weight_decay=weight_decay, maximize=group["maximize"])
+                shrink, lo, hi = projection_args
                 try:
-                    torch.ops.torchiter.sgd_step_.default(params, grads, [], lr, **kw)
+                    # The op through a direct binding (same dispatcher path as
+                    # torch.ops.torchiter.sgd_step_, without its ~2 us of
+                    # generic argument parsing, more than a small step costs).
+                    _C._sgd_step_no_momentum(
+                        params, grads, lr, weight_decay, group["maximize"], shrink, lo, hi
+                    )
                 except RuntimeError:
                     # Checked before anything is written: the generic step may run.
                     return False
