@@ -163,6 +163,8 @@ CASES = {
     "supervised": lambda: (SupervisedSimilarityMatching(nn.Conv2d(1, 6, 3), 4, 6, max_iterations=20, iteration_lr=0.5,
                                                         iteration_projection=nn.ReLU()),
                            (torch.randn(6, 1, 7, 7), nn.functional.one_hot(torch.arange(6) % 4, 4).float())),
+    "sparse_coding": lambda: (SparseCoding(12, 6, sparsity=0.1, nonnegative=True, max_iterations=50, iteration_lr=0.1,
+                                           tol=1e-6), (torch.randn(20, 6),)),
     "scheduler_wd": lambda: (SimilarityMatching(nn.Linear(5, 4), 4, max_iterations=40, iteration_lr=0.3,
                                                 iteration_projection=nn.ReLU(), iteration_scheduler=torch.optim.lr_scheduler.StepLR,
                                                 it_sched_kwargs=dict(step_size=7, gamma=0.7), it_optim_kwargs=dict(weight_decay=0.05)),
