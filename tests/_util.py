@@ -1,5 +1,7 @@
 """Helpers shared by the op tests (CPU and CUDA)."""
 
+import itertools
+
 import torch
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -32,3 +34,14 @@ def cpu_has_vector_fma() -> bool:
     except OSError:
         return False
     return " fma" in flags and (" avx2" in flags or " avx512f" in flags)
+
+
+def sgd_option_grid(bounds):
+    """Every valid combination of sgd_step_'s options, with the given (min, max) pairs."""
+    return [
+        dict(momentum=m, dampening=d, weight_decay=wd, nesterov=n, maximize=mx, shrink=s, min=lo, max=hi)
+        for m, d, wd, n, mx, s, (lo, hi) in itertools.product(
+            [0.0, 0.9], [0.0, 0.3], [0.0, 0.01], [False, True], [False, True], [0.0, 0.05], bounds
+        )
+        if not (n and (m == 0 or d != 0))  # nesterov needs momentum and no dampening
+    ]

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import torchiter
-from _util import DTYPES, TOL, bits as _bits, cpu_has_vector_fma
+from _util import DTYPES, TOL, bits as _bits, cpu_has_vector_fma, sgd_option_grid
 from torchiter.reference import quadratic_descent_reference, sgd_step_reference
 
 _ON = os.environ.get("TORCHITER_CUDA_TESTS_ON", "cuda")
@@ -41,19 +41,7 @@ def _rand(shape, dtype, device=DEV):
 # sgd_step_
 # --------------------------------------------------------------------------- #
 
-OPTIONS = [
-    dict(momentum=m, dampening=d, weight_decay=wd, nesterov=n, maximize=mx, shrink=s, min=lo, max=hi)
-    for m, d, wd, n, mx, s, (lo, hi) in itertools.product(
-        [0.0, 0.9],
-        [0.0, 0.3],
-        [0.0, 0.01],
-        [False, True],
-        [False, True],
-        [0.0, 0.05],
-        [(None, None), (0.0, None), (-0.4, 0.6)],
-    )
-    if not (n and (m == 0 or d != 0))
-]
+OPTIONS = sgd_option_grid([(None, None), (0.0, None), (-0.4, 0.6)])
 
 
 def _call(params, grads, bufs, lr, o, first_step):

@@ -1,12 +1,11 @@
 """torchiter.sgd_step_ against torch.optim.SGD (float64) plus the projection."""
 
-import itertools
 
 import pytest
 import torch
 
 import torchiter
-from _util import DTYPES, JIT_WARNINGS, TOL, bits as _bits
+from _util import DTYPES, JIT_WARNINGS, TOL, bits as _bits, sgd_option_grid
 from torchiter.reference import project, sgd_step_reference
 
 OP = torch.ops.torchiter.sgd_step_
@@ -33,19 +32,7 @@ def _sgd64_step(p, g, buf, opts, first):
     return out, new_buf
 
 
-OPTION_GRID = [
-    dict(momentum=m, dampening=d, weight_decay=wd, nesterov=n, maximize=mx, shrink=s, min=lo, max=hi)
-    for m, d, wd, n, mx, s, (lo, hi) in itertools.product(
-        [0.0, 0.9],
-        [0.0, 0.3],
-        [0.0, 0.01],
-        [False, True],
-        [False, True],
-        [0.0, 0.05],
-        [(None, None), (0.0, None), (-0.4, 0.6), (None, 0.2)],
-    )
-    if not (n and (m == 0 or d != 0))
-]
+OPTION_GRID = sgd_option_grid([(None, None), (0.0, None), (-0.4, 0.6), (None, 0.2)])
 
 
 def _run_against_sgd(dtype, device, opts, sizes, steps=3, lr=0.1):
