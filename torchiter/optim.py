@@ -84,8 +84,14 @@ def fused_sgd_step(
         ):
             params = group["params"]
             grads = [p.grad for p in params]
-            # Not `None in grads`: that compares tensors with ==.
-            if all(g is not None for g in grads):
+            # A loop, not `None in grads` (which compares tensors with ==) nor
+            # all() over a generator (slower for the usual one or two params).
+            complete = True
+            for g in grads:
+                if g is None:
+                    complete = False
+                    break
+            if complete:
                 shrink, lo, hi = projection_args
                 try:
                     # The op through a direct binding (same dispatcher path as
