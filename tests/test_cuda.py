@@ -478,3 +478,25 @@ def test_quadratic_descent_bitwise_equals_cpu_kernel(dtype, tol):
     y_dev, n_dev = _qd(y0.to(DEV), A.to(DEV), b.to(DEV), 0.8, 40, tol, 2, min=0.0, shrink=0.001)
     assert int(n_cpu) == int(n_dev)
     assert torch.equal(_bits(y_dev), _bits(y_cpu))
+
+
+@cuda_only
+def test_sgd_step_invalid_device_lr_writes_nothing_and_raises():
+    # Checking a device lr on the host would synchronise: the kernel skips an
+    # invalid lr and an asynchronous assert raises at the next sync. A device
+    # assert poisons the CUDA context, so this runs in a child process.
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, torchiter\n"
+        "p = torch.ones(1000, device='cuda'); g = torch.ones(1000, device='cuda')\n"
+        "torchiter.ops.sgd_step_([p], [g], [], torch.tensor(-1.0, device='cuda'))\n"
+        "try:\n"
+        "    torch.cuda.synchronize()\n"
+        "    print('no error')\n"
+        "except RuntimeError as e:\n"
+        "    print('raised')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "raised" in out.stdout, out.stdout + out.stderr

@@ -6,6 +6,8 @@
 // (up to how each rounds the bf16/f16 conversions, which are exact either way).
 #pragma once
 
+#include <cfloat>
+
 #include "../ops.h"
 
 #include <cuda_runtime.h>
@@ -36,9 +38,10 @@ __host__ __device__ constexpr int vec16() {
 }
 
 // The projection of both ops: soft threshold, then clamp to [lo, hi]. The
-// comparisons replicate the AVX2 at::vec ops of VecProjection bit for bit:
-// clamp(v, -s, s) is min_ps(s, max_ps(-s, v)); maximum(v, lo) returns lo on
-// ties (so max(-0., 0.) is 0.) and v when v is NaN; minimum likewise.
+// comparisons replicate the at::vec ops of VecProjection bit for bit:
+// clamp(v, -s, s) is min_ps(s, max_ps(-s, v)); clamp_min(v, lo) is
+// max_ps(lo, v) = lo > v ? lo : v (v on ties, so max(-0., 0.) is -0., and v
+// when v is NaN); clamp_max likewise.
 template <typename T>
 struct DeviceProjection {
   T shrink, neg_shrink, lo, hi;
@@ -61,10 +64,10 @@ struct DeviceProjection {
       v = v - c;
     }
     if (has_lo) {
-      v = v <= lo ? lo : v; // NaN compares false: NaN propagates
+      v = lo > v ? lo : v; // as max_ps(lo, v): v on ties and when NaN
     }
     if (has_hi) {
-      v = v >= hi ? hi : v;
+      v = hi < v ? hi : v; // as min_ps(hi, v)
     }
     return v;
   }
@@ -98,6 +101,13 @@ struct DeviceSgdMath {
   // -lr for this launch, as the CPU computes it: static_cast<T>(-lr).
   __device__ __forceinline__ T load_neg_lr() const {
     return lr_ptr ? static_cast<T>(-*lr_ptr) : neg_lr;
+  }
+
+  // False for a device lr that the CPU kernel would reject (negative, NaN or
+  // infinite): the launch then writes nothing (the host is told
+  // asynchronously, see sgd_step.cu).
+  __device__ __forceinline__ bool lr_valid() const {
+    return !lr_ptr || (*lr_ptr >= 0 && *lr_ptr <= DBL_MAX);
   }
 
   // Returns the new param; updates `buf` when momentum is on.

@@ -82,6 +82,9 @@ __global__ void __launch_bounds__(kThreads) sgd_multi_tensor_kernel(
   scalar_t* p = static_cast<scalar_t*>(args.p[lo]) + begin;
   const scalar_t* g = static_cast<const scalar_t*>(args.g[lo]) + begin;
   scalar_t* buf = kMomentum ? static_cast<scalar_t*>(args.buf[lo]) + begin : nullptr;
+  if (!math.lr_valid()) {
+    return; // an invalid device lr: nothing is written
+  }
   const opmath_t neg_lr = math.load_neg_lr();
 
   int64_t tail = 0;
@@ -223,6 +226,11 @@ void sgd_step_cuda_impl(
   at::Tensor lr64;
   if (lr_tensor) {
     lr64 = lr_tensor->detach().to(at::kDouble);
+    // Checking lr's value on the host would synchronise; the kernels skip an
+    // invalid lr and this raises the error at the next synchronisation.
+    at::_assert_async(
+        at::isfinite(lr64).logical_and(lr64.ge(0)),
+        "torchiter.sgd_step_: lr must be a finite number >= 0");
   }
   const double* lr_ptr = lr_tensor ? lr64.const_data_ptr<double>() : nullptr;
 
