@@ -56,8 +56,8 @@ def run_case(name, sizes, min_run_time):
     copy_gbs = 8 * numel / copy_t / 1e9
     best_stock = min(t for k, t in rows.items() if not k.startswith("torchiter"))
     print(f"\n## {name}: {len(sizes)} tensor(s), {numel} float32 elements")
-    print(f"| variant | median time | GB/s | fraction of copy bandwidth | speedup over best stock |")
-    print(f"| --- | --- | --- | --- | --- |")
+    print("| variant | median time | GB/s | fraction of copy bandwidth | speedup over best stock |")
+    print("| --- | --- | --- | --- | --- |")
     for label, t in rows.items():
         gbs = 12 * numel / t / 1e9
         print(f"| {label} | {t * 1e6:.1f} us | {gbs:.1f} | {gbs / copy_gbs:.2f} | {best_stock / t:.2f}x |")

@@ -51,8 +51,7 @@ void sgd_step_no_backend(
                             maximize, first_step, shrink, min, max});
   TORCH_CHECK(
       params.empty(), "torchiter.sgd_step_: no kernel for tensors on ",
-      params.empty() ? c10::Device(c10::kCPU) : params[0].device(),
-      " (was torchiter built with support for this device?)");
+      params[0].device(), " (was torchiter built with support for this device?)");
 }
 } // namespace
 

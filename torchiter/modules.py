@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, List, Optional, Union
 import torch
 from torch import nn
 
-from .optim import SGD, fused_sgd_step
+from .optim import _NO_PROJECTION, SGD, fused_sgd_step
 from .projections import fused_projection_args, project_
 
 __all__ = ["IterationModule", "IterationLossModule"]
@@ -57,7 +57,6 @@ class _DefaultLr(float):
 
 _DEFAULT_LR = _DefaultLr(1.0)
 _OPTIMIZER_ZERO_GRAD = torch.optim.Optimizer.zero_grad
-_NO_PROJECTION_ARGS = (0.0, None, None)
 _FUSED_SGD_TYPES = (torch.optim.SGD, SGD)
 
 
@@ -518,7 +517,7 @@ class IterationLossModule(IterationModule):
             # the step is still fused, the projection then runs generically.
             if fused is not projection:
                 return None
-            args, fused = _NO_PROJECTION_ARGS, None
+            args, fused = _NO_PROJECTION, None
         # The generic path projects iteration_parameters(); the kernel, the
         # optimizer's params. Fuse only when the two are the same tensors.
         opt_params = [p for group in optimizer.param_groups for p in group["params"]]

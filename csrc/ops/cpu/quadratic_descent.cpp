@@ -39,6 +39,18 @@ struct Panel {
   const VecProjection<T>* project;
 };
 
+// |new - old|, with lanes at or past `lanes` (padding) zeroed: they must not
+// count in the convergence test.
+template <typename T>
+inline Vectorized<T> masked_delta(const Vectorized<T>& nv, const Vectorized<T>& old, int64_t lanes) {
+  using Vec = Vectorized<T>;
+  const Vec d = (nv - old).abs();
+  if (lanes >= Vec::size()) {
+    return d;
+  }
+  return lanes > 0 ? Vec::set(Vec(static_cast<T>(0)), d, lanes) : Vec(static_cast<T>(0));
+}
+
 // Updates rows [i, i + R) of the NV * W positions at column s. With DELTA,
 // returns max |new - old| over the first `valid` of those positions (NaN if
 // any is NaN). R x NV accumulators share each broadcast of A and each load of
@@ -80,12 +92,7 @@ inline Vectorized<T> rows_step(
       const Vec nv = (*pn.project)(at::vec::fmadd(grad, neg_lr, old));
       nv.store(yn + off);
       if constexpr (DELTA) {
-        Vec d = (nv - old).abs();
-        const int64_t lanes = valid - v * W;
-        if (lanes < W) {
-          d = lanes > 0 ? Vec::set(Vec(static_cast<T>(0)), d, lanes) : Vec(static_cast<T>(0));
-        }
-        dmax = at::vec::maximum(dmax, d);
+        dmax = at::vec::maximum(dmax, masked_delta(nv, old, valid - v * W));
       }
     }
   }
@@ -140,15 +147,17 @@ inline Vectorized<T> panel_step(
 }
 
 // The GEMM path's second half: given G = A·y for columns [0, n) of a panel,
-// ynext = project(y - lr (G - b)) and the delta, one pass over memory.
+// ynext = project(y - lr (G - b)), one pass over memory. With `delta`,
+// returns the lane-wise max |delta| (by value, as panel_step does).
 template <typename T>
-inline void panel_update(
+inline Vectorized<T> panel_update(
     const VecProjection<T>& project, int64_t C, const T* G, const T* y,
     const T* b, T* yn, int64_t ld, int64_t n, int64_t valid, T lr,
-    Vectorized<T>* dmax) {
+    bool delta) {
   using Vec = Vectorized<T>;
   constexpr int64_t W = Vec::size();
   const Vec neg_lr(-lr);
+  Vec dmax(static_cast<T>(0));
   for (int64_t i = 0; i < C; ++i) {
     for (int64_t s = 0; s < n; s += W) {
       const int64_t off = i * ld + s;
@@ -156,16 +165,12 @@ inline void panel_update(
       const Vec grad = Vec::loadu(G + off) - Vec::loadu(b + off);
       const Vec nv = project(at::vec::fmadd(grad, neg_lr, old));
       nv.store(yn + off);
-      if (dmax) {
-        Vec d = (nv - old).abs();
-        const int64_t lanes = valid - s;
-        if (lanes < W) {
-          d = lanes > 0 ? Vec::set(Vec(static_cast<T>(0)), d, lanes) : Vec(static_cast<T>(0));
-        }
-        *dmax = at::vec::maximum(*dmax, d);
+      if (delta) {
+        dmax = at::vec::maximum(dmax, masked_delta(nv, old, valid - s));
       }
     }
   }
+  return dmax;
 }
 
 // From this many channels on, the mixing is a BLAS GEMM per iteration: the
@@ -327,7 +332,7 @@ std::tuple<at::Tensor, at::Tensor> run(
           tile_bounds(t, off, n, valid);
           Vectorized<T> dmax(static_cast<T>(0));
           if (gemm) {
-            panel_update<T>(proj, C, g + off, src + off, b + off, dst + off, L.Ppad, n, valid, lr, check ? &dmax : nullptr);
+            dmax = panel_update<T>(proj, C, g + off, src + off, b + off, dst + off, L.Ppad, n, valid, lr, check);
           } else if (check) {
             dmax = panel_step<T, true>(pn, src + off, b + off, dst + off, L.Ppad, n, valid, lr);
           } else {

@@ -127,22 +127,13 @@ void sgd_step_cpu_impl(
   }
 }
 
-SgdOptions make_options(
-    double lr, double momentum, double dampening, double weight_decay,
-    bool nesterov, bool maximize, bool first_step, double shrink,
-    std::optional<double> min, std::optional<double> max) {
-  return SgdOptions{lr, momentum, dampening, weight_decay, nesterov,
-                    maximize, first_step, shrink, min, max};
-}
-
 void sgd_step_cpu(
     at::TensorList params, at::TensorList grads, at::TensorList bufs,
     double lr, double momentum, double dampening, double weight_decay,
     bool nesterov, bool maximize, bool first_step, double shrink,
     std::optional<double> min, std::optional<double> max) {
-  const SgdOptions opt = make_options(
-      lr, momentum, dampening, weight_decay, nesterov, maximize, first_step,
-      shrink, min, max);
+  const SgdOptions opt{lr, momentum, dampening, weight_decay, nesterov,
+                       maximize, first_step, shrink, min, max};
   check_sgd_step(params, grads, bufs, opt);
   TORCH_CHECK(
       params.empty() || params[0].device().is_cpu(),
