@@ -30,6 +30,9 @@ void sgd_step_no_momentum(
               at::TensorList, at::TensorList, at::TensorList, double, double,
               double, double, bool, bool, bool, double, std::optional<double>,
               std::optional<double>)>();
+  // Like torch.optim's steps, the update is not recorded by autograd (the
+  // iteration parameters it writes require grad).
+  const at::NoGradGuard no_grad;
   op.call(
       params, grads, {}, lr, 0.0, 0.0, weight_decay, false, maximize, false,
       shrink, min, max);

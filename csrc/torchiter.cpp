@@ -7,7 +7,59 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/variable.h>
+#include <torch/csrc/jit/runtime/custom_operator.h>
 #include <torch/library.h>
+
+#include <string>
+
+// TorchScript entry points of sgd_step_. TorchScript's alias analysis does not
+// model writes to the elements of a list argument (`Tensor(a!)[]`), so its
+// dead-code elimination drops a step whose list is built in the graph (a
+// literal `[p]`, a function that returns nothing), silently. It keeps a node
+// only if the op has side effects, which TorchScript grants to CONSERVATIVE
+// alias analysis alone, and that is refused for schemas with annotations,
+// which torch.compile, torch.export and eager mode need. So TorchScript gets
+// two operators of its own, under the same name: the same arguments without
+// annotations, CONSERVATIVE, each forwarding its stack to the dispatcher's
+// op. They are registered before the schemas below, and TorchScript takes the
+// first overload that matches, so every scripted call (also in a graph loaded
+// from C++) binds to them; nothing else is changed by them.
+namespace {
+
+template <const char* kOverload>
+void sgd_step_from_script(torch::jit::Stack& stack) {
+  static const c10::OperatorHandle op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("torchiter::sgd_step_", kOverload);
+  op.callBoxed(&stack);
+}
+
+constexpr char kDefaultOverload[] = "";
+constexpr char kTensorLrOverload[] = "tensor_lr";
+
+constexpr const char* kScriptArgs =
+    "Tensor[] grads, Tensor[] momentum_buffers, {lr}, float momentum=0., "
+    "float dampening=0., float weight_decay=0., bool nesterov=False, "
+    "bool maximize=False, bool first_step=False, float shrink=0., "
+    "float? min=None, float? max=None) -> ()";
+
+std::string script_schema(const std::string& overload, const std::string& lr) {
+  std::string args = kScriptArgs;
+  args.replace(args.find("{lr}"), 4, lr);
+  return "torchiter::sgd_step_." + overload + "(Tensor[] params, " + args;
+}
+
+const torch::jit::RegisterOperators sgd_step_script_entry_points({
+    torch::jit::Operator(
+        script_schema("script", "float lr"),
+        &sgd_step_from_script<kDefaultOverload>,
+        c10::AliasAnalysisKind::CONSERVATIVE),
+    torch::jit::Operator(
+        script_schema("script_tensor_lr", "Tensor lr"),
+        &sgd_step_from_script<kTensorLrOverload>,
+        c10::AliasAnalysisKind::CONSERVATIVE),
+});
+
+} // namespace
 
 TORCH_LIBRARY(torchiter, m) {
   // The float overload is declared first: Python tries overloads in order,

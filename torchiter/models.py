@@ -8,9 +8,9 @@ hook is registered, a subclass overrides the loop, the optimizer is not a
 momentum-free SGD, the projection is not one the op expresses, or the dtype or
 device has no kernel. Both paths give the same results to float rounding.
 
-See ``shared/spec/models.md`` for the definitions.
 """
 
+import math
 import warnings
 import weakref
 from typing import Any, List, Optional, Sequence, Tuple, Union
@@ -18,6 +18,7 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from ._internals import active_ddp_module
 from .modules import IterationLossModule
 from .optim import SGD
 from .projections import SoftThreshold
@@ -40,6 +41,23 @@ def _has_kernel(y: torch.Tensor) -> bool:
         return True
     key = {"cuda": "CUDA"}.get(y.device.type)
     return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key("torchiter::quadratic_descent", key)
+
+
+def _check_tol(owner: str, tol: Any) -> float:
+    if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not tol >= 0 or math.isinf(tol):
+        raise ValueError(f"{owner}: tol must be a finite number >= 0 (0 disables the stop test), got {tol!r}")
+    return float(tol)
+
+
+def _check_positive(owner: str, name: str, value: Any) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
+        raise ValueError(f"{owner}: {name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def _check_nonempty(owner: str, y: torch.Tensor) -> None:
+    if y.numel() == 0:
+        raise ValueError(f"{owner}: the batch is empty (y has shape {tuple(y.shape)}); the loss of no samples is undefined")
 
 
 class _ScaleGrad:
@@ -66,10 +84,41 @@ class _QuadraticLoopModule(IterationLossModule):
     sets ``state.grad = A·state − b``.
     """
 
-    tol: float
+    @property
+    def tol(self) -> float:
+        """Stop threshold on ``max |y_k − y_{k−1}|``; 0 disables the test."""
+        return self.__dict__["_tol"]
+
+    @tol.setter
+    def tol(self, value: float) -> None:
+        self.__dict__["_tol"] = _check_tol(type(self).__name__, value)
 
     def _state(self) -> torch.Tensor:
         raise NotImplementedError
+
+    def _note_ddp(self) -> None:
+        """Remembers the DistributedDataParallel module running this forward, if any."""
+        ddp = active_ddp_module()
+        if ddp is not None and any(m is self for m in ddp.module.modules()):
+            self.__dict__["_it_ddp"] = weakref.ref(ddp)
+
+    def _check_loss_inside_ddp(self) -> None:
+        """Refuses a differentiable loss computed outside the DDP forward that ran this model.
+
+        DDP synchronises gradients only for what its own forward computed:
+        a loss computed after it returns is averaged over nothing with
+        ``static_graph=True`` (the replicas silently drift apart) and fails
+        with ``find_unused_parameters=True``.
+        """
+        ref = self.__dict__.get("_it_ddp")
+        ddp = ref() if ref is not None else None
+        if ddp is not None and torch.is_grad_enabled() and active_ddp_module() is not ddp:
+            raise RuntimeError(
+                f"{type(self).__name__}.loss is called outside the forward of the DistributedDataParallel "
+                "module that wraps this model, so DDP cannot synchronise its gradients. Wrap a module "
+                "whose forward runs the model and returns model.loss(...) (see the README's "
+                "'Distributed training'), or compute the loss under torch.no_grad() for evaluation."
+            )
 
     def _quadratic(self) -> Tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -135,20 +184,8 @@ class _QuadraticLoopModule(IterationLossModule):
             A, b = -A, -b
         if group["weight_decay"] != 0:
             A = A + group["weight_decay"] * torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
-        lrs = None
-        sched = self.iteration_scheduler
-        snapshot = None
-        if sched is not None:
-            # The scheduler runs exactly as in the per-iteration loop: the
-            # rate used at step k is the one it gives for step k. If the loop
-            # may stop early, the state before is kept to replay only the
-            # steps that ran.
-            if self.tol > 0:
-                snapshot = (sched.state_dict(), float(group["lr"]))
-            seq = self._step_scheduler(self.max_iterations)
-            lrs = torch.tensor(seq, dtype=torch.float64)
         shrink, lo, hi = fast[2]
-        return state, A, b, float(group["lr"]) if lrs is None else 0.0, lrs, shrink, lo, hi, snapshot
+        return state, A, b, float(group["lr"]), shrink, lo, hi
 
     def _step_scheduler(self, steps: int) -> List[float]:
         """Steps the scheduler; returns the learning rate before each step."""
@@ -162,20 +199,65 @@ class _QuadraticLoopModule(IterationLossModule):
                 self.iteration_scheduler.step()
         return seq
 
-    def _run_fused_loop(self, state, A, b, lr, lrs, shrink, lo, hi, snapshot) -> None:
-        y, n = torch.ops.torchiter.quadratic_descent(
-            state.detach(), A.detach(), b.detach(), lr, self.max_iterations, float(self.tol), 1, lrs, shrink, lo, hi
-        )
+    def _scheduled_rates(self, steps: int) -> Tuple[torch.Tensor, Tuple[Any, float]]:
+        """The next ``steps`` rates of the scheduler, and its state before them."""
+        snapshot = (self.iteration_scheduler.state_dict(), float(self.iteration_optimizer.param_groups[0]["lr"]))
+        return torch.tensor(self._step_scheduler(steps), dtype=torch.float64), snapshot
+
+    def _rewind_scheduler(self, snapshot: Tuple[Any, float], steps: int) -> None:
+        """Leaves scheduler and learning rate as ``steps`` steps after ``snapshot``."""
+        self.iteration_scheduler.load_state_dict(snapshot[0])
+        self.iteration_optimizer.param_groups[0]["lr"] = snapshot[1]
+        self._step_scheduler(steps)
+
+    def _run_fused_loop(self, state, A, b, lr, shrink, lo, hi) -> None:
+        op = torch.ops.torchiter.quadratic_descent
+        K = self.max_iterations
+        tol = float(self.tol)
+        y, A, b = state.detach(), A.detach(), b.detach()
+        if self.iteration_scheduler is None:
+            y, n = op(y, A, b, lr, K, tol, 1, None, shrink, lo, hi)
+            # Reading n waits for the device, so only when the count is not known.
+            count = K if tol <= 0 else int(n)
+        elif tol <= 0:
+            # Every iteration runs: the scheduler is stepped exactly as in the
+            # per-iteration loop (the rate used at step k is the one it gives
+            # for step k).
+            y, _ = op(y, A, b, 0.0, K, tol, 1, self._scheduled_rates(K)[0], shrink, lo, hi)
+            count = K
+        else:
+            y, count = self._run_scheduled_chunks(op, y, A, b, K, tol, shrink, lo, hi)
         with torch.no_grad():
             state.copy_(y)
-        # Reading n waits for the device, so only when the count is not known.
-        count = self.max_iterations if self.tol <= 0 else int(n)
         self.__dict__["iteration_idx"] = count - 1
-        if snapshot is not None and count < self.max_iterations:
-            # Leave scheduler and learning rate as after `count` steps.
-            self.iteration_scheduler.load_state_dict(snapshot[0])
-            self.iteration_optimizer.param_groups[0]["lr"] = snapshot[1]
-            self._step_scheduler(count)
+
+    def _run_scheduled_chunks(self, op, y, A, b, K, tol, shrink, lo, hi) -> Tuple[torch.Tensor, int]:
+        """The loop with a scheduler and a stop test, in chunks of growing length.
+
+        A scheduler's rates are only known by stepping it, and the loop may
+        stop early, so the rates are made a chunk at a time and the work
+        follows the iterations run, not ``max_iterations``. The op never tests
+        its first iteration; at each chunk boundary that test is made here,
+        on one extra iteration, so the stop is the per-iteration loop's.
+        Returns the final state and the number of iterations run.
+        """
+        count, chunk = 0, 64
+        while count < K:
+            n = min(chunk, K - count)
+            lrs, snapshot = self._scheduled_rates(n)
+            if count > 0 and y.numel() > 0:
+                y1, _ = op(y, A, b, 0.0, 1, tol, 1, lrs[:1], shrink, lo, hi)
+                if bool((y1 - y).abs().max() < tol):
+                    self._rewind_scheduler(snapshot, 1)
+                    return y1, count + 1
+            y, ran = op(y, A, b, 0.0, n, tol, 1, lrs, shrink, lo, hi)
+            ran = int(ran)
+            count += ran
+            if ran < n:
+                self._rewind_scheduler(snapshot, ran)
+                break
+            chunk *= 2
+        return y, count
 
 
 class MultiSimilarityMatching(_QuadraticLoopModule):
@@ -221,6 +303,8 @@ class MultiSimilarityMatching(_QuadraticLoopModule):
     ) -> None:
         super().__init__(max_iterations=max_iterations, **iteration_kwargs)
         self.encoders = nn.ModuleList(encoders)
+        if isinstance(out_channels, bool) or not isinstance(out_channels, int) or out_channels < 1:
+            raise ValueError(f"{type(self).__name__}: out_channels must be a positive int, got {out_channels!r}")
         self.out_channels = out_channels
         self.tau = tau
         self.tol = tol
@@ -242,6 +326,15 @@ class MultiSimilarityMatching(_QuadraticLoopModule):
         self._Wx_sum: Optional[torch.Tensor] = None
         self._last_state: Optional[torch.Tensor] = None
 
+    @property
+    def tau(self) -> float:
+        """Ratio of the encoders' and the competitor's learning rates, ``> 0``."""
+        return self.__dict__["_tau"]
+
+    @tau.setter
+    def tau(self, value: float) -> None:
+        self.__dict__["_tau"] = _check_positive(type(self).__name__, "tau", value)
+
     def _hook_competitor(self) -> None:
         weight = self.competitor.weight
         if not any(isinstance(h, _ScaleGrad) for h in (weight._backward_hooks or {}).values()):
@@ -262,6 +355,16 @@ class MultiSimilarityMatching(_QuadraticLoopModule):
             len(self.encoders) - len(xs)
         )
 
+    def _check_encoded(self, Wx: torch.Tensor) -> torch.Tensor:
+        """Wx itself, after checking it is ``(B, out_channels, *spatial)``."""
+        if Wx.dim() < 2 or Wx.shape[1] != self.out_channels:
+            raise ValueError(
+                f"{type(self).__name__}: the encoders' output has shape {tuple(Wx.shape)}, but "
+                f"(batch, out_channels={self.out_channels}, *spatial) is expected; "
+                "out_channels must equal the encoders' number of output channels"
+            )
+        return Wx
+
     @staticmethod
     def _sum(Wx: Sequence[Optional[torch.Tensor]]) -> torch.Tensor:
         active = [w for w in Wx if w is not None]
@@ -278,8 +381,9 @@ class MultiSimilarityMatching(_QuadraticLoopModule):
         # Plain attributes are written through __dict__: nn.Module.__setattr__
         # costs microseconds per call, a visible share of a small forward.
         attrs = self.__dict__
+        self._note_ddp()
         with torch.no_grad():
-            Wx_sum = attrs["_Wx_sum"] = self._sum(self._encode(*xs)).detach()
+            Wx_sum = attrs["_Wx_sum"] = self._check_encoded(self._sum(self._encode(*xs))).detach()
         attrs["_last_state"] = None
         attrs["y"] = torch.zeros_like(Wx_sum)
         super().pre_iteration(*xs)
@@ -325,10 +429,12 @@ class MultiSimilarityMatching(_QuadraticLoopModule):
         *xs, y = args
         if y is None:
             raise ValueError(f"{type(self).__name__}.loss: the last argument must be the output y")
+        _check_nonempty(f"{type(self).__name__}.loss", y)
+        self._check_loss_inside_ddp()
         Wx = self._encode(*xs)
         C = self.out_channels
         M = self.competitor.weight
-        loss = self._fit(y, self._sum(Wx)) / y.numel() - (M**2).sum() / C
+        loss = self._fit(y, self._check_encoded(self._sum(Wx))) / y.numel() - (M**2).sum() / C
         for enc, reg, w in zip(self.encoders, self.regularization, Wx):
             if reg == "weight":
                 for p in enc.parameters():
@@ -427,8 +533,11 @@ class SparseCoding(_QuadraticLoopModule):
         tol: float = 0.0,
         **iteration_kwargs: Any,
     ) -> None:
-        if sparsity < 0:
-            raise ValueError(f"SparseCoding: sparsity must be >= 0, got {sparsity}")
+        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < math.inf:
+            raise ValueError(f"SparseCoding: sparsity must be a finite number >= 0, got {sparsity!r}")
+        for name, size in (("dictionary_size", dictionary_size), ("input_size", input_size)):
+            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+                raise ValueError(f"SparseCoding: {name} must be a positive int, got {size!r}")
         # None (given or not) means the soft threshold of models.md.
         self._user_projection = iteration_kwargs.get("iteration_projection") is not None
         super().__init__(max_iterations=max_iterations, **iteration_kwargs)
@@ -455,6 +564,11 @@ class SparseCoding(_QuadraticLoopModule):
             lr = float(self.it_optim_kwargs["lr"])
             self.iteration_projection = SoftThreshold(lr * self.sparsity, min=0.0 if self.nonnegative else None)
         attrs = self.__dict__  # plain attributes: see MultiSimilarityMatching
+        self._note_ddp()
+        if x.dim() != 2 or x.shape[1] != self.input_size:
+            raise ValueError(
+                f"SparseCoding: x has shape {tuple(x.shape)}, but (batch, input_size={self.input_size}) is expected"
+            )
         with torch.no_grad():
             D = self.dictionary.detach()
             attrs["_A"] = D.T @ D
@@ -494,5 +608,7 @@ class SparseCoding(_QuadraticLoopModule):
 
         Differentiable in ``D``; ``x`` is ``(B, input_size)``, ``codes`` ``(B, K)``.
         """
+        _check_nonempty("SparseCoding.loss", codes)
+        self._check_loss_inside_ddp()
         recon = 0.5 * ((x - codes @ self.dictionary.T) ** 2).sum(dim=1)
         return (recon + self.sparsity * codes.abs().sum(dim=1)).mean()

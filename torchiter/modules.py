@@ -27,14 +27,15 @@ _ENGINE = torch.autograd.Variable._execution_engine
 _ONES: Dict[Any, torch.Tensor] = {}
 
 
-def _backward(loss: torch.Tensor) -> None:
+def _backward(loss: Any, module: nn.Module) -> None:
     """``loss.backward()`` for a scalar loss, without its Python wrapper.
 
     ``Tensor.backward`` spends about 5 µs in Python (argument handling, a new
     seed gradient) before it reaches the autograd engine, a tenth of a small
     iteration; the engine is called directly with a cached seed. Anything
-    unusual (a tensor subclass, a non-scalar or graph-less loss) takes
-    ``loss.backward()`` itself, with its checks and error messages.
+    unusual (a tensor subclass, a one-element loss) takes ``loss.backward()``
+    itself; a loss that is not a scalar tensor differentiable in the iteration
+    parameters is an error naming ``iteration_loss``.
     """
     if type(loss) is torch.Tensor and loss.grad_fn is not None and loss.dim() == 0:
         key = (loss.dtype, loss.device)
@@ -42,8 +43,29 @@ def _backward(loss: torch.Tensor) -> None:
         if one is None:
             one = _ONES[key] = torch.ones((), dtype=loss.dtype, device=loss.device)
         _ENGINE.run_backward((loss,), (one,), False, False, (), allow_unreachable=True, accumulate_grad=True)
-    else:
-        loss.backward()
+        return
+    name = f"{type(module).__name__}.iteration_loss()"
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(f"{name} must return a scalar tensor, got {type(loss).__name__}")
+    if loss.numel() != 1:
+        raise ValueError(f"{name} must return a scalar tensor, got shape {tuple(loss.shape)}")
+    if not loss.requires_grad:
+        raise ValueError(
+            f"{name} does not depend on the iteration parameters (its result does not "
+            "require grad): compute it from the tensors of iteration_parameters()"
+        )
+    loss.backward()
+
+
+def _normal_tensor(x: Any) -> Any:
+    """``x``, or a normal copy of it if it is an inference tensor (autograd refuses those)."""
+    if isinstance(x, torch.Tensor) and x.is_inference():
+        return x.clone()
+    return x
+
+
+def _normal_tensors(xs: Any) -> Any:
+    return tuple(_normal_tensor(x) for x in xs)
 
 
 class _DefaultLr(float):
@@ -145,17 +167,37 @@ class IterationModule(nn.Module):
         # Plain attribute writes through __dict__ skip nn.Module.__setattr__,
         # which costs about a microsecond per call.
         attrs = self.__dict__
-        attrs["iteration_idx"] = -1
-        self._call_hooks(self.hooks["pre"])
+        # One forward at a time per instance: a nested call (from a hook) or
+        # a second thread would overwrite the saved flags and optimizer state
+        # of the running one. setdefault is atomic under the GIL.
+        token = object()
+        if attrs.setdefault("_it_running", token) is not token:
+            raise RuntimeError(
+                f"{type(self).__name__}.forward is already running on this instance (called "
+                "again from one of its hooks or iteration methods, or from another thread); "
+                "iteration modules keep per-forward state: use one instance per thread "
+                "(copy.deepcopy) and do not call forward from inside its own loop"
+            )
         try:
-            self.pre_iteration(*args, **kwargs)
-            self._run_iterations(*args, **kwargs)
-            retval = self.post_iteration(*args, **kwargs)
-        except BaseException:
-            self._abort_iteration()
-            raise
-        self._call_hooks(self.hooks["post"])
-        return retval
+            attrs["iteration_idx"] = -1
+            self._call_hooks(self.hooks["pre"])
+            try:
+                self.pre_iteration(*args, **kwargs)
+                self._run_iterations(*args, **kwargs)
+                retval = self.post_iteration(*args, **kwargs)
+            except BaseException:
+                self._abort_iteration()
+                raise
+            self._call_hooks(self.hooks["post"])
+            return retval
+        finally:
+            del attrs["_it_running"]
+
+    def __getstate__(self) -> Dict[str, Any]:
+        # A copy made during a forward (by a hook) is a module at rest.
+        state = dict(super().__getstate__())
+        state.pop("_it_running", None)
+        return state
 
     def _run_iterations(self, *args: Any, **kwargs: Any) -> None:
         """The loop of ``forward``: iteration, hooks, convergence test.
@@ -379,7 +421,7 @@ class IterationLossModule(IterationModule):
         else:
             optimizer.zero_grad()
         loss = self.iteration_loss(*args, **kwargs)
-        _backward(loss)
+        _backward(loss, self)
         # Kept as is (its graph is already freed by backward): detaching
         # costs more than a microsecond per iteration; reading it converts.
         # A loss that shares memory with the state (a view of it, or the state
@@ -410,6 +452,38 @@ class IterationLossModule(IterationModule):
             scheduler.step()
         if projection is not None and (fast is None or fast[3] is None):
             project_(self.iteration_parameters(), projection)
+
+    def _run_iterations(self, *args: Any, **kwargs: Any) -> None:
+        """The loop, with the autograd modes it needs whatever the caller's.
+
+        The loss is differentiated in every iteration, so under
+        ``torch.no_grad()`` or ``torch.inference_mode()`` (evaluation code)
+        gradients are enabled for the loop alone; inference-tensor inputs are
+        then copied to normal tensors for it. Autocast's cache of
+        low-precision copies is off during the loop: it would keep serving the
+        first iteration's copy of parameters that change in place.
+        """
+        autocast_cache = torch.is_autocast_cache_enabled()
+        if autocast_cache:
+            torch.set_autocast_cache_enabled(False)
+        try:
+            if torch.is_grad_enabled() or not self._loop_uses_autograd():
+                super()._run_iterations(*args, **kwargs)
+            elif torch.is_inference_mode_enabled():
+                with torch.inference_mode(False):
+                    args, kwargs = _normal_tensors(args), {k: _normal_tensor(v) for k, v in kwargs.items()}
+                    with torch.enable_grad():
+                        super()._run_iterations(*args, **kwargs)
+            else:
+                with torch.enable_grad():
+                    super()._run_iterations(*args, **kwargs)
+        finally:
+            if autocast_cache:
+                torch.set_autocast_cache_enabled(True)
+
+    def _loop_uses_autograd(self) -> bool:
+        # Subclasses that set gradients by hand need no autograd mode.
+        return type(self).iteration_set_gradients is IterationLossModule.iteration_set_gradients
 
     def pre_iteration(self, *args: Any, **kwargs: Any) -> None:
         """Prepares the iteration parameters, the flags and the optimizer.
@@ -489,6 +563,13 @@ class IterationLossModule(IterationModule):
                     f"{name}.iteration_parameters()[{i}] is also a trainable parameter of "
                     "the module (requires_grad=True), so the outer optimizer would train "
                     "it too; register it as a buffer instead"
+                )
+            if p.is_inference() and (self._loop_uses_autograd() or not torch.is_inference_mode_enabled()):
+                raise ValueError(
+                    f"{name}.iteration_parameters()[{i}] is an inference tensor (made under "
+                    "torch.inference_mode()), which cannot be updated in place outside inference "
+                    "mode nor differentiated; create it outside inference mode (e.g. register it "
+                    "as a buffer in __init__)"
                 )
             if not p.is_leaf:
                 raise ValueError(

@@ -2,8 +2,9 @@
 
 The wrappers add keyword defaults and docstrings only; they call
 ``torch.ops.torchiter.<name>`` (not ``.default``) so that they stay scriptable
-and resolve the ``Tensor lr`` overload of :func:`sgd_step_` by type. In
-TorchScript, prefer :func:`sgd_step_` here over the raw op: see the note in it.
+and resolve the ``Tensor lr`` overload of :func:`sgd_step_` by type. The raw
+ops work the same in TorchScript: scripted calls of ``sgd_step_`` bind to
+entry points with side effects, so a graph never drops the step.
 """
 
 from typing import List, Optional, Tuple, Union
@@ -60,7 +61,11 @@ def sgd_step_(
 
     Raises:
         RuntimeError: on bad input, naming the argument; raised before any
-            tensor is written.
+            tensor is written. Rejected too: a written tensor (param or
+            buffer) that shares memory with any other tensor of the call or
+            with itself, an inference tensor outside inference mode, and a
+            param or buffer that requires grad while grad mode is on (call the
+            step under ``torch.no_grad()``, as optimizers do).
     """
     # A tensor lr must reach the Tensor overload, never be read as a float (a
     # host synchronisation on CUDA). TorchScript refines lr's Union type per
@@ -77,17 +82,16 @@ def sgd_step_(
                 params, grads, momentum_buffers, lr, momentum, dampening, weight_decay,
                 nesterov, maximize, first_step, shrink, min, max,
             )
-    else:
+    elif torch.jit.is_scripting():
         torch.ops.torchiter.sgd_step_(
             params, grads, momentum_buffers, lr, momentum, dampening, weight_decay,
             nesterov, maximize, first_step, shrink, min, max,
         )
-    if torch.jit.is_scripting():
-        # TorchScript's alias analysis sees a write to `Tensor(a!)[]` as a write
-        # to the list only (torch._foreach_add_ is hit the same way), and its
-        # dead-code elimination drops the step when the list was built in the
-        # graph. Reading the list afterwards keeps the step alive.
-        torch._assert(len(params) >= 0, "unreachable")
+    else:
+        torch.ops.torchiter.sgd_step_.default(
+            params, grads, momentum_buffers, lr, momentum, dampening, weight_decay,
+            nesterov, maximize, first_step, shrink, min, max,
+        )
 
 
 def quadratic_descent(

@@ -163,19 +163,22 @@ def fused_sgd_step(
             calls.append((new_p, new_g, new_b, options, True))
     shrink, lo, hi = projection_args
     packet = torch.ops.torchiter.sgd_step_
-    for i, (params, grads, bufs, options, first_step) in enumerate(calls):
-        lr, momentum, dampening, weight_decay, nesterov, maximize = options
-        # The overload named outright: no overload matching at all.
-        op = packet.tensor_lr if isinstance(lr, torch.Tensor) else packet.default
-        try:
-            op(params, grads, bufs, lr, momentum, dampening, weight_decay,
-               nesterov, maximize, first_step, shrink, lo, hi)
-        except RuntimeError:
-            # The op checks all input before writing, so after a failed first
-            # call nothing has changed and the generic step can take over.
-            if i == 0:
-                return False
-            raise
+    # The params require grad; like torch.optim's steps, the update is not
+    # recorded by autograd (the op refuses to run where it would be).
+    with torch.no_grad():
+        for i, (params, grads, bufs, options, first_step) in enumerate(calls):
+            lr, momentum, dampening, weight_decay, nesterov, maximize = options
+            # The overload named outright: no overload matching at all.
+            op = packet.tensor_lr if isinstance(lr, torch.Tensor) else packet.default
+            try:
+                op(params, grads, bufs, lr, momentum, dampening, weight_decay,
+                   nesterov, maximize, first_step, shrink, lo, hi)
+            except RuntimeError:
+                # The op checks all input before writing, so after a failed first
+                # call nothing has changed and the generic step can take over.
+                if i == 0:
+                    return False
+                raise
     for p, buf in new_buffers:
         state[p]["momentum_buffer"] = buf
     if skipped and projection is not None and projection_args != _NO_PROJECTION:

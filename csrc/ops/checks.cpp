@@ -4,8 +4,14 @@
 #include "ops.h"
 
 #include <ATen/MemoryOverlap.h>
+#include <c10/core/GradMode.h>
+#include <c10/core/InferenceMode.h>
+#include <c10/util/SmallVector.h>
 
+#include <algorithm>
 #include <cmath>
+#include <numeric>
+#include <string_view>
 
 namespace torchiter {
 namespace {
@@ -55,6 +61,191 @@ void check_companion(
   TORCH_CHECK(
       t.device() == p.device(), op, ": ", list, "[", i, "] is on ",
       t.device(), " but params[", i, "] is on ", p.device());
+}
+
+
+// ---- Memory overlap ---------------------------------------------------------
+// ATen's has_internal_overlap / get_overlap_status answer "too hard" for any
+// view that is not dense (a slice, an as_strided view), which is exactly where
+// silent aliasing hides. The checks below are exact: a cheap sufficient test
+// first, and an element-by-element comparison of byte offsets only for the
+// rare views that fail it. They read sizes and strides only, never data, so
+// they cost no device synchronisation.
+
+bool symbolic(const at::Tensor& t) {
+  return t.unsafeGetTensorImpl()->has_symbolic_sizes_strides();
+}
+
+// Byte offsets (from the storage start) of every element of t, sorted.
+std::vector<int64_t> element_offsets(const at::Tensor& t) {
+  const int64_t itemsize = static_cast<int64_t>(t.element_size());
+  std::vector<int64_t> offs;
+  offs.reserve(static_cast<size_t>(t.numel()));
+  const int64_t nd = t.dim();
+  std::vector<int64_t> idx(static_cast<size_t>(nd), 0);
+  const auto sizes = t.sizes();
+  const auto strides = t.strides();
+  int64_t off = t.storage_offset();
+  for (int64_t n = 0; n < t.numel(); ++n) {
+    offs.push_back(off * itemsize);
+    for (int64_t d = nd - 1; d >= 0; --d) {
+      if (++idx[d] < sizes[d]) {
+        off += strides[d];
+        break;
+      }
+      off -= (sizes[d] - 1) * strides[d];
+      idx[d] = 0;
+    }
+  }
+  std::sort(offs.begin(), offs.end());
+  return offs;
+}
+
+// True when some element of t is also another element of t.
+bool overlaps_itself(const at::Tensor& t) {
+  if (t.numel() <= 1) {
+    return false;
+  }
+  const auto quick = at::has_internal_overlap(t);
+  if (quick != at::MemOverlap::TooHard) {
+    return quick == at::MemOverlap::Yes;
+  }
+  // Sufficient for no overlap: with the dims ordered by stride, each stride
+  // exceeds the span of all smaller ones (true of every slice of a dense
+  // tensor).
+  c10::SmallVector<std::pair<int64_t, int64_t>, 8> dims; // (stride, size)
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    if (t.size(d) > 1) {
+      dims.emplace_back(t.stride(d), t.size(d));
+    }
+  }
+  std::sort(dims.begin(), dims.end());
+  int64_t span = 0; // largest offset reachable with the smaller dims
+  bool separated = true;
+  for (const auto& [stride, size] : dims) {
+    if (stride <= span) {
+      separated = false;
+      break;
+    }
+    span += (size - 1) * stride;
+  }
+  if (separated) {
+    return false;
+  }
+  const auto offs = element_offsets(t);
+  return std::adjacent_find(offs.begin(), offs.end()) != offs.end();
+}
+
+// One tensor of a call as a byte range of its storage.
+struct MemoryRange {
+  const void* storage;
+  int64_t begin, end; // bytes, [begin, end)
+  const at::Tensor* t;
+  const char* list;
+  size_t index;
+  bool written;
+};
+
+// Whether two tensors of one storage whose byte ranges intersect have an
+// element in common. Dense tensors fill their range, so only views with gaps
+// (slices, strided views) need the element-by-element comparison.
+bool share_elements(const at::Tensor& a, const at::Tensor& b) {
+  if (a.is_non_overlapping_and_dense() && b.is_non_overlapping_and_dense()) {
+    return true;
+  }
+  const int64_t ia = static_cast<int64_t>(a.element_size());
+  const int64_t ib = static_cast<int64_t>(b.element_size());
+  const auto oa = element_offsets(a);
+  const auto ob = element_offsets(b);
+  // Merge the two sorted lists of [offset, offset + itemsize) intervals; an
+  // element of one starting inside an element of the other is shared memory.
+  size_t i = 0, j = 0;
+  while (i < oa.size() && j < ob.size()) {
+    if (oa[i] < ob[j] + ib && ob[j] < oa[i] + ia) {
+      return true;
+    }
+    if (oa[i] < ob[j]) {
+      ++i;
+    } else {
+      ++j;
+    }
+  }
+  return false;
+}
+
+// Rejects calls in which a written tensor shares memory with any other tensor
+// of the call (grads may share memory with each other: they are only read).
+void check_no_shared_memory(
+    const char* op,
+    at::TensorList params,
+    at::TensorList grads,
+    at::TensorList bufs) {
+  c10::SmallVector<MemoryRange, 16> ranges;
+  auto add = [&](at::TensorList list, const char* name, bool written) {
+    for (size_t i = 0; i < list.size(); ++i) {
+      const at::Tensor& t = list[i];
+      if (t.numel() == 0 || !t.has_storage() || symbolic(t)) {
+        continue;
+      }
+      int64_t last = t.storage_offset();
+      for (int64_t d = 0; d < t.dim(); ++d) {
+        last += (t.size(d) - 1) * t.stride(d);
+      }
+      const int64_t itemsize = static_cast<int64_t>(t.element_size());
+      ranges.push_back(MemoryRange{
+          t.storage().unsafeGetStorageImpl(), t.storage_offset() * itemsize,
+          (last + 1) * itemsize, &t, name, i, written});
+    }
+  };
+  add(params, "params", true);
+  add(grads, "grads", false);
+  add(bufs, "momentum_buffers", true);
+  if (ranges.size() < 2) {
+    return;
+  }
+  std::sort(ranges.begin(), ranges.end(), [](const MemoryRange& x, const MemoryRange& y) {
+    return std::less<const void*>()(x.storage, y.storage) ||
+        (x.storage == y.storage && x.begin < y.begin);
+  });
+  for (size_t i = 0; i < ranges.size(); ++i) {
+    const MemoryRange& a = ranges[i];
+    for (size_t j = i + 1; j < ranges.size(); ++j) {
+      const MemoryRange& b = ranges[j];
+      if (b.storage != a.storage || b.begin >= a.end) {
+        break;
+      }
+      if ((a.written || b.written) && share_elements(*a.t, *b.t)) {
+        // Name the two in the order of the call's arguments.
+        const bool a_first = std::string_view(a.list) == std::string_view(b.list)
+            ? a.index < b.index
+            : std::string_view(a.list) == "params" ||
+                (std::string_view(a.list) == "grads" && std::string_view(b.list) != "params");
+        const MemoryRange& x = a_first ? a : b;
+        const MemoryRange& y = a_first ? b : a;
+        TORCH_CHECK(
+            false, op, ": ", y.list, "[", y.index, "] shares memory with ",
+            x.list, "[", x.index,
+            "] (the same tensor twice, or overlapping views of one storage); "
+            "every tensor of one call needs memory of its own");
+      }
+    }
+  }
+}
+
+// Rejects in-place writes that torch's own in-place ops would refuse, before
+// anything is written: inference tensors outside inference mode, and tensors
+// that require grad while grad mode records (the step is not differentiable,
+// so autograd would silently miss it).
+void check_writable(const char* op, const char* list, size_t i, const at::Tensor& t) {
+  TORCH_CHECK(
+      !t.is_inference() || c10::InferenceMode::is_enabled(), op, ": ", list,
+      "[", i, "] is an inference tensor (made under torch.inference_mode()) "
+      "and cannot be updated in place outside inference mode");
+  TORCH_CHECK(
+      !(t.requires_grad() && at::GradMode::is_enabled()), op, ": ", list, "[",
+      i, "] requires grad and grad mode is enabled; the step is not "
+      "differentiable: call it under torch.no_grad(), as torch.optim "
+      "optimizers do");
 }
 
 } // namespace
@@ -111,18 +302,21 @@ void check_sgd_step(
         p.device(), " but params[0] is on ", params[0].device(),
         " (all tensors must live on one device)");
     TORCH_CHECK(
-        at::has_internal_overlap(p) != at::MemOverlap::Yes, op, ": params[",
-        i, "] has overlapping memory (an expanded view?) and cannot be "
-        "updated in place");
+        symbolic(p) || !overlaps_itself(p), op, ": params[", i,
+        "] has elements that share memory (an expanded or as_strided view?) "
+        "and cannot be updated in place");
+    check_writable(op, "params", i, p);
     check_companion("grads", i, grads[i], p);
     if (!bufs.empty()) {
       check_companion("momentum_buffers", i, bufs[i], p);
       TORCH_CHECK(
-          at::has_internal_overlap(bufs[i]) != at::MemOverlap::Yes, op,
-          ": momentum_buffers[", i, "] has overlapping memory and cannot be "
-          "updated in place");
+          symbolic(bufs[i]) || !overlaps_itself(bufs[i]), op,
+          ": momentum_buffers[", i, "] has elements that share memory and "
+          "cannot be updated in place");
+      check_writable(op, "momentum_buffers", i, bufs[i]);
     }
   }
+  check_no_shared_memory(op, params, grads, bufs);
 }
 
 void check_sgd_lr_tensor(
@@ -216,30 +410,43 @@ void check_quadratic_descent(
         ": lrs must be a floating tensor, got dtype ", l.scalar_type());
     TORCH_CHECK(
         l.dim() == 1, op, ": lrs must be 1-D, got shape ", l.sym_sizes());
+    // A device without data (meta) would pick its kernel by lrs alone and
+    // hand back uninitialised memory; any other device would read host
+    // memory on it.
+    TORCH_CHECK(
+        l.device().is_cpu() || l.device() == y0.device(), op,
+        ": lrs must be on the CPU or on y0's device (", y0.device(),
+        "), got lrs on ", l.device());
     TORCH_CHECK(
         l.sym_numel() >= a.max_iterations, op, ": lrs has ", l.sym_numel(),
         " entries but max_iterations is ", a.max_iterations);
   }
 }
 
-std::vector<double> host_learning_rates(
+LearningRates::LearningRates(
     const std::optional<at::Tensor>& lrs,
-    const QuadraticDescentArgs& a) {
-  std::vector<double> out(static_cast<size_t>(a.max_iterations), a.lr);
+    const QuadraticDescentArgs& a)
+    : lr_(a.lr), max_iterations_(a.max_iterations) {
   if (lrs.has_value() && lrs->defined() && a.max_iterations > 0) {
-    at::Tensor h = lrs->detach()
-                       .narrow(0, 0, a.max_iterations)
-                       .to(at::kCPU, at::kDouble)
-                       .contiguous();
-    const double* p = h.const_data_ptr<double>();
-    for (int64_t k = 0; k < a.max_iterations; ++k) {
-      TORCH_CHECK(
-          std::isfinite(p[k]) && p[k] >= 0, "torchiter.quadratic_descent: ",
-          "lrs[", k, "] must be a finite number >= 0, got ", p[k]);
-      out[static_cast<size_t>(k)] = p[k];
-    }
+    lrs_ = lrs->detach();
   }
-  return out;
+}
+
+void LearningRates::load(int64_t k) {
+  // Blocks double in size: a loop that stops early reads little, a long one
+  // few times (each read of a device tensor is one synchronisation).
+  const int64_t n = std::min(next_block_, max_iterations_ - k);
+  TORCH_CHECK(n > 0, "torchiter.quadratic_descent: iteration ", k, " is past max_iterations");
+  next_block_ = std::min<int64_t>(next_block_ * 2, int64_t{1} << 16);
+  const at::Tensor h = lrs_.narrow(0, k, n).to(at::kCPU, at::kDouble).contiguous();
+  const double* p = h.const_data_ptr<double>();
+  block_.assign(p, p + n);
+  block_start_ = k;
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(
+        std::isfinite(p[i]) && p[i] >= 0, "torchiter.quadratic_descent: ",
+        "lrs[", k + i, "] must be a finite number >= 0, got ", p[i]);
+  }
 }
 
 bool same_dense_layout(

@@ -70,12 +70,37 @@ void check_quadratic_descent(
     const QuadraticDescentArgs& args,
     c10::ArrayRef<at::ScalarType> supported_dtypes);
 
-// The per-iteration learning rates of quadratic_descent on the host:
-// lrs[0 .. max_iterations) when given, else `lr` repeated. Values must be
-// finite and non-negative.
-std::vector<double> host_learning_rates(
-    const std::optional<at::Tensor>& lrs,
-    const QuadraticDescentArgs& args);
+// The per-iteration learning rates of quadratic_descent on the host: lrs[k]
+// when lrs is given, else `lr`. The tensor is read in blocks as the loop
+// reaches them (each value checked to be finite and >= 0 before it is used),
+// so time and memory follow the iterations run, not max_iterations.
+class LearningRates {
+ public:
+  LearningRates(const std::optional<at::Tensor>& lrs, const QuadraticDescentArgs& args);
+  // True when the rates come from `lrs`.
+  bool scheduled() const {
+    return lrs_.defined();
+  }
+  // The rate of iteration k, 0 <= k < max_iterations.
+  double at(int64_t k) {
+    if (!lrs_.defined()) {
+      return lr_;
+    }
+    if (k < block_start_ || k >= block_start_ + static_cast<int64_t>(block_.size())) {
+      load(k);
+    }
+    return block_[static_cast<size_t>(k - block_start_)];
+  }
+
+ private:
+  void load(int64_t k);
+  at::Tensor lrs_;
+  double lr_;
+  int64_t max_iterations_;
+  int64_t block_start_ = 0;
+  int64_t next_block_ = 256;
+  std::vector<double> block_;
+};
 
 // Sizes of y viewed as (B, C, S): S is the product of the spatial dims.
 struct BCS {

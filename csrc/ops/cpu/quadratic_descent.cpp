@@ -212,7 +212,7 @@ struct Layout {
 template <typename T>
 std::tuple<at::Tensor, at::Tensor> run(
     const at::Tensor& y0, const at::Tensor& A_in, const at::Tensor& b_in,
-    const QuadraticDescentArgs& args, const std::vector<double>& lrs) {
+    const QuadraticDescentArgs& args, LearningRates& lrs) {
   constexpr int64_t W = Vectorized<T>::size();
   const auto [B, C, S] = bcs_sizes(y0);
   // Few spatial positions: gather all (batch, spatial) positions into one
@@ -282,7 +282,14 @@ std::tuple<at::Tensor, at::Tensor> run(
   if (!stop_test && !gemm) {
     // Blocked: each tile is copied into three tile-local C x T_w blocks
     // (allocated once per task, never per iteration) and runs all K
-    // iterations there before its result is written back.
+    // iterations there before its result is written back. Without a stop
+    // test all K iterations run, so a schedule's rates are read up front
+    // (every tile needs them).
+    const T lr = static_cast<T>(args.lr);
+    std::vector<T> tile_lrs(lrs.scheduled() ? static_cast<size_t>(K) : 0);
+    for (size_t k = 0; k < tile_lrs.size(); ++k) {
+      tile_lrs[k] = static_cast<T>(lrs.at(static_cast<int64_t>(k)));
+    }
     T* y = Y.data_ptr<T>();
     at::parallel_for(0, ntiles, std::max<int64_t>(1, grain / std::max<int64_t>(K, 1)), [&](int64_t t0, int64_t t1) {
       std::vector<T> local(static_cast<size_t>(3 * C * T_w));
@@ -300,7 +307,7 @@ std::tuple<at::Tensor, at::Tensor> run(
         T* dst = nxt;
         for (int64_t k = 0; k < K; ++k) {
           panel_step<T, false>(pn, src, bl, dst, T_w, n, valid,
-                               static_cast<T>(lrs[static_cast<size_t>(k)]));
+                               tile_lrs.empty() ? lr : tile_lrs[static_cast<size_t>(k)]);
           std::swap(src, dst);
         }
         for (int64_t c = 0; c < C; ++c) {
@@ -319,7 +326,7 @@ std::tuple<at::Tensor, at::Tensor> run(
     at::Tensor dst_t = Y2;
     for (int64_t k = 0; k < K; ++k) {
       const bool check = stop_test && k >= 1 && k % args.check_every == 0;
-      const T lr = static_cast<T>(lrs[static_cast<size_t>(k)]);
+      const T lr = static_cast<T>(lrs.at(k));
       const T* src = src_t.const_data_ptr<T>();
       T* dst = dst_t.data_ptr<T>();
       if (gemm) {
@@ -389,7 +396,10 @@ std::tuple<at::Tensor, at::Tensor> quadratic_descent_cpu(
   const QuadraticDescentArgs args{lr, max_iterations, tol, check_every,
                                   shrink, min, max};
   check_quadratic_descent(y0, A, b, lrs, args, {at::kFloat, at::kDouble});
-  const std::vector<double> host_lrs = host_learning_rates(lrs, args);
+  TORCH_CHECK(
+      y0.device().is_cpu(), "torchiter.quadratic_descent: the CPU kernel got y0 on ",
+      y0.device());
+  LearningRates host_lrs(lrs, args);
   at::Tensor y0d = y0.detach();
   if (y0.numel() == 0) {
     return {y0d.clone(at::MemoryFormat::Contiguous),

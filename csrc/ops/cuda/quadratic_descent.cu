@@ -275,7 +275,7 @@ template <typename T>
 bool run_blocked(
     const at::Tensor& y3, const at::Tensor& A, const at::Tensor& b3,
     at::Tensor& out, const QuadraticDescentArgs& args,
-    const std::vector<double>* host_lrs, cudaStream_t stream) {
+    LearningRates& lrs, cudaStream_t stream) {
   const int64_t B = y3.size(0);
   const int C = static_cast<int>(y3.size(1));
   const int64_t S = y3.size(2);
@@ -304,12 +304,12 @@ bool run_blocked(
     // The per-iteration rates, cast to T on the host (as the CPU kernel
     // does), reach the device through pinned memory without a sync.
     at::Tensor lrs_dev;
-    if (host_lrs) {
+    if (lrs.scheduled()) {
       at::Tensor h = at::empty(
           {K}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value).pinned_memory(true));
       T* hp = h.data_ptr<T>();
       for (int64_t k = 0; k < K; ++k) {
-        hp[k] = static_cast<T>((*host_lrs)[static_cast<size_t>(k)]);
+        hp[k] = static_cast<T>(lrs.at(k));
       }
       lrs_dev = h.to(y3.options(), /*non_blocking=*/true);
     }
@@ -329,7 +329,7 @@ template <typename T>
 int64_t run_sweeps(
     const at::Tensor& y3, const at::Tensor& A, const at::Tensor& b3,
     at::Tensor& out, const QuadraticDescentArgs& args,
-    const std::vector<double>* host_lrs, cudaStream_t stream) {
+    LearningRates& lrs, cudaStream_t stream) {
   const int64_t B = y3.size(0);
   const int64_t C = y3.size(1);
   const int64_t S = y3.size(2);
@@ -362,7 +362,7 @@ int64_t run_sweeps(
   int64_t iterations = K;
   for (int64_t k = 0; k < K; ++k) {
     const bool check = stop_test && k >= 1 && k % args.check_every == 0;
-    const T neg_lr = -static_cast<T>(host_lrs ? (*host_lrs)[static_cast<size_t>(k)] : args.lr);
+    const T neg_lr = -static_cast<T>(lrs.at(k));
     unsigned long long* dmax = check ? dmax_ptr : nullptr;
     if (check) {
       C10_CUDA_CHECK(cudaMemsetAsync(dmax, 0, sizeof(unsigned long long), stream));
@@ -405,7 +405,7 @@ int64_t run_sweeps(
 template <typename T>
 std::tuple<at::Tensor, at::Tensor> run(
     const at::Tensor& y0, const at::Tensor& A_in, const at::Tensor& b_in,
-    const QuadraticDescentArgs& args, const std::vector<double>* host_lrs) {
+    const QuadraticDescentArgs& args, LearningRates& lrs) {
   const auto [B, C, S] = bcs_sizes(y0);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   // (B, C, S) views of the inputs (copies only where the spatial dims do not
@@ -416,9 +416,9 @@ std::tuple<at::Tensor, at::Tensor> run(
   at::Tensor out = at::empty(y0.sizes(), y0.options().memory_format(at::MemoryFormat::Contiguous));
   int64_t iterations = args.max_iterations;
   const bool blocked = C <= kMaxSmallC && args.tol == 0 &&
-      run_blocked<T>(y3, A, b3, out, args, host_lrs, stream);
+      run_blocked<T>(y3, A, b3, out, args, lrs, stream);
   if (!blocked) {
-    iterations = run_sweeps<T>(y3, A, b3, out, args, host_lrs, stream);
+    iterations = run_sweeps<T>(y3, A, b3, out, args, lrs, stream);
   }
   return {out, at::scalar_tensor(iterations, y0.options().dtype(at::kLong))};
 }
@@ -435,21 +435,17 @@ std::tuple<at::Tensor, at::Tensor> quadratic_descent_cuda(
       y0.is_cuda(), "torchiter.quadratic_descent: the CUDA kernel got y0 on ",
       y0.device());
   const c10::cuda::CUDAGuard guard(y0.device());
-  // Given rates are validated (finite, >= 0) before anything runs, like on
-  // the CPU. This reads lrs on the host: free when lrs is a CPU tensor, one
-  // sync before the loop when it lives on the GPU.
-  std::vector<double> host_lrs;
-  const bool has_lrs = lrs.has_value() && lrs->defined();
-  if (has_lrs) {
-    host_lrs = host_learning_rates(lrs, args);
-  }
+  // Given rates are read on the host in blocks as the loop reaches them, each
+  // validated (finite, >= 0) before use: free when lrs is a CPU tensor, one
+  // synchronisation per block when it lives on the GPU.
+  LearningRates host_lrs(lrs, args);
   const at::Tensor y0d = y0.detach();
   if (y0.numel() == 0 || max_iterations == 0) {
     return {y0d.clone(at::MemoryFormat::Contiguous),
             at::scalar_tensor(max_iterations, y0.options().dtype(at::kLong))};
   }
   return AT_DISPATCH_FLOATING_TYPES(y0.scalar_type(), "torchiter.quadratic_descent", [&] {
-    return run<scalar_t>(y0d, A.detach(), b.detach(), args, has_lrs ? &host_lrs : nullptr);
+    return run<scalar_t>(y0d, A.detach(), b.detach(), args, host_lrs);
   });
 }
 

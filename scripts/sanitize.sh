@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Builds torchiter with AddressSanitizer and UndefinedBehaviorSanitizer into a
+# separate folder (the normal build is left alone) and runs the op and module
+# tests against that build. Any report fails the run: UBSan aborts on the
+# first finding, ASan on the first bad access.
+# Usage: bash scripts/sanitize.sh [pytest arguments, default: the op and module tests]
+source "$(dirname "$0")/bootstrap.sh" pytest hypothesis
+set -euo pipefail
+cd "$ROOT"
+OUT="${TORCHITER_SANITIZE_DIR:-$ROOT/build-sanitize}"
+mkdir -p "$OUT"
+# A copy of the sources: an in-place build there cannot clobber the real one.
+# Timestamps are kept, so ninja recompiles only what changed since last time.
+rm -rf "$OUT/torchiter"
+cp -a csrc torchiter setup.py pyproject.toml "$OUT/"
+rm -f "$OUT"/torchiter/*.so
+SAN="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer"
+echo "== building torchiter with ASan + UBSan into $OUT"
+(cd "$OUT" && CFLAGS="$SAN" LDFLAGS="$SAN" FORCE_ONLY_CPU=1 MAX_JOBS="${MAX_JOBS:-2}" \
+  "$PY" setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1) || { tail -50 "$OUT/build.log"; exit 1; }
+# Python itself is not instrumented: the runtimes are preloaded. Leak checks
+# are off (the interpreter keeps its own allocations until exit).
+ASAN_LIB="$(gcc -print-file-name=libasan.so)"
+UBSAN_LIB="$(gcc -print-file-name=libubsan.so)"
+TESTS=("$@")
+if [ ${#TESTS[@]} -eq 0 ]; then
+  TESTS=(tests/test_sgd_step.py tests/test_quadratic_descent.py tests/test_no_silent_failures.py
+         tests/test_properties.py tests/test_modules.py tests/test_models.py)
+fi
+echo "== running under the sanitizers: ${TESTS[*]}"
+LD_PRELOAD="$ASAN_LIB:$UBSAN_LIB" \
+ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:halt_on_error=1:allocator_may_return_null=1" \
+UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1" \
+PYTHONPATH="$OUT${PYTHONPATH:+:$PYTHONPATH}" \
+  "$PY" -m pytest -q -p no:cacheprovider "${TESTS[@]}"
