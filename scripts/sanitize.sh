@@ -11,7 +11,7 @@ OUT="${TORCHITER_SANITIZE_DIR:-$ROOT/build-sanitize}"
 mkdir -p "$OUT"
 # A copy of the sources: an in-place build there cannot clobber the real one.
 # Timestamps are kept, so ninja recompiles only what changed since last time.
-rm -rf "$OUT/torchiter"
+rm -rf "$OUT/csrc" "$OUT/torchiter"
 cp -a csrc torchiter setup.py pyproject.toml "$OUT/"
 rm -f "$OUT"/torchiter/*.so
 SAN="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer"

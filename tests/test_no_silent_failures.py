@@ -225,6 +225,18 @@ class TestQuadraticDescentInputs:
         with pytest.raises(RuntimeError, match=r"lrs must be on the CPU or on y0's device"):
             OP.quadratic_descent(y0, A, b, 0.1, 5, 0.0, 1, torch.full((5,), 0.1, device="meta"))
 
+    def test_other_meta_arguments_are_rejected(self):
+        y0, A, b = torch.zeros(2, 3), torch.eye(3), torch.ones(2, 3)
+        with pytest.raises(RuntimeError, match=r"must live on one device"):
+            OP.quadratic_descent(y0, A.to("meta"), b, 0.1, 5)
+        p, g = torch.randn(4), torch.randn(4)
+        before = bits(p)
+        with pytest.raises(RuntimeError, match=r"lr is on meta but params\[0\] is on cpu"):
+            OP.sgd_step_.tensor_lr([p], [g], [], torch.tensor(0.1, device="meta"))
+        with pytest.raises(RuntimeError, match=r"grads\[0\] is on meta but params\[0\] is on cpu"):
+            OP.sgd_step_([p], [g.to("meta")], [], 0.1)
+        assert torch.equal(bits(p), before)
+
     def test_meta_y0_with_cpu_lrs_traces(self):
         y0, A, b = (t.to("meta") for t in (torch.zeros(2, 3), torch.eye(3), torch.ones(2, 3)))
         y, n = OP.quadratic_descent(y0, A, b, 0.1, 5, 0.0, 1, torch.full((5,), 0.1))

@@ -153,9 +153,10 @@ class _QuadraticLoopModule(IterationLossModule):
 
     def converged(self, *args: Any, **kwargs: Any) -> bool:
         """``max |y_k − y_{k−1}| < tol`` of the state from the second iteration on (needs ``tol > 0``)."""
-        if self.tol <= 0:
-            return False
         y = self._state().detach()
+        if self.tol <= 0 or y.numel() == 0:
+            # An empty batch has no change to test (the op runs it to the end too).
+            return False
         last = self._last_state
         if last is None:
             self._last_state = y.clone()

@@ -121,7 +121,8 @@ def quadratic_descent(
         b: linear term, same shape, dtype and device as ``y0``.
         lr: step size used when ``lrs`` is None, ``>= 0``.
         max_iterations: iteration budget, ``>= 0``.
-        tol: stop threshold on the largest change; 0 never stops early.
+        tol: stop threshold on the largest change; 0 never stops early (nor
+            does an empty ``y0``, which has no change to test).
         check_every: test for convergence only every this many iterations.
         lrs: optional 1-D floating tensor (any device) of at least
             ``max_iterations`` step sizes, e.g. a scheduler's sequence.

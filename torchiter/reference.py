@@ -1,6 +1,6 @@
 """Pure-PyTorch reference implementations of the torchiter ops.
 
-They follow ``shared/spec/ops.md`` literally, one tensor op at a time, and are
+They follow the op contract (``docs/ops.md``) literally, one tensor op at a time, and are
 what the tests compare the fused kernels against (in float64) and what the
 benchmarks time as the "plain PyTorch" baseline.
 """
@@ -70,14 +70,17 @@ def quadratic_descent_reference(
 ) -> Tuple[torch.Tensor, int]:
     """``torchiter.quadratic_descent`` as a plain per-iteration loop.
 
-    Returns ``(y, iterations)`` with ``iterations`` a Python int.
+    Returns ``(y, iterations)`` with ``iterations`` a Python int. An empty
+    ``y`` has no change to test, so it runs ``max_iterations`` (as the op does).
     """
     y = y0.clone()
     for k in range(max_iterations):
         step = float(lrs[k]) if lrs is not None else lr
         grad = torch.einsum("ij,bj...->bi...", A, y) - b
         y_new = project(y - step * grad, shrink, min, max)
-        done = tol > 0 and k >= 1 and k % check_every == 0 and bool((y_new - y).abs().max() < tol)
+        done = (
+            tol > 0 and k >= 1 and k % check_every == 0 and y.numel() > 0 and bool((y_new - y).abs().max() < tol)
+        )
         y = y_new
         if done:
             return y, k + 1
