@@ -59,6 +59,22 @@ def _cpu_isa() -> str:
     return "baseline"
 
 
+def _openmp_flags() -> list:
+    """-fopenmp when torch's parallel backend is OpenMP (its CPU wheels).
+
+    at::parallel_for is a header template: its ``#pragma omp parallel`` is
+    compiled into this library, so without -fopenmp every parallel loop runs
+    on one thread. The link then needs libgomp.so.1, which resolves to the
+    copy torch has already loaded (torch/lib), so torch.set_num_threads
+    governs these loops too.
+    """
+    import torch
+
+    if "OpenMP" not in torch.__config__.parallel_info() or platform.system() == "Darwin":
+        return []
+    return ["-fopenmp"]
+
+
 def _use_cuda() -> bool:
     if _flag("FORCE_ONLY_CPU") or _flag("TORCHITER_NO_CUDA"):
         return False
@@ -100,7 +116,7 @@ def extensions():
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "ops", "cuda", "*.cu")))
     # -ffp-contract=off: FMAs appear only where the kernels ask for them, so the
     # vector body and the partial-load tails round identically.
-    cxx = ["-O3", "-std=c++20", "-ffp-contract=off", "-fvisibility=hidden"]
+    cxx = ["-O3", "-std=c++20", "-ffp-contract=off", "-fvisibility=hidden"] + _openmp_flags()
     vec = _cpu_isa()
     cxx += _ISA_FLAGS[vec][1]
     macros = []
@@ -137,6 +153,7 @@ def extensions():
             sources,
             define_macros=macros,
             extra_compile_args=extra,
+            extra_link_args=_openmp_flags(),
         )
     ]
 
