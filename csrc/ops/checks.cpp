@@ -255,12 +255,4 @@ bool same_dense_layout(
   return g.strides() == p.strides() && (!buf || buf->strides() == p.strides());
 }
 
-BCS bcs_sizes(const at::Tensor& y) {
-  int64_t S = 1;
-  for (int64_t d = 2; d < y.dim(); ++d) {
-    S *= y.size(d);
-  }
-  return {y.size(0), y.size(1), S};
-}
-
 } // namespace torchiter
