@@ -20,13 +20,13 @@ SUPPORTED = torchiter._C._cpu_capabilities()
 ALL = ["default", "avx2", "avx512"]
 
 
-def _run(code, capability=None, **kw):
+def _run(code, capability=None, args=()):
     env = dict(os.environ)
     env.pop("TORCHITER_CPU_CAPABILITY", None)
     if capability is not None:
         env["TORCHITER_CPU_CAPABILITY"] = capability
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, **kw)
+    return subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=120)
 
 
 def test_widest_supported_variant_is_the_default():
@@ -138,3 +138,36 @@ def test_only_kernel_variants_use_wide_instructions():
             continue
         offenders.append(f"{n}: {sorted(used)}")
     assert not offenders, "wide instructions outside the kernel variants:\n" + "\n".join(offenders[:20])
+
+
+_SAME_RESULTS = """
+import sys
+import torch, torchiter
+torch.manual_seed(0)
+out = {}
+for dt in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+    p, g, b = (torch.randn(10007, dtype=torch.float64).to(dt) for _ in range(3))
+    torch.ops.torchiter.sgd_step_([p], [g], [b], 0.1, momentum=0.9, weight_decay=0.01, shrink=0.01, min=-0.5)
+    out[f"sgd_step_ {dt}"] = torch.stack([p, b])
+for dt in (torch.float32, torch.float64):
+    for shape in [(3, 50, 23, 23), (1000, 3), (64, 9, 7, 5)]:
+        y0, b = torch.randn(shape, dtype=dt), torch.randn(shape, dtype=dt)
+        A = torch.eye(shape[1], dtype=dt) + 0.01
+        out[f"blocked {dt} {shape}"] = torch.ops.torchiter.quadratic_descent(y0, A, b, 0.3, 20, min=0.0)[0]
+        out[f"sweeps {dt} {shape}"] = torch.ops.torchiter.quadratic_descent(y0, A, b, 0.3, 20, tol=1e-30, min=0.0)[0]
+torch.save(out, sys.argv[1])
+"""
+
+
+@pytest.mark.skipif(not {"avx2", "avx512"} <= set(SUPPORTED), reason="needs a CPU that runs both AVX2 and AVX-512")
+def test_avx2_and_avx512_variants_agree_bitwise(tmp_path):
+    # Both use vector FMA in the same order per element (a vector lane is one
+    # element or position), so only the width differs: the results must not.
+    results = {}
+    for cap in ("avx2", "avx512"):
+        path = tmp_path / f"{cap}.pt"
+        proc = _run(_SAME_RESULTS, capability=cap, args=[str(path)])
+        assert proc.returncode == 0, proc.stderr
+        results[cap] = torch.load(path)
+    for key, a in results["avx2"].items():
+        assert torch.equal(a, results["avx512"][key]), f"{key}: AVX2 and AVX-512 results differ"
