@@ -83,7 +83,9 @@ def test_sgd_step_writes_every_element_at_every_thread_count(restore_threads):
             assert torch.equal(p, torch.full_like(p, 0.75)), f"{threads} threads: params[{i}] not fully written"
 
 
-QD_SHAPES = [(3, 50, 23, 23), (4001, 3), (64, 9, 7, 5), (300, 160), (2, 150, 17, 3)]
+# Each splits into several parallel tasks on both paths: per-sample tiles
+# (C=50), batch-folded positions (few spatial ones), the GEMM path (C >= 128).
+QD_SHAPES = [(3, 50, 23, 23), (20001, 3), (64, 9, 7, 5), (3001, 130), (20, 140, 13, 11)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
@@ -107,7 +109,7 @@ def test_quadratic_descent_bitwise_equal_at_every_thread_count(dtype, shape, res
 
 
 def test_quadratic_descent_stop_test_same_count_at_every_thread_count(restore_threads):
-    y0, A, b = problem((5000, 4), dtype=torch.float32)
+    y0, A, b = problem((20000, 4), dtype=torch.float32)
     results = []
     for threads in THREADS:
         torch.set_num_threads(threads)
