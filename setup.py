@@ -2,9 +2,10 @@
 
 CUDA sources (``csrc/ops/cuda/*.cu``) are compiled when a CUDA toolkit is found
 and torch can use it, or when ``FORCE_CUDA=1``; ``FORCE_ONLY_CPU=1`` (or
-``TORCHITER_NO_CUDA=1``) opts out. CPU kernels are built for the widest vector
-instruction set of the build machine (AVX-512, else AVX2+FMA, else plain
-x86-64); ``TORCHITER_CPU_ISA=avx512|avx2|baseline`` chooses it.
+``TORCHITER_NO_CUDA=1``) opts out. On x86-64 the CPU kernels are built in three
+variants (plain x86-64, AVX2+FMA, AVX-512), whatever the build machine runs;
+the library picks one when it loads (``TORCHITER_CPU_CAPABILITY`` forces a
+narrower one). Elsewhere they are built once, on at::vec's portable code.
 Build against the installed torch: ``pip install --no-build-isolation .``
 """
 
@@ -22,41 +23,40 @@ def _flag(name: str) -> bool:
     return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
 
 
-# at::vec specialisations by instruction set, as ATen builds its own kernels:
-# each defines CPU_CAPABILITY, which puts at::vec in a namespace of its own.
-_ISA_FLAGS = {
-    "avx512": (["avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"],
-               ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
-                "-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"]),
-    "avx2": (["avx2", "fma"],
-             ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]),
-    "baseline": ([], []),
+# The CPU kernel files (csrc/ops/cpu/kernels/*.cpp) are compiled once per
+# instruction-set variant, as ATen builds its own kernels: CPU_CAPABILITY names
+# the variant and puts its code, at::vec included, in a namespace of that
+# name; csrc/ops/cpu/capability.cpp picks one at run time. Only these files
+# get instruction-set flags. Listed narrowest first: that is also the link
+# order, so where variants share an inline function of a header (a std::
+# template, say) the linker keeps the DEFAULT copy, which every CPU runs.
+KERNEL_DIR = os.path.join("csrc", "ops", "cpu", "kernels")
+CPU_VARIANTS = {
+    "default": ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"],
+    "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+               "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
 }
 
 
-def _cpu_isa() -> str:
-    """The widest instruction set of the build machine that the kernels use.
+def _x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64")
 
-    TORCHITER_CPU_ISA=avx512|avx2|baseline overrides it (baseline also via
-    TORCHITER_CPU_BASELINE=1), e.g. to build for other machines.
+
+def _openmp_flags() -> list:
+    """-fopenmp when torch's parallel backend is OpenMP (its CPU wheels).
+
+    at::parallel_for is a header template: its ``#pragma omp parallel`` is
+    compiled into this library, so without -fopenmp every parallel loop runs
+    on one thread. The link then needs libgomp.so.1, which resolves to the
+    copy torch has already loaded (torch/lib), so torch.set_num_threads
+    governs these loops too.
     """
-    forced = os.environ.get("TORCHITER_CPU_ISA") or ("baseline" if _flag("TORCHITER_CPU_BASELINE") else "")
-    if forced:
-        if forced not in _ISA_FLAGS:
-            raise SystemExit(f"TORCHITER_CPU_ISA must be one of {sorted(_ISA_FLAGS)}, got {forced!r}")
-        return forced
-    if platform.machine() not in ("x86_64", "AMD64"):
-        return "baseline"
-    try:
-        with open("/proc/cpuinfo") as f:
-            line = next((l for l in f if l.startswith("flags")), "")
-    except OSError:
-        return "baseline"
-    have = set(line.split(":", 1)[-1].split())
-    for isa in ("avx512", "avx2"):
-        if set(_ISA_FLAGS[isa][0]) <= have:
-            return isa
-    return "baseline"
+    import torch
+
+    if "OpenMP" not in torch.__config__.parallel_info() or platform.system() == "Darwin":
+        return []
+    return ["-fopenmp"]
 
 
 def _use_cuda() -> bool:
@@ -92,18 +92,49 @@ def _cuda_library_headers() -> None:
                 return
 
 
+class BuildExtension(cpp_extension.BuildExtension):
+    """torch's BuildExtension, plus the CPU kernel files once per variant.
+
+    Each variant is compiled by the same (ninja) compile step as the other
+    sources, into a folder of its own with its flags added, and its objects
+    are linked into the extension after the others.
+    """
+
+    def build_extension(self, ext):
+        variants = getattr(ext, "cpu_variants", None)
+        if variants:
+            kernels = sorted(glob.glob(os.path.join(KERNEL_DIR, "*.cpp")))
+            base = ext.extra_compile_args
+            objects = []
+            for name in variants:
+                flags = dict(base) if isinstance(base, dict) else {"cxx": list(base)}
+                flags["cxx"] = list(flags["cxx"]) + CPU_VARIANTS[name]
+                objects += self.compiler.compile(
+                    kernels,
+                    output_dir=os.path.join(self.build_temp, f"cpu_{name}"),
+                    macros=ext.define_macros,
+                    include_dirs=ext.include_dirs,
+                    debug=self.debug,
+                    extra_postargs=flags if self.use_ninja else flags["cxx"],
+                    depends=ext.depends,
+                )
+            ext.extra_objects = list(ext.extra_objects or []) + objects
+        super().build_extension(ext)
+
+
 def extensions():
     with_cuda = _use_cuda()
     sources = sorted(
-        glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "ops", "**", "*.cpp"), recursive=True)
+        p
+        for p in glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "ops", "**", "*.cpp"), recursive=True)
+        if os.path.dirname(p) != KERNEL_DIR
     )
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "ops", "cuda", "*.cu")))
     # -ffp-contract=off: FMAs appear only where the kernels ask for them, so the
     # vector body and the partial-load tails round identically.
-    cxx = ["-O3", "-std=c++20", "-ffp-contract=off", "-fvisibility=hidden"]
-    vec = _cpu_isa()
-    cxx += _ISA_FLAGS[vec][1]
-    macros = []
+    cxx = ["-O3", "-std=c++20", "-ffp-contract=off", "-fvisibility=hidden"] + _openmp_flags()
+    variants = list(CPU_VARIANTS) if _x86() else ["default"]
+    macros = [("TORCHITER_CPU_X86_VARIANTS", None)] if _x86() else []
     ext_cls = cpp_extension.CppExtension
     extra = {"cxx": cxx}
     if with_cuda:
@@ -130,15 +161,17 @@ def extensions():
                 # build for H100/H200. Set TORCH_CUDA_ARCH_LIST to override.
                 os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
     arch = f" (TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', 'visible GPUs')})" if with_cuda else ""
-    print(f"torchiter build: CPU kernels ({vec}), CUDA kernels: {'yes' if with_cuda else 'no'}{arch}")
-    return [
-        ext_cls(
-            "torchiter._C",
-            sources,
-            define_macros=macros,
-            extra_compile_args=extra,
-        )
-    ]
+    print(f"torchiter build: CPU kernel variants {', '.join(variants)}; CUDA kernels: {'yes' if with_cuda else 'no'}{arch}")
+    ext = ext_cls(
+        "torchiter._C",
+        sources,
+        define_macros=macros,
+        extra_compile_args=extra,
+        extra_link_args=_openmp_flags(),
+        depends=sorted(glob.glob(os.path.join("csrc", "**", "*.h"), recursive=True)),
+    )
+    ext.cpu_variants = variants
+    return [ext]
 
 
 setup(
@@ -147,7 +180,7 @@ setup(
     description="Fast iteration modules (forward pass = optimisation loop) for PyTorch",
     packages=find_packages(include=["torchiter", "torchiter.*"]),
     ext_modules=extensions(),
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.9",
     install_requires=["torch>=2.4"],
     zip_safe=False,

@@ -26,8 +26,12 @@ def machine_header(device: str = "cpu") -> str:
     if device == "cuda" and torch.cuda.is_available():
         dev = f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
     cmd = " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable)] + sys.argv)
+    import torchiter
+
+    forced = os.environ.get("TORCHITER_CPU_CAPABILITY")
+    isa = f"torchiter CPU kernels {torchiter.cpu_capability()}" + (f" (TORCHITER_CPU_CAPABILITY={forced})" if forced else "")
     return (
-        f"# machine: {dev}; {os.cpu_count()} cores, {torch.get_num_threads()} torch threads; "
+        f"# machine: {dev}; {os.cpu_count()} cores, {torch.get_num_threads()} torch threads; {isa}; "
         f"{platform.system()} {platform.machine()}; Python {platform.python_version()}; torch {torch.__version__}\n"
         f"# command: {cmd}"
     )

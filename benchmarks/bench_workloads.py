@@ -120,7 +120,7 @@ def main():
         ax.set_title(f"torchiter forward, {args.device}")
         fig.tight_layout()
         fig.savefig(args.plot, dpi=120)
-        print(f"# plot: {args.plot}")
+        print(f"# plot: {os.path.relpath(args.plot)}")
 
 
 if __name__ == "__main__":

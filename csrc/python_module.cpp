@@ -2,10 +2,13 @@
 // static initialisers register the ops; it also holds one Python entry point
 // for the per-iteration hot path. Kept apart from the op sources so the C++
 // build (examples/cpp) links the ops without libpython.
+#include "ops/cpu/capability.h"
+
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/extension.h>
 
 #include <optional>
+#include <string>
 #include <vector>
 
 namespace {
@@ -41,6 +44,27 @@ void sgd_step_no_momentum(
 } // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def(
+      "cpu_capability",
+      [] {
+        return torchiter::cpu::capability_name(
+            torchiter::cpu::cpu_kernels().capability);
+      },
+      "The instruction-set variant of the CPU kernels in use: 'avx512', "
+      "'avx2' or 'default' (plain x86-64, or at::vec's portable code off "
+      "x86). The widest one the CPU supports, unless the environment variable "
+      "TORCHITER_CPU_CAPABILITY names a narrower one.");
+  m.def(
+      "_cpu_capabilities",
+      [] {
+        std::vector<std::string> names;
+        for (auto c : torchiter::cpu::supported_capabilities()) {
+          names.push_back(torchiter::cpu::capability_name(c));
+        }
+        return names;
+      },
+      "The variants this build holds that the running CPU supports, "
+      "narrowest first.");
   m.def(
       "_sgd_step_no_momentum", &sgd_step_no_momentum,
       "torch.ops.torchiter.sgd_step_ with momentum 0, for the iteration "

@@ -94,13 +94,8 @@ TORCH_LIBRARY(torchiter, m) {
 namespace {
 void sgd_step_no_backend(
     at::TensorList params, at::TensorList grads, at::TensorList bufs,
-    double lr, double momentum, double dampening, double weight_decay,
-    bool nesterov, bool maximize, bool first_step, double shrink,
-    std::optional<double> min, std::optional<double> max) {
-  torchiter::check_sgd_step(
-      params, grads, bufs,
-      torchiter::SgdOptions{lr, momentum, dampening, weight_decay, nesterov,
-                            maximize, first_step, shrink, min, max});
+    double /*lr, in opt*/, const torchiter::SgdOptions& opt) {
+  torchiter::check_sgd_step(params, grads, bufs, opt);
   TORCH_CHECK(
       params.empty(), "torchiter.sgd_step_: no kernel for tensors on ",
       params[0].device(), " (was torchiter built with support for this device?)");
@@ -108,7 +103,7 @@ void sgd_step_no_backend(
 } // namespace
 
 TORCH_LIBRARY_IMPL(torchiter, CompositeExplicitAutograd, m) {
-  m.impl("sgd_step_", &sgd_step_no_backend);
+  m.impl("sgd_step_", &torchiter::sgd_step_entry<double, &sgd_step_no_backend>);
 }
 
 // sgd_step_ writes its params and momentum buffers in place. Like ATen's own

@@ -11,3 +11,5 @@ echo; echo "== benchmark: iteration modules, generic path vs the original loop"
 "$PY" benchmarks/bench_modules.py
 echo; echo "== benchmark: fused projected-SGD step"
 "$PY" benchmarks/bench_sgd_step.py
+echo; echo "== benchmark: thread scaling of the CPU kernels, conv kernel against the FMA peak"
+"$PY" benchmarks/bench_threads.py

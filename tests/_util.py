@@ -27,13 +27,10 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def cpu_has_vector_fma() -> bool:
-    """Whether the CPU kernels were built with FMA vectors (AVX2 or AVX-512)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return " fma" in flags and (" avx2" in flags or " avx512f" in flags)
+    """Whether the CPU kernel variant in use has FMA vectors (AVX2 or AVX-512)."""
+    import torchiter
+
+    return torchiter.cpu_capability() in ("avx2", "avx512")
 
 
 def sgd_option_grid(bounds):

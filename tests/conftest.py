@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-import torchiter  # noqa: F401  (registers the ops)
+import torchiter  # registers the ops
 
 
 def _devices():
@@ -12,6 +12,13 @@ def _devices():
 
 
 DEVICES = _devices()
+
+
+def pytest_report_header(config):
+    return (
+        f"torchiter CPU kernels: {torchiter.cpu_capability()} variant "
+        f"(this CPU runs: {', '.join(torchiter._C._cpu_capabilities())}); {torch.get_num_threads()} torch threads"
+    )
 
 
 @pytest.fixture(params=DEVICES)

@@ -3,6 +3,7 @@
 import torch  # noqa: F401  (loads libtorch before the op library)
 
 from . import _C  # noqa: F401  (registers torch.ops.torchiter.*)
+from ._C import cpu_capability
 from . import models, ops, optim, projections, reference, scripting
 from .modules import IterationLossModule, IterationModule
 from .optim import SGD
@@ -11,6 +12,7 @@ from .projections import Clamp, Projection, SoftThreshold
 __version__ = "0.1.0"
 
 __all__ = [
+    "cpu_capability",
     "models",
     "ops",
     "optim",

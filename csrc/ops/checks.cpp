@@ -434,6 +434,16 @@ LearningRates::LearningRates(
   }
 }
 
+double LearningRates::at(int64_t k) {
+  if (!lrs_.defined()) {
+    return lr_;
+  }
+  if (k < block_start_ || k >= block_start_ + static_cast<int64_t>(block_.size())) {
+    load(k);
+  }
+  return block_[static_cast<size_t>(k - block_start_)];
+}
+
 void LearningRates::load(int64_t k) {
   // Blocks double in size: a loop that stops early reads little, a long one
   // few times (each read of a device tensor is one synchronisation).
@@ -462,14 +472,6 @@ bool same_dense_layout(
     return true;
   }
   return g.strides() == p.strides() && (!buf || buf->strides() == p.strides());
-}
-
-BCS bcs_sizes(const at::Tensor& y) {
-  int64_t S = 1;
-  for (int64_t d = 2; d < y.dim(); ++d) {
-    S *= y.size(d);
-  }
-  return {y.size(0), y.size(1), S};
 }
 
 } // namespace torchiter

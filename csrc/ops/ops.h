@@ -6,6 +6,8 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace torchiter {
@@ -81,16 +83,10 @@ class LearningRates {
   bool scheduled() const {
     return lrs_.defined();
   }
-  // The rate of iteration k, 0 <= k < max_iterations.
-  double at(int64_t k) {
-    if (!lrs_.defined()) {
-      return lr_;
-    }
-    if (k < block_start_ || k >= block_start_ + static_cast<int64_t>(block_.size())) {
-      load(k);
-    }
-    return block_[static_cast<size_t>(k - block_start_)];
-  }
+  // The rate of iteration k, 0 <= k < max_iterations. Out of line: the CPU
+  // kernels are compiled once per instruction set, and an inline copy built
+  // with AVX-512 could be the one the linker keeps for all of them.
+  double at(int64_t k);
 
  private:
   void load(int64_t k);
@@ -102,10 +98,51 @@ class LearningRates {
   std::vector<double> block_;
 };
 
-// Sizes of y viewed as (B, C, S): S is the product of the spatial dims.
-struct BCS {
-  int64_t B, C, S;
+// Sizes of y viewed as (batch, channels, spatial): `spatial` is the product
+// of the dims after the first two (1 for a 2-D y).
+struct BatchChannelSpatial {
+  int64_t batch, channels, spatial;
 };
-BCS bcs_sizes(const at::Tensor& y);
+inline BatchChannelSpatial batch_channel_spatial(const at::Tensor& y) {
+  int64_t spatial = 1;
+  for (int64_t d = 2; d < y.dim(); ++d) {
+    spatial *= y.size(d);
+  }
+  return {y.size(0), y.size(1), spatial};
+}
+
+// The one place where the schemas' scalar arguments become an options
+// struct: every kernel of an op (CPU, CUDA, Meta, the no-backend kernel) is
+// registered as the adapter below around a function of the tensors and the
+// options, so no kernel unpacks the argument list itself.
+//
+// sgd_step_: Impl(params, grads, momentum_buffers, lr, options), LR being
+// double (options.lr == lr) or const at::Tensor& for the Tensor-lr overload
+// (options.lr == 0, the value lives in the tensor).
+template <typename LR, auto Impl>
+void sgd_step_entry(
+    at::TensorList params, at::TensorList grads, at::TensorList bufs,
+    LR lr, double momentum, double dampening, double weight_decay,
+    bool nesterov, bool maximize, bool first_step, double shrink,
+    std::optional<double> min, std::optional<double> max) {
+  SgdOptions opt{0., momentum, dampening, weight_decay, nesterov, maximize,
+                 first_step, shrink, min, max};
+  if constexpr (std::is_same_v<std::decay_t<LR>, double>) {
+    opt.lr = lr;
+  }
+  Impl(params, grads, bufs, lr, opt);
+}
+
+// quadratic_descent: Impl(y0, A, b, lrs, args).
+template <auto Impl>
+std::tuple<at::Tensor, at::Tensor> quadratic_descent_entry(
+    const at::Tensor& y0, const at::Tensor& A, const at::Tensor& b,
+    double lr, int64_t max_iterations, double tol, int64_t check_every,
+    const std::optional<at::Tensor>& lrs, double shrink,
+    std::optional<double> min, std::optional<double> max) {
+  return Impl(
+      y0, A, b, lrs,
+      QuadraticDescentArgs{lr, max_iterations, tol, check_every, shrink, min, max});
+}
 
 } // namespace torchiter

@@ -59,12 +59,12 @@ constexpr int kStepThreads = 256;
 constexpr int kBlockedThreads = 128;
 constexpr size_t kDefaultSmem = 48 * 1024;
 
-// Element strides of a (B, C, S) view: position q = b * S + s.
-struct Layout {
+// Element strides of a (batch, channel, spatial) view: position q = b * S + s.
+struct BatchChannelSpatialStrides {
   int64_t sB, sC, sS;
 };
 
-__device__ __forceinline__ int64_t position_offset(const Layout& l, int64_t q, int64_t S) {
+__device__ __forceinline__ int64_t position_offset(const BatchChannelSpatialStrides& l, int64_t q, int64_t S) {
   return (q / S) * l.sB + (q % S) * l.sS;
 }
 
@@ -146,8 +146,8 @@ __device__ __forceinline__ void atomic_max_delta(unsigned long long bits, unsign
 // Path 1: all K iterations for one position per thread.
 template <typename T, int CMAX>
 __global__ void __launch_bounds__(kBlockedThreads) quadratic_descent_blocked_kernel(
-    const T* __restrict__ A, const T* __restrict__ y0, Layout ly,
-    const T* __restrict__ b, Layout lb, T* __restrict__ out, int C, int64_t S,
+    const T* __restrict__ A, const T* __restrict__ y0, BatchChannelSpatialStrides ly,
+    const T* __restrict__ b, BatchChannelSpatialStrides lb, T* __restrict__ out, int C, int64_t S,
     int64_t P, int64_t K, const T* __restrict__ lrs, T lr, DeviceProjection<T> proj) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int nt = blockDim.x;
@@ -265,7 +265,7 @@ int64_t blocks_for(int64_t n, int threads) {
   return (n + threads - 1) / threads;
 }
 
-Layout bcs_layout(const at::Tensor& t) {
+BatchChannelSpatialStrides strides_of(const at::Tensor& t) {
   return {t.stride(0), t.stride(1), t.stride(2)};
 }
 
@@ -314,8 +314,8 @@ bool run_blocked(
       lrs_dev = h.to(y3.options(), /*non_blocking=*/true);
     }
     kernel<<<static_cast<unsigned>(blocks_for(P, nt)), nt, smem(nt), stream>>>(
-        A.const_data_ptr<T>(), y3.const_data_ptr<T>(), bcs_layout(y3),
-        b3.const_data_ptr<T>(), bcs_layout(b3), out.data_ptr<T>(), C, S, P, K,
+        A.const_data_ptr<T>(), y3.const_data_ptr<T>(), strides_of(y3),
+        b3.const_data_ptr<T>(), strides_of(b3), out.data_ptr<T>(), C, S, P, K,
         lrs_dev.defined() ? lrs_dev.const_data_ptr<T>() : nullptr,
         static_cast<T>(args.lr), proj);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -406,7 +406,7 @@ template <typename T>
 std::tuple<at::Tensor, at::Tensor> run(
     const at::Tensor& y0, const at::Tensor& A_in, const at::Tensor& b_in,
     const QuadraticDescentArgs& args, LearningRates& lrs) {
-  const auto [B, C, S] = bcs_sizes(y0);
+  const auto [B, C, S] = batch_channel_spatial(y0);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   // (B, C, S) views of the inputs (copies only where the spatial dims do not
   // merge); they are only read.

@@ -10,6 +10,7 @@
 // Chunks are sized from the total work (4096 to 65536 elements) so that a
 // list of a few million elements still spreads over every SM.
 #include "../ops.h"
+#include "../step_plan.h"
 #include "device_math.cuh"
 
 #include <ATen/Dispatch.h>
@@ -126,14 +127,6 @@ __global__ void __launch_bounds__(kThreads) sgd_multi_tensor_kernel(
   }
 }
 
-// One tensor's memory seen as a flat array (dense, same strides for all three).
-struct Segment {
-  void* p;
-  const void* g;
-  void* buf; // null without momentum
-  int64_t n;
-};
-
 // Chunk size for a launch series over `total` elements: the smallest power of
 // two in [kMinChunk, kMaxChunk] that gives at most ~8 blocks per SM.
 int64_t chunk_size(int64_t total) {
@@ -148,7 +141,7 @@ int64_t chunk_size(int64_t total) {
 
 template <typename scalar_t>
 void launch_segments(
-    const std::vector<Segment>& segs,
+    const std::vector<StepSegment>& segs,
     const SgdOptions& opt,
     const double* lr_ptr,
     cudaStream_t stream) {
@@ -156,8 +149,8 @@ void launch_segments(
   const auto math = DeviceSgdMath<opmath_t>::make(opt, lr_ptr);
   const bool momentum = opt.momentum != 0;
   int64_t total = 0;
-  for (const Segment& s : segs) {
-    total += s.n;
+  for (const StepSegment& s : segs) {
+    total += s.numel;
   }
   TensorListArgs args;
   args.count = 0;
@@ -181,18 +174,18 @@ void launch_segments(
   };
 
   constexpr int64_t elem = sizeof(scalar_t);
-  for (const Segment& s : segs) {
+  for (const StepSegment& s : segs) {
     // A tensor too large for one grid is cut into pieces of whole chunks.
-    for (int64_t off = 0; off < s.n;) {
-      const int64_t piece = std::min(s.n - off, kMaxBlocksPerLaunch * args.chunk);
+    for (int64_t off = 0; off < s.numel;) {
+      const int64_t piece = std::min(s.numel - off, kMaxBlocksPerLaunch * args.chunk);
       const int64_t nchunks = (piece + args.chunk - 1) / args.chunk;
       if (blocks + nchunks > kMaxBlocksPerLaunch) {
         flush();
       }
       const int i = args.count;
-      args.p[i] = static_cast<char*>(s.p) + off * elem;
-      args.g[i] = static_cast<const char*>(s.g) + off * elem;
-      args.buf[i] = s.buf ? static_cast<char*>(s.buf) + off * elem : nullptr;
+      args.p[i] = static_cast<char*>(s.param) + off * elem;
+      args.g[i] = static_cast<const char*>(s.grad) + off * elem;
+      args.buf[i] = s.buffer ? static_cast<char*>(s.buffer) + off * elem : nullptr;
       args.n[i] = piece;
       args.first_block[i] = static_cast<int32_t>(blocks);
       blocks += nchunks;
@@ -234,89 +227,33 @@ void sgd_step_cuda_impl(
   }
   const double* lr_ptr = lr_tensor ? lr64.const_data_ptr<double>() : nullptr;
 
-  const bool with_buf = opt.momentum != 0;
-  std::vector<std::pair<at::ScalarType, std::vector<Segment>>> groups;
-  auto add = [&](at::ScalarType dtype, const Segment& seg) {
-    auto it = std::find_if(groups.begin(), groups.end(), [&](const auto& gr) {
-      return gr.first == dtype;
-    });
-    if (it == groups.end()) {
-      groups.push_back({dtype, {seg}});
-    } else {
-      it->second.push_back(seg);
-    }
-  };
-  // Tensors that cannot be walked flat are updated in a dense working copy
+  // Tensors that cannot be walked flat are updated in dense working copies
   // (in the same launch as the others) and written back through their own
-  // strides afterwards, on the same stream, so nothing is left stale.
-  struct WriteBack {
-    at::Tensor dst, src;
-  };
-  std::vector<WriteBack> write_back;
-  // Working copies stay referenced until their launch is enqueued: freed
-  // earlier, their memory could go to the next working copy first.
-  std::vector<at::Tensor> keep_alive;
-  for (size_t i = 0; i < params.size(); ++i) {
-    const at::Tensor& p = params[i];
-    const at::Tensor* buf = with_buf ? &bufs[i] : nullptr;
-    if (p.numel() == 0) {
-      continue;
-    }
-    if (same_dense_layout(p, grads[i], buf)) {
-      add(p.scalar_type(),
-          Segment{p.data_ptr(), grads[i].const_data_ptr(), buf ? buf->data_ptr() : nullptr, p.numel()});
-      continue;
-    }
-    at::Tensor pw = p.is_contiguous() ? p : p.contiguous();
-    at::Tensor gw = grads[i].contiguous();
-    at::Tensor bw;
-    if (with_buf) {
-      bw = buf->is_contiguous() ? *buf : buf->contiguous();
-    }
-    add(p.scalar_type(),
-        Segment{pw.data_ptr(), gw.const_data_ptr(), with_buf ? bw.data_ptr() : nullptr, pw.numel()});
-    if (!pw.is_same(p)) {
-      write_back.push_back({p, pw});
-    }
-    if (with_buf && !bw.is_same(*buf)) {
-      write_back.push_back({*buf, bw});
-    }
-    keep_alive.push_back(std::move(gw));
-  }
-  for (const auto& [dtype, segs] : groups) {
+  // strides afterwards, on the same stream.
+  const StepPlan plan(params, grads, bufs, opt.momentum != 0);
+  for (const auto& [dtype, segs] : plan.groups()) {
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kHalf, at::kBFloat16, dtype, "torchiter.sgd_step_", [&] {
           launch_segments<scalar_t>(segs, opt, lr_ptr, stream);
         });
   }
-  for (const WriteBack& wb : write_back) {
-    // Tensor::copy_ is a const member: it writes through the caller's strides.
-    wb.dst.copy_(wb.src);
-  }
+  plan.write_back();
 }
 
 void sgd_step_cuda(
     at::TensorList params, at::TensorList grads, at::TensorList bufs,
-    double lr, double momentum, double dampening, double weight_decay,
-    bool nesterov, bool maximize, bool first_step, double shrink,
-    std::optional<double> min, std::optional<double> max) {
-  const SgdOptions opt{lr, momentum, dampening, weight_decay, nesterov,
-                       maximize, first_step, shrink, min, max};
+    double /*lr, in opt*/, const SgdOptions& opt) {
   check_sgd_step(params, grads, bufs, opt);
   sgd_step_cuda_impl(params, grads, bufs, opt, nullptr);
 }
 
 void sgd_step_tensor_lr_cuda(
     at::TensorList params, at::TensorList grads, at::TensorList bufs,
-    const at::Tensor& lr, double momentum, double dampening,
-    double weight_decay, bool nesterov, bool maximize, bool first_step,
-    double shrink, std::optional<double> min, std::optional<double> max) {
+    const at::Tensor& lr, const SgdOptions& opt) {
   // The value of lr stays on the device (reading it would synchronise the
   // stream and break graph capture), so only its shape, dtype and device are
-  // checked; 0 stands in for it in the option checks.
+  // checked; opt.lr is 0 in the option checks.
   check_sgd_lr_tensor(params, lr, /*check_value=*/false);
-  const SgdOptions opt{0., momentum, dampening, weight_decay, nesterov,
-                       maximize, first_step, shrink, min, max};
   check_sgd_step(params, grads, bufs, opt);
   sgd_step_cuda_impl(params, grads, bufs, opt, &lr);
 }
@@ -324,8 +261,8 @@ void sgd_step_tensor_lr_cuda(
 } // namespace
 
 TORCH_LIBRARY_IMPL(torchiter, CUDA, m) {
-  m.impl("sgd_step_", &sgd_step_cuda);
-  m.impl("sgd_step_.tensor_lr", &sgd_step_tensor_lr_cuda);
+  m.impl("sgd_step_", &sgd_step_entry<double, &sgd_step_cuda>);
+  m.impl("sgd_step_.tensor_lr", &sgd_step_entry<const at::Tensor&, &sgd_step_tensor_lr_cuda>);
 }
 
 } // namespace torchiter

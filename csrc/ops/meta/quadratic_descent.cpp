@@ -10,13 +10,8 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor> quadratic_descent_meta(
     const at::Tensor& y0, const at::Tensor& A, const at::Tensor& b,
-    double lr, int64_t max_iterations, double tol, int64_t check_every,
-    const std::optional<at::Tensor>& lrs, double shrink,
-    std::optional<double> min, std::optional<double> max) {
-  check_quadratic_descent(
-      y0, A, b, lrs,
-      QuadraticDescentArgs{lr, max_iterations, tol, check_every, shrink, min, max},
-      {at::kFloat, at::kDouble});
+    const std::optional<at::Tensor>& lrs, const QuadraticDescentArgs& args) {
+  check_quadratic_descent(y0, A, b, lrs, args, {at::kFloat, at::kDouble});
   return {
       at::empty_symint(y0.sym_sizes(), y0.options()),
       at::empty({}, y0.options().dtype(at::kLong))};
@@ -25,7 +20,7 @@ std::tuple<at::Tensor, at::Tensor> quadratic_descent_meta(
 } // namespace
 
 TORCH_LIBRARY_IMPL(torchiter, Meta, m) {
-  m.impl("quadratic_descent", &quadratic_descent_meta);
+  m.impl("quadratic_descent", &quadratic_descent_entry<&quadratic_descent_meta>);
 }
 
 } // namespace torchiter

@@ -10,32 +10,24 @@ namespace {
 
 void sgd_step_meta(
     at::TensorList params, at::TensorList grads, at::TensorList bufs,
-    double lr, double momentum, double dampening, double weight_decay,
-    bool nesterov, bool maximize, bool first_step, double shrink,
-    std::optional<double> min, std::optional<double> max) {
-  check_sgd_step(
-      params, grads, bufs,
-      SgdOptions{lr, momentum, dampening, weight_decay, nesterov, maximize,
-                 first_step, shrink, min, max});
+    double /*lr, in opt*/, const SgdOptions& opt) {
+  check_sgd_step(params, grads, bufs, opt);
 }
 
 void sgd_step_tensor_lr_meta(
     at::TensorList params, at::TensorList grads, at::TensorList bufs,
-    const at::Tensor& lr, double momentum, double dampening,
-    double weight_decay, bool nesterov, bool maximize, bool first_step,
-    double shrink, std::optional<double> min, std::optional<double> max) {
+    const at::Tensor& lr, const SgdOptions& opt) {
   check_sgd_lr_tensor(params, lr, /*check_value=*/false);
-  // The value of lr is unknown while tracing; 0 passes the range checks.
-  sgd_step_meta(
-      params, grads, bufs, 0., momentum, dampening, weight_decay, nesterov,
-      maximize, first_step, shrink, min, max);
+  // The value of lr is unknown while tracing; opt.lr is 0, which passes the
+  // range checks.
+  check_sgd_step(params, grads, bufs, opt);
 }
 
 } // namespace
 
 TORCH_LIBRARY_IMPL(torchiter, Meta, m) {
-  m.impl("sgd_step_", &sgd_step_meta);
-  m.impl("sgd_step_.tensor_lr", &sgd_step_tensor_lr_meta);
+  m.impl("sgd_step_", &sgd_step_entry<double, &sgd_step_meta>);
+  m.impl("sgd_step_.tensor_lr", &sgd_step_entry<const at::Tensor&, &sgd_step_tensor_lr_meta>);
 }
 
 } // namespace torchiter

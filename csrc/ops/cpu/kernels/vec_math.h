@@ -3,9 +3,11 @@
 // at::vec vectors. Every element, tails included, goes through these vector
 // ops (tails by partial loads), so results do not depend on where a thread's
 // chunk starts. The fmadd order mirrors torch.optim.SGD's in-place ops.
+// Everything here lives in the CPU_CAPABILITY namespace of the kernel file
+// that includes it (see kernels.h): each variant gets its own copy.
 #pragma once
 
-#include "../ops.h"
+#include "../../ops.h"
 
 #include <ATen/OpMathType.h>
 #include <ATen/cpu/vec/functional.h>
@@ -14,7 +16,7 @@
 #include <algorithm>
 #include <limits>
 
-namespace torchiter {
+namespace torchiter::cpu::CPU_CAPABILITY {
 
 // The projection shared by both ops: soft threshold, then clamp to [lo, hi].
 // Absent bounds are infinities: clamp_min/clamp_max are one max/min each
@@ -168,4 +170,4 @@ inline void sgd_apply(
   }
 }
 
-} // namespace torchiter
+} // namespace torchiter::cpu::CPU_CAPABILITY

@@ -1,0 +1,462 @@
+// CPU kernel of torchiter.quadratic_descent (one instruction-set variant, see
+// kernels.h): the whole projected-gradient loop y <- project(y - lr_k (A y - b))
+// in one call.
+//
+// Positions (sample, spatial index) are independent: A only mixes channels. The
+// kernel works on a padded (groups, C, positions) working copy in which
+// positions run along the contiguous dim, so one vector lane is one position
+// and the C x C mixing is a chain of broadcast-FMAs. Positions are cut into
+// fixed tiles (their width depends only on C and the dtype), so every position
+// sees the same arithmetic at any thread count: the result is bitwise-stable.
+//
+// The driver's steps mirror the CUDA file: to_working() packs y0 and b,
+// run_blocked() (tol == 0: each tile runs all iterations while it sits in L1,
+// one read and one write of y in total) or run_sweeps() (tol > 0: one
+// parallel sweep over y per iteration that also yields max |y_k - y_{k-1}|;
+// from kGemmMinChannels channels on, each sweep follows a BLAS GEMM of A with
+// the (C, positions) matrix), then from_working() unpacks the result.
+#include "kernels.h"
+#include "vec_math.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace torchiter::cpu::CPU_CAPABILITY {
+namespace {
+
+using at::vec::Vectorized;
+
+// What one iteration applies to a block of positions: the (C, C) channel
+// mixing matrix A (row-major) and the projection. The blocks it works on are
+// C rows of positions with a row stride `ld` (a multiple of the width).
+template <typename T>
+struct ChannelMixing {
+  const T* A;
+  int64_t C;
+  const VecProjection<T>* project;
+};
+
+// |new - old|, with lanes at or past `lanes` (padding) zeroed: they must not
+// count in the convergence test.
+template <typename T>
+inline Vectorized<T> masked_delta(const Vectorized<T>& nv, const Vectorized<T>& old, int64_t lanes) {
+  using Vec = Vectorized<T>;
+  const Vec d = (nv - old).abs();
+  if (lanes >= Vec::size()) {
+    return d;
+  }
+  return lanes > 0 ? Vec::set(Vec(static_cast<T>(0)), d, lanes) : Vec(static_cast<T>(0));
+}
+
+// Updates rows [i, i + R) of the NV * W positions at column s. With DELTA,
+// returns max |new - old| over the first `valid` of those positions (NaN if
+// any is NaN). R x NV accumulators share each broadcast of A and each load of
+// y (a register-blocked GEMM). Deltas are returned by value, not folded
+// through a pointer: the stores to yn could alias it, which would serialise
+// the maxima through memory.
+template <typename T, int R, int NV, bool DELTA>
+inline Vectorized<T> rows_step(
+    const ChannelMixing<T>& pn, int64_t i, const T* y, const T* b, T* yn,
+    int64_t ld, int64_t s, const Vectorized<T>& neg_lr, int64_t valid) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  const int64_t C = pn.C;
+  Vec acc[R][NV];
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < NV; ++v) {
+      acc[r][v] = Vec(static_cast<T>(0));
+    }
+  }
+  const T* Ai = pn.A + i * C;
+  for (int64_t j = 0; j < C; ++j) {
+    Vec yj[NV];
+    for (int v = 0; v < NV; ++v) {
+      yj[v] = Vec::loadu(y + j * ld + s + v * W);
+    }
+    for (int r = 0; r < R; ++r) {
+      const Vec a(Ai[r * C + j]);
+      for (int v = 0; v < NV; ++v) {
+        acc[r][v] = at::vec::fmadd(a, yj[v], acc[r][v]);
+      }
+    }
+  }
+  Vec dmax(static_cast<T>(0));
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < NV; ++v) {
+      const int64_t off = (i + r) * ld + s + v * W;
+      const Vec old = Vec::loadu(y + off);
+      const Vec grad = acc[r][v] - Vec::loadu(b + off);
+      const Vec nv = (*pn.project)(at::vec::fmadd(grad, neg_lr, old));
+      nv.store(yn + off);
+      if constexpr (DELTA) {
+        dmax = at::vec::maximum(dmax, masked_delta(nv, old, valid - v * W));
+      }
+    }
+  }
+  return dmax;
+}
+
+template <typename T, int NV, bool DELTA>
+inline Vectorized<T> column_step(
+    const ChannelMixing<T>& pn, const T* y, const T* b, T* yn, int64_t ld, int64_t s,
+    const Vectorized<T>& neg_lr, int64_t valid) {
+  Vectorized<T> dmax(static_cast<T>(0));
+  int64_t i = 0;
+  for (; i + 4 <= pn.C; i += 4) {
+    dmax = at::vec::maximum(dmax, rows_step<T, 4, NV, DELTA>(pn, i, y, b, yn, ld, s, neg_lr, valid));
+  }
+  Vectorized<T> tail(static_cast<T>(0));
+  switch (pn.C - i) {
+    case 3: tail = rows_step<T, 3, NV, DELTA>(pn, i, y, b, yn, ld, s, neg_lr, valid); break;
+    case 2: tail = rows_step<T, 2, NV, DELTA>(pn, i, y, b, yn, ld, s, neg_lr, valid); break;
+    case 1: tail = rows_step<T, 1, NV, DELTA>(pn, i, y, b, yn, ld, s, neg_lr, valid); break;
+    default: break;
+  }
+  return DELTA ? at::vec::maximum(dmax, tail) : dmax;
+}
+
+// One iteration over columns [0, n) of a block (n a multiple of the width;
+// lanes at or past `valid` are padding, excluded from the delta). Every lane
+// sees the same sequence of operations whichever block it falls in, so the
+// blocking does not change results. Returns the lane-wise max |delta| (zeros
+// without DELTA).
+template <typename T, bool DELTA>
+inline Vectorized<T> step_block(
+    const ChannelMixing<T>& pn, const T* y, const T* b, T* yn, int64_t ld, int64_t n,
+    int64_t valid, T lr) {
+  constexpr int64_t W = Vectorized<T>::size();
+  const Vectorized<T> neg_lr(-lr);
+  Vectorized<T> dmax(static_cast<T>(0));
+  int64_t s = 0;
+  for (; s + 2 * W <= n; s += 2 * W) {
+    const auto d = column_step<T, 2, DELTA>(pn, y, b, yn, ld, s, neg_lr, valid - s);
+    if constexpr (DELTA) {
+      dmax = at::vec::maximum(dmax, d);
+    }
+  }
+  for (; s < n; s += W) {
+    const auto d = column_step<T, 1, DELTA>(pn, y, b, yn, ld, s, neg_lr, valid - s);
+    if constexpr (DELTA) {
+      dmax = at::vec::maximum(dmax, d);
+    }
+  }
+  return dmax;
+}
+
+// The GEMM path's second half: given G = A·y for columns [0, n) of a block,
+// ynext = project(y - lr (G - b)), one pass over memory. With `delta`,
+// returns the lane-wise max |delta| (by value, as step_block does).
+template <typename T>
+inline Vectorized<T> update_block(
+    const VecProjection<T>& project, int64_t C, const T* G, const T* y,
+    const T* b, T* yn, int64_t ld, int64_t n, int64_t valid, T lr,
+    bool delta) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  const Vec neg_lr(-lr);
+  Vec dmax(static_cast<T>(0));
+  for (int64_t i = 0; i < C; ++i) {
+    for (int64_t s = 0; s < n; s += W) {
+      const int64_t off = i * ld + s;
+      const Vec old = Vec::loadu(y + off);
+      const Vec grad = Vec::loadu(G + off) - Vec::loadu(b + off);
+      const Vec nv = project(at::vec::fmadd(grad, neg_lr, old));
+      nv.store(yn + off);
+      if (delta) {
+        dmax = at::vec::maximum(dmax, masked_delta(nv, old, valid - s));
+      }
+    }
+  }
+  return dmax;
+}
+
+// From this many channels on, the mixing is a BLAS GEMM per iteration: the
+// register-blocked kernel's working set no longer fits the caches.
+constexpr int64_t kGemmMinChannels = 128;
+
+// Max over the lanes of v, NaN-propagating (a NaN must never pass a stop test).
+template <typename T>
+T lane_max(const Vectorized<T>& v) {
+  T buf[Vectorized<T>::size()];
+  v.store(buf);
+  T m = 0;
+  for (auto x : buf) {
+    if (std::isnan(x)) {
+      return x;
+    }
+    m = std::max(m, x);
+  }
+  return m;
+}
+
+// Tile width: a multiple of the vector width such that the three C x tile
+// blocks a tile touches (y, its next value, b) stay within about 40 KiB of L1.
+template <typename T>
+int64_t tile_width(int64_t C) {
+  constexpr int64_t W = Vectorized<T>::size();
+  const int64_t fit =
+      (40 * 1024) / (3 * std::max<int64_t>(C, 1) * static_cast<int64_t>(sizeof(T)));
+  return std::clamp<int64_t>((fit / W) * W, W, 256);
+}
+
+// How the (batch, C, spatial) positions are laid out in the working copy:
+// `groups` blocks of C rows, each row `padded_positions` long (the
+// `positions` of one group, rounded up to the vector width, zero-filled).
+struct WorkingLayout {
+  int64_t batch, channels, spatial;
+  int64_t groups;           // batch when positions are per sample, else 1
+  int64_t positions;        // positions per group
+  int64_t padded_positions; // positions rounded up to the vector width
+  bool batch_folded;        // positions are (sample, spatial) pairs of one group
+};
+
+template <typename T>
+WorkingLayout working_layout(const at::Tensor& y0, bool gemm) {
+  constexpr int64_t W = Vectorized<T>::size();
+  const auto [B, C, S] = batch_channel_spatial(y0);
+  WorkingLayout L{B, C, S, 0, 0, 0, false};
+  // Few spatial positions: gather all (sample, spatial) positions into one
+  // group so that vector lanes are filled. The GEMM path multiplies A by one
+  // (C, positions) matrix.
+  L.batch_folded = gemm || S < 4 * W;
+  L.groups = L.batch_folded ? 1 : B;
+  L.positions = L.batch_folded ? B * S : S;
+  L.padded_positions = (L.positions + W - 1) / W * W;
+  return L;
+}
+
+// Copies a (batch, C, *spatial) tensor into the working layout. Plain loops:
+// for the small problems this op is for, ATen's reshape/permute/copy chain
+// would cost more than the whole loop.
+template <typename T>
+at::Tensor to_working(const at::Tensor& t, const WorkingLayout& L) {
+  const at::Tensor src_t = t.contiguous();
+  const T* src = src_t.const_data_ptr<T>();
+  const int64_t B = L.batch, C = L.channels, S = L.spatial, ld = L.padded_positions;
+  at::Tensor out = at::empty({L.groups, C, ld}, t.options().memory_format(at::MemoryFormat::Contiguous));
+  T* dst = out.data_ptr<T>();
+  for (int64_t g = 0; g < L.groups; ++g) {
+    for (int64_t c = 0; c < C; ++c) {
+      T* row = dst + (g * C + c) * ld;
+      if (L.batch_folded) {
+        // Element loops, not copy_n: S is often 1 (a transpose).
+        for (int64_t bb = 0; bb < B; ++bb) {
+          for (int64_t s = 0; s < S; ++s) {
+            row[bb * S + s] = src[(bb * C + c) * S + s];
+          }
+        }
+      } else {
+        std::copy_n(src + (g * C + c) * S, S, row);
+      }
+      std::fill(row + L.positions, row + ld, T(0));
+    }
+  }
+  return out;
+}
+
+// The inverse of to_working: a contiguous tensor of `like`'s shape.
+template <typename T>
+at::Tensor from_working(const at::Tensor& Y, const WorkingLayout& L, const at::Tensor& like) {
+  at::Tensor out = at::empty(like.sizes(), like.options().memory_format(at::MemoryFormat::Contiguous));
+  const T* src = Y.const_data_ptr<T>();
+  T* dst = out.data_ptr<T>();
+  const int64_t B = L.batch, C = L.channels, S = L.spatial, ld = L.padded_positions;
+  for (int64_t g = 0; g < L.groups; ++g) {
+    for (int64_t c = 0; c < C; ++c) {
+      const T* row = src + (g * C + c) * ld;
+      if (L.batch_folded) {
+        for (int64_t bb = 0; bb < B; ++bb) {
+          for (int64_t s = 0; s < S; ++s) {
+            dst[(bb * C + c) * S + s] = row[bb * S + s];
+          }
+        }
+      } else {
+        std::copy_n(row, S, dst + (g * C + c) * S);
+      }
+    }
+  }
+  return out;
+}
+
+// The fixed tiles of positions the iterations are split into. A tile lies
+// within one group; tiles, not threads, decide what a vector holds, so the
+// split over threads does not change any result.
+struct Tiles {
+  int64_t width;     // positions per tile (a multiple of the vector width)
+  int64_t per_group;
+  int64_t count;
+  int64_t grain;     // tiles per parallel task: ~64k FMAs, so small problems
+                     // stay on the calling thread
+  const WorkingLayout* L;
+
+  // Offset of tile t's first element, its width n and how many of those
+  // positions are real (not padding).
+  void bounds(int64_t t, int64_t& off, int64_t& n, int64_t& valid) const {
+    const int64_t g = t / per_group;
+    const int64_t s0 = (t % per_group) * width;
+    off = g * L->channels * L->padded_positions + s0;
+    n = std::min(width, L->padded_positions - s0);
+    valid = std::max<int64_t>(0, std::min(width, L->positions - s0));
+  }
+};
+
+template <typename T>
+Tiles make_tiles(const WorkingLayout& L, bool gemm) {
+  constexpr int64_t W = Vectorized<T>::size();
+  const int64_t C = L.channels;
+  Tiles tl;
+  tl.width = gemm ? 64 * W : tile_width<T>(C);
+  tl.per_group = (L.padded_positions + tl.width - 1) / tl.width;
+  tl.count = L.groups * tl.per_group;
+  const int64_t work_per_tile = gemm ? C * tl.width : C * C * tl.width;
+  tl.grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, work_per_tile));
+  tl.L = &L;
+  return tl;
+}
+
+// No stop test: each tile is copied into three tile-local C x width blocks
+// (allocated once per task, never per iteration) and runs all K iterations
+// there before its result is written back into Y.
+template <typename T>
+void run_blocked(
+    at::Tensor& Y, const at::Tensor& Bw, const ChannelMixing<T>& mix,
+    const Tiles& tiles, int64_t K, LearningRates& lrs) {
+  const int64_t C = mix.C;
+  // All K iterations run and every tile needs every rate: a schedule's are
+  // read once, up front.
+  const T lr = static_cast<T>(lrs.at(0));
+  std::vector<T> scheduled(lrs.scheduled() ? static_cast<size_t>(K) : 0);
+  for (size_t k = 0; k < scheduled.size(); ++k) {
+    scheduled[k] = static_cast<T>(lrs.at(static_cast<int64_t>(k)));
+  }
+  const int64_t ld = tiles.L->padded_positions;
+  const int64_t T_w = tiles.width;
+  T* y = Y.data_ptr<T>();
+  const T* b = Bw.const_data_ptr<T>();
+  at::parallel_for(0, tiles.count, std::max<int64_t>(1, tiles.grain / std::max<int64_t>(K, 1)), [&](int64_t t0, int64_t t1) {
+    std::vector<T> local(static_cast<size_t>(3 * C * T_w));
+    T* cur = local.data();
+    T* nxt = cur + C * T_w;
+    T* bl = nxt + C * T_w;
+    for (int64_t t = t0; t < t1; ++t) {
+      int64_t off, n, valid;
+      tiles.bounds(t, off, n, valid);
+      for (int64_t c = 0; c < C; ++c) {
+        std::copy_n(y + off + c * ld, n, cur + c * T_w);
+        std::copy_n(b + off + c * ld, n, bl + c * T_w);
+      }
+      T* src = cur;
+      T* dst = nxt;
+      for (int64_t k = 0; k < K; ++k) {
+        step_block<T, false>(mix, src, bl, dst, T_w, n, valid,
+                             scheduled.empty() ? lr : scheduled[static_cast<size_t>(k)]);
+        std::swap(src, dst);
+      }
+      for (int64_t c = 0; c < C; ++c) {
+        std::copy_n(src + c * T_w, n, y + off + c * ld);
+      }
+    }
+  });
+}
+
+// One parallel pass per iteration from Y into a second buffer and back
+// (after a GEMM into G on the GEMM path); when iteration k is a check, each
+// tile records its max |y_k - y_{k-1}| and the loop stops once the maximum
+// is below tol. Y holds the result; returns the iterations run.
+template <typename T>
+int64_t run_sweeps(
+    at::Tensor& Y, const at::Tensor& Bw, const at::Tensor& A,
+    const ChannelMixing<T>& mix, const Tiles& tiles, bool gemm,
+    const QuadraticDescentArgs& args, LearningRates& lrs) {
+  const int64_t C = mix.C;
+  const int64_t ld = tiles.L->padded_positions;
+  const bool stop_test = args.tol > 0;
+  const T* b = Bw.const_data_ptr<T>();
+  at::Tensor Y2 = at::empty_like(Y);
+  at::Tensor G = gemm ? at::empty({C, ld}, Y.options()) : at::Tensor();
+  std::vector<T> tile_max(static_cast<size_t>(tiles.count));
+  at::Tensor src_t = Y;
+  at::Tensor dst_t = Y2;
+  int64_t iterations = args.max_iterations;
+  for (int64_t k = 0; k < args.max_iterations; ++k) {
+    const bool check = stop_test && k >= 1 && k % args.check_every == 0;
+    const T lr = static_cast<T>(lrs.at(k));
+    const T* src = src_t.const_data_ptr<T>();
+    T* dst = dst_t.data_ptr<T>();
+    if (gemm) {
+      at::mm_out(G, A, src_t.view({C, ld}));
+    }
+    const T* g = gemm ? G.const_data_ptr<T>() : nullptr;
+    at::parallel_for(0, tiles.count, tiles.grain, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        int64_t off, n, valid;
+        tiles.bounds(t, off, n, valid);
+        Vectorized<T> dmax(static_cast<T>(0));
+        if (gemm) {
+          dmax = update_block<T>(*mix.project, C, g + off, src + off, b + off, dst + off, ld, n, valid, lr, check);
+        } else if (check) {
+          dmax = step_block<T, true>(mix, src + off, b + off, dst + off, ld, n, valid, lr);
+        } else {
+          step_block<T, false>(mix, src + off, b + off, dst + off, ld, n, valid, lr);
+        }
+        tile_max[static_cast<size_t>(t)] = lane_max(dmax);
+      }
+    });
+    std::swap(src_t, dst_t);
+    if (check) {
+      T m = 0;
+      for (T x : tile_max) {
+        m = std::isnan(x) || std::isnan(m) ? std::numeric_limits<T>::quiet_NaN()
+                                            : std::max(m, x);
+      }
+      // NaN < tol is false: a diverged loop never counts as converged.
+      if (m < static_cast<T>(args.tol)) {
+        iterations = k + 1;
+        break;
+      }
+    }
+  }
+  Y = src_t;
+  return iterations;
+}
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor> run(
+    const at::Tensor& y0, const at::Tensor& A_in, const at::Tensor& b_in,
+    const QuadraticDescentArgs& args, LearningRates& lrs) {
+  const bool gemm = y0.size(1) >= kGemmMinChannels;
+  const WorkingLayout L = working_layout<T>(y0, gemm);
+  at::Tensor Y = to_working<T>(y0, L);
+  const at::Tensor Bw = to_working<T>(b_in, L);
+  const at::Tensor A = A_in.contiguous();
+  const VecProjection<T> proj(args.shrink, args.min, args.max);
+  const ChannelMixing<T> mix{A.const_data_ptr<T>(), L.channels, &proj};
+  const Tiles tiles = make_tiles<T>(L, gemm);
+  int64_t iterations = args.max_iterations;
+  if (args.tol > 0 || gemm) {
+    iterations = run_sweeps<T>(Y, Bw, A, mix, tiles, gemm, args, lrs);
+  } else {
+    run_blocked<T>(Y, Bw, mix, tiles, args.max_iterations, lrs);
+  }
+  return {from_working<T>(Y, L, y0), at::scalar_tensor(iterations, y0.options().dtype(at::kLong))};
+}
+
+} // namespace
+
+std::tuple<at::Tensor, at::Tensor> quadratic_descent_kernel(
+    const at::Tensor& y0,
+    const at::Tensor& A,
+    const at::Tensor& b,
+    const QuadraticDescentArgs& args,
+    LearningRates& lrs) {
+  return AT_DISPATCH_FLOATING_TYPES(y0.scalar_type(), "torchiter.quadratic_descent", [&] {
+    return run<scalar_t>(y0, A, b, args, lrs);
+  });
+}
+
+} // namespace torchiter::cpu::CPU_CAPABILITY

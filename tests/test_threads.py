@@ -1,0 +1,166 @@
+"""The CPU kernels at 1, 2, 3 and 4 threads: bitwise the same results, and
+every thread really takes part.
+
+The inputs are large enough that ``at::parallel_for`` splits them at every
+thread count tried (sgd_step_ splits from 32768 elements in total, in chunks
+of 64 elements of the concatenated list, so chunk boundaries fall inside
+tensors and between the tensors of a list; quadratic_descent splits its
+fixed position tiles), and the sizes leave tails past every vector width.
+"""
+
+import os
+
+import pytest
+import torch
+
+import torchiter  # noqa: F401
+from _util import DTYPES, bits
+from test_quadratic_descent import problem
+
+THREADS = (1, 2, 3, 4)
+SGD = torch.ops.torchiter.sgd_step_
+QD = torch.ops.torchiter.quadratic_descent
+
+
+@pytest.fixture
+def restore_threads():
+    old = torch.get_num_threads()
+    yield
+    torch.set_num_threads(old)
+
+
+def _odd_sizes(total, seed):
+    """Sizes of a list summing to about `total`: many small odd tensors and a big one."""
+    gen = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(1, 700, (400,), generator=gen).tolist()
+    sizes.append(max(1, total - sum(sizes)) | 1)
+    return sizes
+
+
+SGD_CASES = {
+    "plain": dict(momentum=0.0, shrink=0.0),
+    "momentum-relu": dict(momentum=0.9, dampening=0.1, min=0.0),
+    "nesterov-wd-box-shrink": dict(momentum=0.8, nesterov=True, weight_decay=0.01, shrink=0.02, min=-0.7, max=0.9),
+    "maximize-soft": dict(maximize=True, shrink=0.05),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", SGD_CASES, ids=str)
+def test_sgd_step_bitwise_equal_at_every_thread_count(dtype, case, restore_threads):
+    opts = SGD_CASES[case]
+    sizes = _odd_sizes(300_000, seed=7)
+    params0 = [torch.randn(n, dtype=torch.float64).to(dtype) for n in sizes]
+    # A non-contiguous param takes the dense-copy path, also at every count.
+    base = torch.randn(301, 203, dtype=torch.float64).to(dtype)
+    params0.append(base.t())
+    grads = [torch.randn(p.shape, dtype=torch.float64).to(dtype) for p in params0]
+    bufs0 = [torch.randn(p.shape, dtype=torch.float64).to(dtype) for p in params0] if opts.get("momentum") else []
+    results = []
+    for threads in THREADS:
+        torch.set_num_threads(threads)
+        params = [p.clone() for p in params0]
+        bufs = [b.clone() for b in bufs0]
+        for step in range(2):
+            SGD(params, grads, bufs, 0.05, first_step=step == 0 and bool(bufs), **opts)
+        results.append([bits(t) for t in params + bufs])
+    for threads, res in zip(THREADS[1:], results[1:]):
+        for i, (a, b) in enumerate(zip(results[0], res)):
+            assert torch.equal(a, b), f"{case}/{dtype}: tensor {i} differs between 1 and {threads} threads"
+    # The step changed every tensor (the comparison above compares something).
+    assert all(not torch.equal(bits(p), r) for p, r in zip(params0, results[0]))
+
+
+def test_sgd_step_writes_every_element_at_every_thread_count(restore_threads):
+    sizes = _odd_sizes(200_000, seed=3)
+    for threads in THREADS:
+        torch.set_num_threads(threads)
+        # An element no thread wrote would keep its 1.0.
+        params = [torch.ones(n) for n in sizes]
+        grads = [torch.ones(n) for n in sizes]
+        SGD(params, grads, [], 0.25)
+        for i, p in enumerate(params):
+            assert torch.equal(p, torch.full_like(p, 0.75)), f"{threads} threads: params[{i}] not fully written"
+
+
+# Each splits into several parallel tasks on both paths: per-sample tiles
+# (C=50), batch-folded positions (few spatial ones), the GEMM path (C >= 128).
+QD_SHAPES = [(3, 50, 23, 23), (20001, 3), (64, 9, 7, 5), (3001, 130), (20, 140, 13, 11)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", QD_SHAPES, ids=str)
+def test_quadratic_descent_bitwise_equal_at_every_thread_count(dtype, shape, restore_threads):
+    y0, A, b = problem(shape, dtype=dtype)
+    outs = []
+    for threads in THREADS:
+        torch.set_num_threads(threads)
+        # tol=0 runs the cache-blocked path; a tol that never triggers runs
+        # the per-iteration sweeps (with their max-|delta| reductions).
+        blocked, _ = QD(y0, A, b, 0.2, 12, min=0.0, shrink=0.01)
+        sweeps, n = QD(y0, A, b, 0.2, 12, tol=1e-300, check_every=2, min=0.0, shrink=0.01)
+        assert int(n) == 12
+        outs.append((blocked, sweeps))
+    ref = outs[0][0]
+    assert not torch.isnan(ref).any()
+    for threads, (blocked, sweeps) in zip(THREADS, outs):
+        assert torch.equal(blocked, ref), f"blocked path differs at {threads} threads"
+        assert torch.equal(sweeps, ref), f"sweep path differs at {threads} threads"
+
+
+def test_quadratic_descent_stop_test_same_count_at_every_thread_count(restore_threads):
+    y0, A, b = problem((20000, 4), dtype=torch.float32)
+    results = []
+    for threads in THREADS:
+        torch.set_num_threads(threads)
+        y, n = QD(y0, A, b, 0.5, 400, tol=1e-5, min=0.0)
+        results.append((int(n), y))
+    assert 1 < results[0][0] < 400
+    assert all(n == results[0][0] and torch.equal(y, results[0][1]) for n, y in results)
+
+
+# --- every thread takes part -------------------------------------------------
+
+def _thread_cpu_ticks():
+    """CPU time (utime + stime, clock ticks) of each thread of this process."""
+    out = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[tid] = int(fields[11]) + int(fields[12])
+    return out
+
+
+def _busy_threads(fn, calls):
+    before = _thread_cpu_ticks()
+    for _ in range(calls):
+        fn()
+    after = _thread_cpu_ticks()
+    return sum(1 for tid, t in after.items() if t - before.get(tid, 0) > 0)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="per-thread CPU times come from Linux /proc")
+@pytest.mark.parametrize("op", ["sgd_step_ (one large tensor)", "sgd_step_ (many small tensors)", "quadratic_descent"])
+def test_every_thread_does_work(op, restore_threads):
+    # Not a timing test: it counts the threads whose CPU time grew while only
+    # the op ran. Each of the 4 threads gets a fixed quarter of the work, tens
+    # of milliseconds of CPU time over the calls, so each one must show up.
+    torch.set_num_threads(4)
+    if op.startswith("sgd_step_"):
+        sizes = [8_000_000] if "large" in op else [1000] * 8000
+        ps = [torch.rand(n) for n in sizes]
+        gs = [torch.rand(n) for n in sizes]
+
+        def fn():
+            SGD(ps, gs, [], 1e-6, min=0.0)
+    else:
+        y0, A, b = problem((64, 32, 24, 24), dtype=torch.float32)
+
+        def fn():
+            QD(y0, A, b, 0.1, 30, min=0.0)
+
+    fn()  # the thread pool exists before the count starts
+    assert _busy_threads(fn, calls=15) >= 4
