@@ -30,8 +30,12 @@ def machine_header(device: str = "cpu") -> str:
 
     forced = os.environ.get("TORCHITER_CPU_CAPABILITY")
     isa = f"torchiter CPU kernels {torchiter.cpu_capability()}" + (f" (TORCHITER_CPU_CAPABILITY={forced})" if forced else "")
+    load = ""
+    if hasattr(os, "getloadavg"):
+        # Other processes competing for the cores skew every figure: say so.
+        load = "; load average %.1f %.1f %.1f" % os.getloadavg()
     return (
-        f"# machine: {dev}; {os.cpu_count()} cores, {torch.get_num_threads()} torch threads; {isa}; "
+        f"# machine: {dev}; {os.cpu_count()} cores, {torch.get_num_threads()} torch threads; {isa}{load}; "
         f"{platform.system()} {platform.machine()}; Python {platform.python_version()}; torch {torch.__version__}\n"
         f"# command: {cmd}"
     )
