@@ -19,13 +19,12 @@ does 2*C*C*positions useful FLOPs per iteration.
 """
 
 import argparse
-import os
 import time
 
 import torch
 
 import torchiter
-from _common import machine_header, median_seconds
+from _common import machine_header, median_seconds, thread_cpu_ticks
 
 SGD = torch.ops.torchiter.sgd_step_
 QD = torch.ops.torchiter.quadratic_descent
@@ -51,21 +50,6 @@ def cases():
         "quadratic_descent conv (50 ch, 100x23x23, 40 it)": (lambda: QD(y0, A, b, 0.5, 40, min=0.0), conv_flops),
         "quadratic_descent pca (3 ch, 1000, 100 it, tol)": (lambda: QD(yp, Ap, bp, 0.1, 100, tol=1e-30), None),
     }
-
-
-def thread_cpu_ticks():
-    """CPU time (clock ticks) of each thread of this process (Linux; {} elsewhere)."""
-    out = {}
-    if not os.path.isdir("/proc/self/task"):
-        return out
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            with open(f"/proc/self/task/{tid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        out[tid] = int(fields[11]) + int(fields[12])
-    return out
 
 
 def cpu_over_wall(fn, seconds=0.5):
