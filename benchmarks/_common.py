@@ -30,8 +30,12 @@ def machine_header(device: str = "cpu") -> str:
 
     forced = os.environ.get("TORCHITER_CPU_CAPABILITY")
     isa = f"torchiter CPU kernels {torchiter.cpu_capability()}" + (f" (TORCHITER_CPU_CAPABILITY={forced})" if forced else "")
+    load = ""
+    if hasattr(os, "getloadavg"):
+        # Other processes competing for the cores skew every figure: say so.
+        load = "; load average %.1f %.1f %.1f" % os.getloadavg()
     return (
-        f"# machine: {dev}; {os.cpu_count()} cores, {torch.get_num_threads()} torch threads; {isa}; "
+        f"# machine: {dev}; {os.cpu_count()} cores, {torch.get_num_threads()} torch threads; {isa}{load}; "
         f"{platform.system()} {platform.machine()}; Python {platform.python_version()}; torch {torch.__version__}\n"
         f"# command: {cmd}"
     )
@@ -43,3 +47,18 @@ def median_seconds(stmt, globals_, label: str, sub_label: str, description: str,
         min_run_time=min_run_time
     )
     return m.median, m
+
+
+def thread_cpu_ticks():
+    """CPU time (clock ticks) of each thread of this process (Linux; {} elsewhere)."""
+    out = {}
+    if not os.path.isdir("/proc/self/task"):
+        return out
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[tid] = int(fields[11]) + int(fields[12])
+    return out

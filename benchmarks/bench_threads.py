@@ -3,9 +3,11 @@ machine's measured FMA peak.
 
 For each op it times, in one run, the same call at 1 thread and at every
 thread count up to the torch default: the median wall time
-(torch.utils.benchmark), the speed-up over 1 thread, and the process's CPU
-time over wall time across a fixed number of calls (about the number of
-threads that were busy: 1.00 means serial).
+(torch.utils.benchmark), the speed-up over 1 thread, the process's CPU time
+over wall time across repeated calls (about the number of threads that were
+busy: 1.00 means serial, on an otherwise idle machine), and how many threads'
+CPU time grew during those calls (Linux /proc; unlike the ratio this count
+does not depend on other load on the machine).
 
 The FMA peak is measured, not computed from a data sheet: the best GFLOP/s of
 a float32 GEMM (torch.mm, i.e. MKL/oneDNN, 2048 x 2048) at the same thread
@@ -22,7 +24,7 @@ import time
 import torch
 
 import torchiter
-from _common import machine_header, median_seconds
+from _common import machine_header, median_seconds, thread_cpu_ticks
 
 SGD = torch.ops.torchiter.sgd_step_
 QD = torch.ops.torchiter.quadratic_descent
@@ -51,13 +53,15 @@ def cases():
 
 
 def cpu_over_wall(fn, seconds=0.5):
+    """(process CPU time / wall time, threads whose CPU time grew) over repeated calls."""
     fn()
-    n = 0
+    ticks = thread_cpu_ticks()
     w0, c0 = time.perf_counter(), time.process_time()
     while time.perf_counter() - w0 < seconds:
         fn()
-        n += 1
-    return (time.process_time() - c0) / (time.perf_counter() - w0)
+    ratio = (time.process_time() - c0) / (time.perf_counter() - w0)
+    busy = sum(1 for tid, t in thread_cpu_ticks().items() if t > ticks.get(tid, 0))
+    return ratio, busy
 
 
 def gemm_peak(threads, min_run_time):
@@ -86,15 +90,15 @@ def main():
             results[(name, n)] = (t, cpu_over_wall(fn), flops)
     torch.set_num_threads(default_threads)
     print(f"\n## wall time, speed-up over 1 thread, CPU time / wall time ({torchiter.cpu_capability()} kernels)")
-    head = " | ".join(f"{n} thr: median | speed-up | CPU/wall" for n in counts)
+    head = " | ".join(f"{n} thr: median | speed-up | CPU/wall | busy threads" for n in counts)
     print(f"| op | {head} |")
-    print("| --- |" + " --- | --- | --- |" * len(counts))
+    print("| --- |" + " --- | --- | --- | --- |" * len(counts))
     for name in cases():
         base = results[(name, counts[0])][0]
         cells = []
         for n in counts:
-            t, ratio, _ = results[(name, n)]
-            cells.append(f"{t * 1e3:.2f} ms | {base / t:.2f}x | {ratio:.2f}")
+            t, (ratio, busy), _ = results[(name, n)]
+            cells.append(f"{t * 1e3:.2f} ms | {base / t:.2f}x | {ratio:.2f} | {busy}")
         print(f"| {name} | " + " | ".join(cells) + " |")
     print("\n## conv kernel against the measured FMA peak (float32 GEMM, torch.mm 2048^3)")
     print("| threads | GEMM peak GFLOP/s | conv quadratic_descent GFLOP/s | fraction of peak |")

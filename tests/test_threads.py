@@ -9,6 +9,8 @@ fixed position tiles), and the sizes leave tails past every vector width.
 """
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +18,9 @@ import torch
 import torchiter  # noqa: F401
 from _util import DTYPES, bits
 from test_quadratic_descent import problem
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from _common import thread_cpu_ticks  # noqa: E402  (per-thread CPU times, shared with bench_threads.py)
 
 THREADS = (1, 2, 3, 4)
 SGD = torch.ops.torchiter.sgd_step_
@@ -121,24 +126,11 @@ def test_quadratic_descent_stop_test_same_count_at_every_thread_count(restore_th
 
 # --- every thread takes part -------------------------------------------------
 
-def _thread_cpu_ticks():
-    """CPU time (utime + stime, clock ticks) of each thread of this process."""
-    out = {}
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            with open(f"/proc/self/task/{tid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        out[tid] = int(fields[11]) + int(fields[12])
-    return out
-
-
 def _busy_threads(fn, calls):
-    before = _thread_cpu_ticks()
+    before = thread_cpu_ticks()
     for _ in range(calls):
         fn()
-    after = _thread_cpu_ticks()
+    after = thread_cpu_ticks()
     return sum(1 for tid, t in after.items() if t - before.get(tid, 0) > 0)
 
 

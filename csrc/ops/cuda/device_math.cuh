@@ -1,5 +1,5 @@
 // Device-side per-element math of torchiter's ops: the scalar twin of
-// ../cpu/vec_math.h. Same operations in the same order, with an FMA exactly
+// ../cpu/kernels/vec_math.h. Same operations in the same order, with an FMA exactly
 // where the CPU kernels call at::vec::fmadd; nvcc runs with --fmad=false (as
 // the CPU build runs with -ffp-contract=off), so no other contraction happens
 // and CPU and CUDA results agree to the last bit for float32/float64 inputs
