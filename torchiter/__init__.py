@@ -3,7 +3,8 @@
 import torch  # noqa: F401  (loads libtorch before the op library)
 
 from . import _C  # noqa: F401  (registers torch.ops.torchiter.*)
-from . import models, ops, optim, projections, reference, scripting
+from . import implicit, models, ops, optim, projections, reference, scripting
+from .implicit import FixedPointGradient
 from .modules import IterationLossModule, IterationModule
 from .optim import SGD
 from .projections import Clamp, Projection, SoftThreshold
@@ -11,6 +12,7 @@ from .projections import Clamp, Projection, SoftThreshold
 __version__ = "0.1.0"
 
 __all__ = [
+    "implicit",
     "models",
     "ops",
     "optim",
@@ -23,4 +25,5 @@ __all__ = [
     "Projection",
     "Clamp",
     "SoftThreshold",
+    "FixedPointGradient",
 ]

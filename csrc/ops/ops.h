@@ -77,6 +77,16 @@ std::vector<double> host_learning_rates(
     const std::optional<at::Tensor>& lrs,
     const QuadraticDescentArgs& args);
 
+// Checks every argument of torchiter.quadratic_descent_backward (shapes,
+// dtypes, devices, shrink), for its kernels.
+void check_quadratic_descent_backward(
+    const at::Tensor& grad_y,
+    const at::Tensor& y,
+    const at::Tensor& A,
+    double shrink,
+    std::optional<double> min,
+    std::optional<double> max);
+
 // Sizes of y viewed as (B, C, S): S is the product of the spatial dims.
 struct BCS {
   int64_t B, C, S;
