@@ -12,7 +12,7 @@ import torch
 
 import torchiter  # noqa: F401  (registers the ops)
 from _util import JIT_WARNINGS
-from torchiter.reference import quadratic_descent_reference
+from torchiter.reference import quadratic_descent_backward_reference, quadratic_descent_reference
 
 OP = torch.ops.torchiter.quadratic_descent
 BACKWARD = torch.ops.torchiter.quadratic_descent_backward
@@ -137,6 +137,24 @@ def test_noncontiguous_inputs_and_upstream_gradient():
     torch.testing.assert_close(gb, ref[1], rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("proj", PROJECTIONS, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=str)
+def test_backward_op_matches_per_row_reference(proj, dtype):
+    # With C = 128 one batched solve takes 128 rows in float64 (256 in
+    # float32), so the 3 * 100 rows here take several.
+    C = 128
+    A, b = _problem((3, C, 100), "none", seed=12)
+    b = b * 2
+    y = _solve(A, b, proj, 300).to(dtype)
+    g = torch.randn_like(y)
+    got = BACKWARD(g, y, A.to(dtype), **PROJECTIONS[proj])
+    ref = quadratic_descent_backward_reference(g.double(), y.double(), A, **PROJECTIONS[proj])
+    tol = 1e-10 if dtype == F64 else 2e-3
+    for a, r in zip(got, ref):
+        assert a.dtype == dtype and a.is_contiguous()
+        torch.testing.assert_close(a.double(), r, rtol=tol, atol=tol)
+
+
 def test_y0_gets_no_gradient():
     A, b = _problem((3, 4), "none")
     y0 = torch.randn(3, 4, dtype=F64, requires_grad=True)
@@ -145,6 +163,8 @@ def test_y0_gets_no_gradient():
     y, n = OP(y0, A.requires_grad_(True), b, LR, 50)
     assert y.requires_grad and not n.requires_grad
     assert torch.autograd.grad(y.sum(), (y0, A), allow_unused=True)[0] is None
+    with torch.no_grad():
+        assert not OP(y0, A, b, LR, 50)[0].requires_grad
 
 
 def test_early_stop_gives_the_gradient_at_the_returned_point():

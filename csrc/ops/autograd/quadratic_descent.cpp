@@ -64,10 +64,11 @@ at::Tensor active_mask(
   return mask;
 }
 
-// Systems per batched solve: keeps the (n, C, C) masked matrices near 64 MiB.
+// Systems per batched solve: keeps each chunk's (k, C, C) matrices near
+// 16 MiB, so the backward's peak memory stays a few such buffers.
 int64_t solve_chunk(int64_t C, int64_t elem_size) {
   const int64_t per = std::max<int64_t>(1, C * C * elem_size);
-  return std::max<int64_t>(1, (int64_t{64} << 20) / per);
+  return std::max<int64_t>(1, (int64_t{16} << 20) / per);
 }
 
 // On the CPU the solver's status is free to read, so a singular active block
@@ -164,9 +165,10 @@ std::tuple<at::Tensor, at::Tensor> quadratic_descent_backward_kernel(
     for (int64_t r0 = 0; r0 < n; r0 += chunk) {
       const int64_t r1 = std::min(n, r0 + chunk);
       const at::Tensor m = mask.slice(0, r0, r1);
-      const at::Tensor M =
-          m.unsqueeze(2) * At.unsqueeze(0) * m.unsqueeze(1) +
-          at::diag_embed(1 - m);
+      // Built in place: one (k, C, C) buffer besides the solver's own copy.
+      at::Tensor M = m.unsqueeze(2) * m.unsqueeze(1);
+      M.mul_(At);
+      M.diagonal(0, 1, 2).add_(1 - m);
       auto [sol, info] = at::linalg_solve_ex(
           M, rhs.slice(0, r0, r1).unsqueeze(2), /*left=*/true,
           /*check_errors=*/false);
@@ -201,6 +203,21 @@ backward_op() {
   return op;
 }
 
+const c10::TypedOperatorHandle<std::tuple<at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, double, int64_t,
+    double, int64_t, const std::optional<at::Tensor>&, double,
+    std::optional<double>, std::optional<double>)>&
+quadratic_descent_op() {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("torchiter::quadratic_descent", "")
+          .typed<std::tuple<at::Tensor, at::Tensor>(
+              const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
+              int64_t, double, int64_t, const std::optional<at::Tensor>&,
+              double, std::optional<double>, std::optional<double>)>();
+  return op;
+}
+
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
@@ -212,18 +229,9 @@ class QuadraticDescentFunction
       const at::Tensor& b, double lr, int64_t max_iterations, double tol,
       int64_t check_every, const std::optional<at::Tensor>& lrs, double shrink,
       std::optional<double> min, std::optional<double> max) {
-    static const auto op =
-        c10::Dispatcher::singleton()
-            .findSchemaOrThrow("torchiter::quadratic_descent", "")
-            .typed<std::tuple<at::Tensor, at::Tensor>(
-                const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                double, int64_t, double, int64_t,
-                const std::optional<at::Tensor>&, double,
-                std::optional<double>, std::optional<double>)>();
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [y, iterations] =
-        op.call(y0, A, b, lr, max_iterations, tol, check_every, lrs, shrink,
-                min, max);
+    auto [y, iterations] = quadratic_descent_op().call(
+        y0, A, b, lr, max_iterations, tol, check_every, lrs, shrink, min, max);
     ctx->save_for_backward({y, A});
     ctx->saved_data["shrink"] = shrink;
     ctx->saved_data["min"] = min;
@@ -257,6 +265,14 @@ std::tuple<at::Tensor, at::Tensor> quadratic_descent_autograd(
     double lr, int64_t max_iterations, double tol, int64_t check_every,
     const std::optional<at::Tensor>& lrs, double shrink,
     std::optional<double> min, std::optional<double> max) {
+  if (!at::GradMode::is_enabled() ||
+      !(A.requires_grad() || b.requires_grad())) {
+    // Nothing to differentiate: skip building a graph node (the models'
+    // forward runs here on every call).
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return quadratic_descent_op().call(
+        y0, A, b, lr, max_iterations, tol, check_every, lrs, shrink, min, max);
+  }
   // y0 enters detached: the fixed point does not depend on the start.
   auto out = QuadraticDescentFunction::apply(
       y0.detach(), A, b, lr, max_iterations, tol, check_every, lrs, shrink,
