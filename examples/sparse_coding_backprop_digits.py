@@ -18,7 +18,7 @@ test accuracy per epoch.
 
 Run (scikit-learn and matplotlib needed; tqdm optional)::
 
-    python examples/sparse_coding_backprop_digits.py            # about a minute
+    python examples/sparse_coding_backprop_digits.py            # about 20 s
     python examples/sparse_coding_backprop_digits.py --quick    # smoke run
 """
 
