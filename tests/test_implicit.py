@@ -122,6 +122,13 @@ def test_unrolled_converges_to_implicit_as_k_grows():
     assert err["k400"] < 1e-8 < err["k5"]
 
 
+def test_conjugate_gradient_budget_too_small_warns():
+    model = Ridge(max_iterations=2000, fixed_point_gradient=FixedPointGradient(cg_max_iterations=1))
+    z = model(_x())
+    with pytest.warns(RuntimeWarning, match=r"conjugate gradient stopped after 1 iterations"):
+        torch.autograd.grad(z.sum(), model.W)
+
+
 def test_no_gradient_without_the_option_or_under_no_grad():
     assert not Ridge(max_iterations=5)(_x()).requires_grad
     model = SparseCoding(6, 8, max_iterations=5, fixed_point_gradient=FixedPointGradient())

@@ -48,6 +48,7 @@ Example::
     codes = model(x)                  # differentiable in model.dictionary and x
 """
 
+import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -364,9 +365,10 @@ class _CGSolver:
         r = [x.clone() for x in b]
         p = [x.clone() for x in r]
         rr = dot(r, r)
-        stop = float(rr) ** 0.5 * self.cfg.cg_tol
+        norm_b = float(rr) ** 0.5
+        residual = norm_b
         for _ in range(self.cfg.cg_max_iterations):
-            if float(rr) ** 0.5 <= stop or float(rr) == 0:
+            if residual <= norm_b * self.cfg.cg_tol or residual == 0:
                 break
             hp = self._hvp(p)
             alpha = rr / dot(p, hp)
@@ -375,6 +377,15 @@ class _CGSolver:
             rr_new = dot(r, r)
             p = [ri + (rr_new / rr) * pi for ri, pi in zip(r, p)]
             rr = rr_new
+            residual = float(rr) ** 0.5
+        if residual > norm_b * self.cfg.cg_tol:
+            warnings.warn(
+                f"FixedPointGradient('implicit'): conjugate gradient stopped after {self.cfg.cg_max_iterations} "
+                f"iterations at relative residual {residual / norm_b:.3g} > cg_tol {self.cfg.cg_tol:g}; raise "
+                "cg_max_iterations, or check that the loss is strictly convex in the state",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         return u
 
     def backward(self, v: List[torch.Tensor]) -> List[Optional[torch.Tensor]]:
