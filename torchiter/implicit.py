@@ -111,8 +111,12 @@ def run_forward(module: nn.Module, run: Callable, args: Tuple[Any, ...], kwargs:
         raise TypeError(
             f"{type(module).__name__}.fixed_point_gradient must be None or a FixedPointGradient, got {cfg!r}"
         )
-    plan = _Plan(cfg)
     attrs = module.__dict__
+    if attrs.get("_fp_pending") is not None or attrs.get("_it_running") is not None:
+        # A forward of this instance is already running: leave its state
+        # alone and let the plain forward report the nested call.
+        return run(*args, **kwargs)
+    plan = _Plan(cfg)
     max_iterations = module.max_iterations
     attrs["_fp_pending"] = plan
     if cfg.mode == "unrolled":
