@@ -84,6 +84,12 @@ TORCH_LIBRARY(torchiter, m) {
       "int max_iterations, float tol=0., int check_every=1, "
       "Tensor? lrs=None, float shrink=0., float? min=None, "
       "float? max=None) -> (Tensor, Tensor)");
+  // Gradients of quadratic_descent's y with respect to A and b at its fixed
+  // point (csrc/ops/autograd/quadratic_descent.cpp has the derivation).
+  m.def(
+      "quadratic_descent_backward(Tensor grad_y, Tensor y, Tensor A, "
+      "float shrink=0., float? min=None, float? max=None) "
+      "-> (Tensor grad_A, Tensor grad_b)");
 }
 
 // With every list empty the dispatcher sees no tensor and would fail to pick

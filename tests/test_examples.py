@@ -33,6 +33,11 @@ CASES = {
         # Chance is ARI 0 and purity about 0.1; even the quick run is well above.
         lambda ari, purity: ari > 0.1 and purity > 0.2,
     ),
+    "sparse_coding_backprop_digits": (
+        r"test accuracy: ([\d.]+)% with backprop through the inner loop, ([\d.]+)% detached",
+        # Chance is 10%; the quick run (2 epochs) reaches about 50% either way.
+        lambda backprop, detached: backprop > 30.0 and detached > 30.0,
+    ),
     "conv_nsm_digits": (
         r"test accuracy: ([\d.]+)% with the NSM features",
         lambda acc: acc > 90.0,

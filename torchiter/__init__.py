@@ -4,7 +4,8 @@ import torch  # noqa: F401  (loads libtorch before the op library)
 
 from . import _C  # noqa: F401  (registers torch.ops.torchiter.*)
 from ._C import cpu_capability
-from . import models, ops, optim, projections, reference, scripting
+from . import implicit, models, ops, optim, projections, reference, scripting
+from .implicit import FixedPointGradient
 from .modules import IterationLossModule, IterationModule
 from .optim import SGD
 from .projections import Clamp, Projection, SoftThreshold
@@ -13,6 +14,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "cpu_capability",
+    "implicit",
     "models",
     "ops",
     "optim",
@@ -25,4 +27,5 @@ __all__ = [
     "Projection",
     "Clamp",
     "SoftThreshold",
+    "FixedPointGradient",
 ]

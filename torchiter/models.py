@@ -8,6 +8,10 @@ hook is registered, a subclass overrides the loop, the optimizer is not a
 momentum-free SGD, the projection is not one the op expresses, or the dtype or
 device has no kernel. Both paths give the same results to float rounding.
 
+With ``fixed_point_gradient=FixedPointGradient(...)`` (see
+:mod:`torchiter.implicit`) the returned state is differentiable in the
+model's parameters and inputs, through ``quadratic_descent``'s implicit
+backward at the fixed point (or through the last iterations, unrolled).
 """
 
 import math
@@ -395,6 +399,14 @@ class MultiSimilarityMatching(_QuadraticLoopModule):
     def _quadratic(self) -> Tuple[torch.Tensor, torch.Tensor]:
         return self.competitor.weight.detach(), self._Wx_sum
 
+    def _fixed_point_quadratic(self, *xs: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(M, Wx)`` with their graphs (encoders run again), for ``fixed_point_gradient``.
+
+        The competitor's gradient hook scales every gradient reaching ``M``,
+        also one through the fixed point, by ``-1/tau``.
+        """
+        return self.competitor.weight, self._sum(self._encode(*xs))
+
     def iteration_set_gradients(self, *xs: Optional[torch.Tensor]) -> None:
         """Sets ``y.grad = M·y − Wx`` directly (no autograd)."""
         with torch.no_grad():
@@ -587,6 +599,11 @@ class SparseCoding(_QuadraticLoopModule):
     def iteration_parameters(self) -> List[torch.Tensor]:
         """``[codes]``."""
         return [self.codes]
+
+    def _fixed_point_quadratic(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(DᵀD, Dᵀx)`` with their graphs, for ``fixed_point_gradient``."""
+        D = self.dictionary
+        return D.T @ D, x @ D
 
     def iteration_set_gradients(self, x: torch.Tensor) -> None:
         """Sets ``codes.grad = DᵀD·a − Dᵀx``, the gradient of the smooth part."""

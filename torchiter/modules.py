@@ -308,6 +308,12 @@ class IterationLossModule(IterationModule):
         iteration_projection: optional callable ``tensor -> tensor`` applied
             to every iteration parameter after each step; it must keep shape,
             dtype and device.
+        fixed_point_gradient: None (the default: forward's result carries no
+            gradient) or a :class:`torchiter.implicit.FixedPointGradient`,
+            which makes the returned iteration parameters differentiable with
+            respect to the module's parameters and inputs (implicitly at the
+            fixed point, or through the last iterations); see
+            :mod:`torchiter.implicit`. Used only when grad mode is enabled.
         **kwargs: passed to :class:`IterationModule` (e.g. ``max_iterations``).
 
     Attributes:
@@ -327,9 +333,12 @@ class IterationLossModule(IterationModule):
         it_optim_kwargs: Optional[Dict[str, Any]] = None,
         it_sched_kwargs: Optional[Dict[str, Any]] = None,
         iteration_projection: Optional[Callable] = None,
+        fixed_point_gradient: Any = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.fixed_point_gradient = fixed_point_gradient
+        self._fp_pending: Any = None
         self.it_construct_optim = iteration_optimizer
         self.it_construct_sched = iteration_scheduler
 
@@ -352,6 +361,16 @@ class IterationLossModule(IterationModule):
         # or None if the projection runs generically after the fused step)
         # when the fused step applies, else None.
         self._it_fast: Any = None
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """As :meth:`IterationModule.forward`; with ``fixed_point_gradient``
+        set (and grad mode on) the returned iteration parameters are
+        differentiable (see :mod:`torchiter.implicit`)."""
+        if self.__dict__.get("fixed_point_gradient") is None or not torch.is_grad_enabled():
+            return super().forward(*args, **kwargs)
+        from . import implicit
+
+        return implicit.run_forward(self, super().forward, args, kwargs)
 
     @property
     def last_iteration_loss(self) -> Optional[float]:
@@ -525,6 +544,11 @@ class IterationLossModule(IterationModule):
         """Restores the flags: iteration parameters to ``requires_grad=False``,
         module parameters to what they were before ``pre_iteration()``."""
         self._restore_requires_grad()
+        pending = self.__dict__.get("_fp_pending")
+        if pending is not None:
+            # While the forward's state is still there (subclasses clear it
+            # after this call): the differentiable copies of the result.
+            pending.attach(self, args, kwargs)
         return super().post_iteration(*args, **kwargs)
 
     def _abort_iteration(self) -> None:

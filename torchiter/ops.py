@@ -132,6 +132,14 @@ def quadratic_descent(
         ``(y, iterations)``: the final ``y`` (a new contiguous tensor with
         ``y0``'s shape, dtype and device) and the number of iterations run as a
         0-dim int64 tensor on the same device.
+
+    ``y`` is differentiable in ``A`` and ``b`` by implicit differentiation at
+    the projected fixed point: entries the projection holds get no gradient,
+    the others solve ``A_SSᵀ x_S = grad_y_S`` per sample and position, and
+    ``grad_b = x``, ``grad_A = −Σ x yᵀ``. Memory does not grow with the
+    iterations. The gradient is evaluated at the returned ``y`` also when the
+    loop stopped before converging (``iterations`` tells). ``y0``, ``lr`` and
+    ``lrs`` get none: the fixed point does not depend on them.
     """
     return torch.ops.torchiter.quadratic_descent(
         y0, A, b, lr, max_iterations, tol, check_every, lrs, shrink, min, max

@@ -9,7 +9,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-__all__ = ["project", "sgd_step_reference", "quadratic_descent_reference"]
+__all__ = ["project", "sgd_step_reference", "quadratic_descent_reference", "quadratic_descent_backward_reference"]
 
 
 def project(
@@ -85,3 +85,37 @@ def quadratic_descent_reference(
         if done:
             return y, k + 1
     return y, max_iterations
+
+
+def quadratic_descent_backward_reference(
+    grad_y: torch.Tensor,
+    y: torch.Tensor,
+    A: torch.Tensor,
+    shrink: float = 0.0,
+    min: Optional[float] = None,
+    max: Optional[float] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``torchiter.quadratic_descent_backward``, one small solve per sample and position.
+
+    Active entries of a row are those the projection does not hold (not at a
+    clamp bound, not zeroed by the soft threshold); on them ``A_SSᵀ x_S =
+    grad_y_S``, elsewhere ``x = 0``. Returns ``(grad_A, grad_b)`` with
+    ``grad_A = −Σ x yᵀ`` and ``grad_b = x``.
+    """
+    C = y.shape[1]
+    yr = y.movedim(1, -1).reshape(-1, C)
+    gr = grad_y.movedim(1, -1).reshape(-1, C)
+    x = torch.zeros_like(yr)
+    for n in range(yr.shape[0]):
+        active = torch.ones(C, dtype=torch.bool, device=y.device)
+        if shrink > 0:
+            active &= yr[n] != 0
+        if min is not None:
+            active &= yr[n] > min
+        if max is not None:
+            active &= yr[n] < max
+        idx = active.nonzero()[:, 0]
+        if len(idx):
+            x[n, idx] = torch.linalg.solve(A[idx][:, idx].T, gr[n, idx])
+    grad_b = x.reshape(y.movedim(1, -1).shape).movedim(-1, 1)
+    return -(x.T @ yr), grad_b

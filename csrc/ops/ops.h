@@ -98,6 +98,16 @@ class LearningRates {
   std::vector<double> block_;
 };
 
+// Checks every argument of torchiter.quadratic_descent_backward (shapes,
+// dtypes, devices, shrink), for its kernels.
+void check_quadratic_descent_backward(
+    const at::Tensor& grad_y,
+    const at::Tensor& y,
+    const at::Tensor& A,
+    double shrink,
+    std::optional<double> min,
+    std::optional<double> max);
+
 // Sizes of y viewed as (batch, channels, spatial): `spatial` is the product
 // of the dims after the first two (1 for a 2-D y).
 struct BatchChannelSpatial {
