@@ -133,8 +133,11 @@ def extensions():
     # -ffp-contract=off: FMAs appear only where the kernels ask for them, so the
     # vector body and the partial-load tails round identically.
     cxx = ["-O3", "-std=c++20", "-ffp-contract=off", "-fvisibility=hidden"] + _openmp_flags()
-    variants = list(CPU_VARIANTS) if _x86() else ["default"]
-    macros = [("TORCHITER_CPU_X86_VARIANTS", None)] if _x86() else []
+    # TORCHITER_CPU_VARIANTS=default builds the plain x86-64 variant alone
+    # (quicker builds where speed does not matter: sanitizers, compile checks).
+    all_variants = _x86() and os.environ.get("TORCHITER_CPU_VARIANTS", "all").lower() != "default"
+    variants = list(CPU_VARIANTS) if all_variants else ["default"]
+    macros = [("TORCHITER_CPU_X86_VARIANTS", None)] if all_variants else []
     ext_cls = cpp_extension.CppExtension
     extra = {"cxx": cxx}
     if with_cuda:
