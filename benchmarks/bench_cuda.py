@@ -8,7 +8,7 @@
     from 1M to 256M float32 elements, as one tensor and split into a list.
     Reports GB/s, the fraction of copy bandwidth and the speedup.
 (b) ``workloads``: the three similarity-matching workloads of
-    shared/spec/models.md (pca, clustering, conv): one ``quadratic_descent``
+    docs/models.md (pca, clustering, conv): one ``quadratic_descent``
     call against the original per-iteration loop on the GPU (einsum gradient,
     ``torch.optim.SGD`` step, projection by reassigning ``.data``, and a
     ``max|Δy| < tol`` test read back with ``.item()`` every iteration). Both

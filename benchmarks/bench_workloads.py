@@ -1,4 +1,4 @@
-"""The similarity-matching workloads of shared/spec/models.md, side by side.
+"""The similarity-matching workloads of docs/models.md, side by side.
 
 For each workload (pca, clustering, conv) one run times, on the same inputs and
 weights: torchiter's ``SimilarityMatching`` forward (its inner loop is one
@@ -120,7 +120,8 @@ def main():
         ax.set_title(f"torchiter forward, {args.device}")
         fig.tight_layout()
         fig.savefig(args.plot, dpi=120)
-        print(f"# plot: {args.plot}")
+        # Relative to the working folder: results stay free of local paths.
+        print(f"# plot: {os.path.relpath(args.plot)}")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ source "$(dirname "$0")/bootstrap.sh" scikit-learn matplotlib tqdm
 cd "$ROOT"
 echo; echo "== example: convolutional similarity matching on the digits data set"
 "$PY" examples/conv_nsm_digits.py
-echo; echo "== benchmark: similarity-matching workloads (shared/spec/models.md)"
+echo; echo "== benchmark: similarity-matching workloads (docs/models.md)"
 "$PY" benchmarks/bench_workloads.py
 echo; echo "== benchmark: iteration modules, generic path vs the original loop"
 "$PY" benchmarks/bench_modules.py

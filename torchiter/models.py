@@ -8,7 +8,7 @@ hook is registered, a subclass overrides the loop, the optimizer is not a
 momentum-free SGD, the projection is not one the op expresses, or the dtype or
 device has no kernel. Both paths give the same results to float rounding.
 
-See ``shared/spec/models.md`` for the definitions.
+See ``docs/models.md`` for the definitions.
 """
 
 import warnings

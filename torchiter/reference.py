@@ -1,6 +1,6 @@
 """Pure-PyTorch reference implementations of the torchiter ops.
 
-They follow ``shared/spec/ops.md`` literally, one tensor op at a time, and are
+They follow the op definitions of ``docs/ops.md`` literally, one tensor op at a time, and are
 what the tests compare the fused kernels against (in float64) and what the
 benchmarks time as the "plain PyTorch" baseline.
 """
