@@ -62,7 +62,7 @@ def test_example_quick_run(name, tmp_path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,  # seconds of CPU each, but minutes on a busy machine
     )
     assert proc.returncode == 0, f"{name} failed:\n{proc.stdout}\n{proc.stderr}"
     pattern, check = CASES[name]
