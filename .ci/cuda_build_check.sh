@@ -125,7 +125,9 @@ echo "== CUDA kernels registered ($((SECONDS - START)) s)"
 # minutes), in the copy of the tree.
 if [ "${TORCHITER_CUDA_TESTS:-1}" != 0 ]; then
   echo "== test suite on torch $TORCH_VERSION (CPU)"
-  (cd "$WORK" && CUDA_VISIBLE_DEVICES="" TORCHITER_CMAKE_ARGS="-DTORCHITER_NO_CUDA=ON" \
+  # The build is in place, not installed: PYTHONPATH lets the scripts the
+  # tests start (examples, examples/cpp/save_*.py) import it too.
+  (cd "$WORK" && CUDA_VISIBLE_DEVICES="" PYTHONPATH="$WORK" TORCHITER_CMAKE_ARGS="-DTORCHITER_NO_CUDA=ON" \
     "$PY" -m pytest -q -p no:cacheprovider tests) || fail "the test suite failed on torch $TORCH_VERSION (above)"
 fi
 echo "CUDA BUILD CHECK: PASS ($((SECONDS - START)) s)"

@@ -9,6 +9,7 @@ by the C++ program). ``pytest -m "not aoti"`` leaves them out.
 """
 
 import copy
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -138,11 +139,14 @@ def test_cpp_program_runs_a_package_like_eager_python(cpp_runner, tmp_path):
     assert program.is_file()
     repeat = 3
     script = ROOT / "examples" / "cpp" / "save_package.py"
+    # The checkout's torchiter, installed or not.
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     proc = subprocess.run(
         [sys.executable, str(script), str(tmp_path), "--repeat", str(repeat)],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=1200,
+        env=env,
     )
     assert proc.returncode == 0, proc.stderr[-6000:]
     comments, tensors = _run_cpp(program, tmp_path / "model.pt2", tmp_path / "input.pt", repeat)
