@@ -70,6 +70,12 @@ def test_example_quick_run(name, tmp_path):
     assert match, f"no result line matching {pattern!r} in:\n{proc.stdout}"
     values = [float(v) for v in match.groups()]
     assert check(*values), f"{name}: implausible result {match.group(0)!r}"
+    if name == "mnist_conv_nsm":
+        # torchiter's training and the original loop's, on the same batches, agree.
+        drift = re.search(
+            r"original per-iteration loop .* encoders after 1 epoch\(s\) differ by (\S+)$", proc.stdout, re.M
+        )
+        assert drift and float(drift.group(1)) < 1e-4, proc.stdout
     png = tmp_path / f"{name}.png"
     assert f"figure saved to {png}" in proc.stdout
     data = png.read_bytes()
