@@ -185,6 +185,6 @@ setup(
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.9",
-    install_requires=["torch>=2.4"],
+    install_requires=["torch>=2.13,<2.15"],  # what CI tests: 2.13.0 CPU and 2.14.1
     zip_safe=False,
 )

@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# CUDA compile-and-link check, for machines without a GPU.
+# CUDA compile-and-link check, for machines without a GPU, and the test suite
+# on the newest supported torch.
 #
 # Builds torchiter with its CUDA kernels (csrc/ops/cuda/*.cu) against a CUDA
-# build of torch in a virtual environment of its own, from a copy of the tree
-# (the checkout's build/ and torchiter/_C*.so are never touched), imports
+# build of torch 2.14.1 in a virtual environment of its own, from a copy of the
+# tree (the checkout's build/ and torchiter/_C*.so are never touched), imports
 # torchiter._C there and checks that every op has a CUDA kernel registered.
+# Then runs the whole test suite with that torch and that build, on the CPU
+# (the CUDA tests skip themselves without a GPU), so CI covers both ends of
+# the supported torch range: 2.13 (scripts/test.sh) and 2.14 (here).
 # Prints "CUDA BUILD CHECK: PASS" or "CUDA BUILD CHECK: FAIL: <why>" and exits
-# non-zero on failure. Nothing here runs a kernel: that needs a GPU
+# non-zero on failure. No CUDA kernel runs here: that needs a GPU
 # (tests/test_cuda.py, benchmarks/bench_cuda.py).
 #
 # Environment (all optional):
@@ -15,6 +19,7 @@
 #   CUDA_HOME             the toolkit with nvcc (default /usr/local/cuda)
 #   TORCH_CUDA_ARCH_LIST  GPU architectures (default 9.0: H100/H200)
 #   MAX_JOBS              parallel compile jobs (default: nproc)
+#   TORCHITER_CUDA_TESTS  0 skips the test suite (default 1)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -47,7 +52,7 @@ echo "== nvcc: $("$CUDA_HOME/bin/nvcc" --version | tail -n 2 | head -n 1)"
 # 1. The environment: a CUDA build of torch $TORCH_VERSION, numpy, ninja.
 venv_ready() {
   [ -x "$PY" ] && "$PY" - <<EOF 2>/dev/null
-import sys, torch, numpy, ninja, setuptools
+import sys, torch, numpy, ninja, setuptools, pytest, sklearn, matplotlib, tqdm, mlxtend
 sys.exit(0 if torch.__version__.split("+")[0] == "$TORCH_VERSION" and torch.version.cuda else 1)
 EOF
 }
@@ -56,7 +61,7 @@ if venv_ready; then
 else
   echo "== creating $VENV (torch==$TORCH_VERSION, CUDA build)"
   [ -x "$PY" ] || python3 -m venv "$VENV" || fail "could not create the venv $VENV"
-  PKGS=("torch==$TORCH_VERSION" numpy ninja setuptools)
+  PKGS=("torch==$TORCH_VERSION" numpy ninja setuptools pytest scikit-learn matplotlib tqdm mlxtend)
   installed=0
   if [ -d "$LOCAL_WHEELS" ]; then
     # The local wheel of torch and its nvidia-* dependencies.
@@ -113,4 +118,16 @@ for op in ("torchiter::sgd_step_", "torchiter::sgd_step_.tensor_lr", "torchiter:
         ok &= has
 sys.exit(0 if ok else 1)
 EOF
+echo "== CUDA kernels registered ($((SECONDS - START)) s)"
+
+# 4. The test suite with this torch, on the CPU. The C++ example is configured
+# without its CUDA kernels (they compiled above; another copy would only cost
+# minutes), in the copy of the tree.
+if [ "${TORCHITER_CUDA_TESTS:-1}" != 0 ]; then
+  echo "== test suite on torch $TORCH_VERSION (CPU)"
+  # The build is in place, not installed: PYTHONPATH lets the scripts the
+  # tests start (examples, examples/cpp/save_*.py) import it too.
+  (cd "$WORK" && CUDA_VISIBLE_DEVICES="" PYTHONPATH="$WORK" TORCHITER_CMAKE_ARGS="-DTORCHITER_NO_CUDA=ON" \
+    "$PY" -m pytest -q -p no:cacheprovider tests) || fail "the test suite failed on torch $TORCH_VERSION (above)"
+fi
 echo "CUDA BUILD CHECK: PASS ($((SECONDS - START)) s)"

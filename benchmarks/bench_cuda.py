@@ -8,7 +8,7 @@
     from 1M to 256M float32 elements, as one tensor and split into a list.
     Reports GB/s, the fraction of copy bandwidth and the speedup.
 (b) ``workloads``: the three similarity-matching workloads of
-    shared/spec/models.md (pca, clustering, conv): one ``quadratic_descent``
+    docs/models.md (pca, clustering, conv): one ``quadratic_descent``
     call against the original per-iteration loop on the GPU (einsum gradient,
     ``torch.optim.SGD`` step, projection by reassigning ``.data``, and a
     ``max|Δy| < tol`` test read back with ``.item()`` every iteration). Both
@@ -38,6 +38,7 @@ import torch.utils.benchmark as tb
 from torch import nn
 
 import torchiter  # noqa: F401  (registers the ops)
+from torchiter.reference import original_nsm_loop
 
 MIB = 1 << 20
 
@@ -162,26 +163,7 @@ WORKLOADS = {
 }
 
 
-def original_loop(M, Wx, iterations, lr, tol, relu):
-    """The inner loop as the original library runs it, one Python step at a time."""
-    y = torch.zeros_like(Wx, requires_grad=True)
-    opt = torch.optim.SGD([y], lr=lr)
-    last = None
-    n = iterations
-    for k in range(iterations):
-        opt.zero_grad()
-        with torch.no_grad():
-            y.grad = torch.einsum("ij,bj...->bi...", M, y) - Wx
-        opt.step()
-        if relu:
-            with torch.no_grad():
-                y.data = torch.relu(y)
-        done = last is not None and tol > 0 and (y.detach() - last).abs().max().item() < tol
-        last = y.detach().clone()
-        if done:
-            n = k + 1
-            break
-    return y.detach(), n
+original_loop = original_nsm_loop
 
 
 def fused_loop(M, Wx, iterations, lr, tol, relu):

@@ -1,4 +1,4 @@
-"""The similarity-matching workloads of shared/spec/models.md, side by side.
+"""The similarity-matching workloads of docs/models.md, side by side.
 
 For each workload (pca, clustering, conv) one run times, on the same inputs and
 weights: torchiter's ``SimilarityMatching`` forward (its inner loop is one
@@ -20,6 +20,7 @@ from torch import nn
 import torchiter  # noqa: F401
 from _common import machine_header, median_seconds
 from torchiter.models import SimilarityMatching
+from torchiter.reference import original_nsm_loop
 
 # name: (input shape, encoder factory, channels, iterations, lr, tol, projection)
 WORKLOADS = {
@@ -40,26 +41,9 @@ class OriginalLoop:
     def __call__(self, x):
         with torch.no_grad():
             Wx = self.encoder(x)
-        y = torch.zeros_like(Wx, requires_grad=True)
-        opt = torch.optim.SGD([y], lr=self.lr)
-        last = None
-        for i in range(self.iterations):
-            self.iteration_idx = i
-            opt.zero_grad()
-            with torch.no_grad():
-                y.grad = torch.einsum("ij,bj...->bi...", self.M, y) - Wx
-            opt.step()
-            if self.relu:
-                with torch.no_grad():
-                    y.data = torch.relu(y)
-            if last is not None and self.tol > 0:
-                done = (y.detach() - last).abs().max() < self.tol
-            else:
-                done = False
-            last = y.detach().clone()
-            if done:
-                break
-        return y.detach()
+        y, n = original_nsm_loop(self.M, Wx, self.iterations, self.lr, self.tol, self.relu)
+        self.iteration_idx = n - 1
+        return y
 
 
 def build(name, device):
@@ -120,6 +104,7 @@ def main():
         ax.set_title(f"torchiter forward, {args.device}")
         fig.tight_layout()
         fig.savefig(args.plot, dpi=120)
+        # Relative to the working folder: results stay free of local paths.
         print(f"# plot: {os.path.relpath(args.plot)}")
 
 

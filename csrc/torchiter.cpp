@@ -117,10 +117,25 @@ TORCH_LIBRARY_IMPL(torchiter, CompositeExplicitAutograd, m) {
 // autograd reports a graph that saved one of them instead of silently using
 // the new values.
 namespace {
+// An AOTInductor package's runtime passes an empty Tensor[] argument (the
+// momentum buffers without momentum) as None; the kernels below take lists,
+// so None becomes an empty list on the stack before it is read.
+void empty_lists_for_none(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  const auto& schema_args = op.schema().arguments();
+  const size_t first = stack->size() - schema_args.size();
+  for (size_t i = 0; i < schema_args.size(); ++i) {
+    c10::IValue& v = (*stack)[first + i];
+    if (v.isNone() && schema_args[i].type()->kind() == c10::TypeKind::ListType) {
+      v = c10::List<at::Tensor>();
+    }
+  }
+}
+
 void sgd_step_bump_versions(
     const c10::OperatorHandle& op,
     c10::DispatchKeySet ks,
     torch::jit::Stack* stack) {
+  empty_lists_for_none(op, stack);
   const auto args = torch::jit::last(*stack, op.schema().arguments().size());
   const std::vector<at::Tensor> params = args[0].toTensorVector();
   const std::vector<at::Tensor> bufs = args[2].toTensorVector();

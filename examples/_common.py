@@ -88,6 +88,40 @@ def progress(items: Iterable[T], total: int, desc: str, enabled: bool = True) ->
     return iter(tqdm(items, total=total, desc=desc, leave=True))
 
 
+def train_epoch(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    batch_size: int,
+    desc: str,
+    show_progress: bool = True,
+    forward: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    after_step: Optional[Callable[[], None]] = None,
+) -> float:
+    """One pass over ``x`` in a random order, training on ``model.loss(xb, forward(xb))``.
+
+    ``forward`` (default: the model itself) runs the inner loop to its fixed
+    point without autograd; the loss is then differentiable in the encoder
+    and the competitor only, which is what makes the outer step Hebbian /
+    anti-Hebbian. Returns the last batch's loss.
+    """
+    forward = model if forward is None else forward
+    perm = torch.randperm(len(x))
+    starts = range(0, len(x), batch_size)
+    loss = torch.tensor(float("nan"))
+    for start in progress(starts, len(starts), desc, show_progress):
+        xb = x[perm[start : start + batch_size]]
+        loss = model.loss(xb, forward(xb))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if after_step is not None:
+            after_step()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"the training loss became {loss.item()} ({desc})")
+    return loss.detach().item()
+
+
 def train(
     model: torch.nn.Module,
     x: torch.Tensor,
@@ -97,31 +131,12 @@ def train(
     show_progress: bool = True,
     after_step: Optional[Callable[[], None]] = None,
 ) -> float:
-    """Trains an iteration module on ``model.loss(x, model(x))``; returns the last loss.
-
-    The forward runs the inner loop to its fixed point without autograd; the
-    loss is then differentiable in the encoder and the competitor only, which
-    is what makes the outer step Hebbian / anti-Hebbian.
-    """
-    n = len(x)
-    steps = [(e, i) for e in range(epochs) for i in range(0, n, batch_size)]
-    perm = None
-    loss = torch.tensor(float("nan"))
-    bar = progress(steps, len(steps), f"training {type(model).__name__}", show_progress)
-    for epoch, start in bar:
-        if start == 0:
-            perm = torch.randperm(n)
-        xb = x[perm[start : start + batch_size]]
-        y = model(xb)
-        loss = model.loss(xb, y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if after_step is not None:
-            after_step()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"the training loss became {loss.item()} in epoch {epoch}")
-    return loss.detach().item()
+    """Trains an iteration module for ``epochs`` passes (:func:`train_epoch`); returns the last loss."""
+    loss = float("nan")
+    for epoch in range(epochs):
+        desc = f"training {type(model).__name__}, epoch {epoch + 1}/{epochs}"
+        loss = train_epoch(model, x, optimizer, batch_size, desc, show_progress, after_step=after_step)
+    return loss
 
 
 @torch.no_grad()

