@@ -5,6 +5,7 @@ import torch  # noqa: F401  (loads libtorch before the op library)
 from . import _C  # noqa: F401  (registers torch.ops.torchiter.*)
 from . import models, ops, optim, projections, reference, scripting
 from .modules import IterationLossModule, IterationModule
+from .compiled import CompiledIterationsWarning, compile_iterations
 from .optim import SGD
 from .projections import Clamp, Projection, SoftThreshold
 
@@ -19,6 +20,8 @@ __all__ = [
     "scripting",
     "IterationModule",
     "IterationLossModule",
+    "compile_iterations",
+    "CompiledIterationsWarning",
     "SGD",
     "Projection",
     "Clamp",

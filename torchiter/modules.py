@@ -468,18 +468,25 @@ class IterationLossModule(IterationModule):
             torch.set_autocast_cache_enabled(False)
         try:
             if torch.is_grad_enabled() or not self._loop_uses_autograd():
-                super()._run_iterations(*args, **kwargs)
+                self._iterate(*args, **kwargs)
             elif torch.is_inference_mode_enabled():
                 with torch.inference_mode(False):
                     args, kwargs = _normal_tensors(args), {k: _normal_tensor(v) for k, v in kwargs.items()}
                     with torch.enable_grad():
-                        super()._run_iterations(*args, **kwargs)
+                        self._iterate(*args, **kwargs)
             else:
                 with torch.enable_grad():
-                    super()._run_iterations(*args, **kwargs)
+                    self._iterate(*args, **kwargs)
         finally:
             if autocast_cache:
                 torch.set_autocast_cache_enabled(True)
+
+    def _iterate(self, *args: Any, **kwargs: Any) -> None:
+        # Compiled iterations (torchiter.compile_iterations) when switched on
+        # and possible for this forward; the eager loop otherwise.
+        compiled = self.__dict__.get("_it_compiled")
+        if compiled is None or not compiled.run(self, args, kwargs):
+            IterationModule._run_iterations(self, *args, **kwargs)
 
     def _loop_uses_autograd(self) -> bool:
         # Subclasses that set gradients by hand need no autograd mode.
