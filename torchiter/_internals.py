@@ -5,7 +5,7 @@ Every use of a private torch API lives here, with a test in
 upgrade that changes one of them is a change to this file alone.
 """
 
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -45,17 +45,20 @@ def optimizer_step_hooks_present(optimizer: torch.optim.Optimizer) -> bool:
     )
 
 
-def optimizer_step_is_plain(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether ``optimizer.step`` is its class' step, with no step hooks.
+def optimizer_step_replaced(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether something other than an LR scheduler patched ``step`` onto the instance.
 
     An LR scheduler wraps ``step`` on the instance with a call-counting
-    wrapper whose ``__wrapped__`` is the class' step; that wrapper is allowed,
-    anything else patched onto the instance is not.
+    wrapper whose ``__wrapped__`` is the class' step; that wrapper still runs
+    the class' step, anything else patched onto the instance may not.
     """
     step = optimizer.__dict__.get("step")
-    if step is not None and getattr(step, "__wrapped__", None) is not type(optimizer).step:
-        return False
-    return not optimizer_step_hooks_present(optimizer)
+    return step is not None and getattr(step, "__wrapped__", None) is not type(optimizer).step
+
+
+def optimizer_step_is_plain(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer.step()`` would run its class' step and nothing else (no step hooks)."""
+    return not optimizer_step_replaced(optimizer) and not optimizer_step_hooks_present(optimizer)
 
 
 def mark_optimizer_stepped(optimizer: torch.optim.Optimizer) -> None:
@@ -165,3 +168,25 @@ def compile_error_reason(error: BaseException, own: type) -> Optional[str]:
     # Dynamo's messages carry hints and a user stack; the first lines name the cause.
     detail = " ".join(line.strip() for line in text[1:4] if line.strip() and not line.startswith("  File"))
     return f"torch.compile cannot trace the iteration ({type(error).__name__}: {first} {detail})".strip()
+
+
+# --------------------------------------------------------------------------- tensors and the dispatcher
+
+
+def is_view(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a view of another tensor's memory (``Tensor._is_view``)."""
+    return t._is_view()
+
+
+def tensor_backward_hooks(t: torch.Tensor) -> Dict[Any, Callable]:
+    """The hooks registered with ``t.register_hook`` (``Tensor._backward_hooks``), possibly empty."""
+    return t._backward_hooks or {}
+
+
+def has_kernel_for(op: str, dispatch_key: str) -> bool:
+    """Whether operator ``op`` (``"ns::name"``) has a kernel registered for ``dispatch_key``.
+
+    Reads ``torch._C._dispatch_has_kernel_for_dispatch_key``: an op library
+    built without CUDA has no ``"CUDA"`` kernel.
+    """
+    return torch._C._dispatch_has_kernel_for_dispatch_key(op, dispatch_key)

@@ -14,7 +14,8 @@ from typing import Any, Callable, Dict, List, Optional, Union
 import torch
 from torch import nn
 
-from .optim import _NO_PROJECTION, SGD, fused_sgd_step
+from . import _internals
+from .optim import _NO_PROJECTION, SGD, FastStep, fused_sgd_step
 from .projections import fused_projection_args, project_
 
 __all__ = ["IterationModule", "IterationLossModule"]
@@ -22,7 +23,6 @@ __all__ = ["IterationModule", "IterationLossModule"]
 _HOOK_KINDS = ("pre", "iteration", "post")
 
 
-_ENGINE = torch.autograd.Variable._execution_engine
 # Seed gradients d(loss)/d(loss) = 1, one per (dtype, device), made once.
 _ONES: Dict[Any, torch.Tensor] = {}
 
@@ -42,7 +42,7 @@ def _backward(loss: Any, module: nn.Module) -> None:
         one = _ONES.get(key)
         if one is None:
             one = _ONES[key] = torch.ones((), dtype=loss.dtype, device=loss.device)
-        _ENGINE.run_backward((loss,), (one,), False, False, (), allow_unreachable=True, accumulate_grad=True)
+        _internals.run_backward(loss, one)
         return
     name = f"{type(module).__name__}.iteration_loss()"
     if not isinstance(loss, torch.Tensor):
@@ -348,10 +348,8 @@ class IterationLossModule(IterationModule):
         # (iteration params, module params) whose flags pre_iteration changed
         # and that still need restoring; None when nothing is pending.
         self._it_restore: Any = None
-        # (optimizer, projection, kernel args, projection the kernel applies
-        # or None if the projection runs generically after the fused step)
-        # when the fused step applies, else None.
-        self._it_fast: Any = None
+        # The fused-step plan of this forward, or None.
+        self._it_fast: Optional[FastStep] = None
 
     @property
     def last_iteration_loss(self) -> Optional[float]:
@@ -426,7 +424,7 @@ class IterationLossModule(IterationModule):
         # costs more than a microsecond per iteration; reading it converts.
         # A loss that shares memory with the state (a view of it, or the state
         # itself) would change with the step, so that one is copied.
-        if loss.is_leaf or loss._is_view():
+        if loss.is_leaf or _internals.is_view(loss):
             loss = loss.detach().clone()
         self.__dict__["_last_iteration_loss"] = loss
 
@@ -441,16 +439,16 @@ class IterationLossModule(IterationModule):
         fast = attrs["_it_fast"]
         if not (
             fast is not None
-            and fast[0] is optimizer
-            and fast[1] is projection
-            and fused_sgd_step(optimizer, fast[3], fast[2])
+            and fast.optimizer is optimizer
+            and fast.projection is projection
+            and fused_sgd_step(optimizer, fast.fused_projection, fast.kernel_args)
         ):
             optimizer.step()
             fast = None
         scheduler = self.iteration_scheduler
         if scheduler is not None:
             scheduler.step()
-        if projection is not None and (fast is None or fast[3] is None):
+        if projection is not None and (fast is None or fast.fused_projection is None):
             project_(self.iteration_parameters(), projection)
 
     def _run_iterations(self, *args: Any, **kwargs: Any) -> None:
@@ -585,15 +583,13 @@ class IterationLossModule(IterationModule):
                     "it as a buffer"
                 )
 
-    def _fast_path_plan(self, params: List[torch.Tensor]) -> Any:
+    def _fast_path_plan(self, params: List[torch.Tensor]) -> Optional[FastStep]:
         optimizer = self.iteration_optimizer
         projection = self.iteration_projection
         fused = projection
         if type(optimizer) not in _FUSED_SGD_TYPES:
             return None
-        step = optimizer.__dict__.get("step")
-        # Only an LR scheduler's call-counting wrapper may stand in for step().
-        if step is not None and getattr(step, "__wrapped__", None) is not type(optimizer).step:
+        if _internals.optimizer_step_replaced(optimizer):
             return None
         if type(optimizer) is SGD and optimizer.projection is not None:
             if projection is not None:
@@ -611,4 +607,4 @@ class IterationLossModule(IterationModule):
         opt_params = [p for group in optimizer.param_groups for p in group["params"]]
         if len(opt_params) != len(params) or {id(p) for p in opt_params} != {id(p) for p in params}:
             return None
-        return (optimizer, projection, args, fused)
+        return FastStep(optimizer, projection, args, fused)
