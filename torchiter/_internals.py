@@ -137,14 +137,24 @@ def module_has_forward_hooks(module: torch.nn.Module) -> bool:
 # --------------------------------------------------------------------------- torch.compile
 
 
-def inductor_backend() -> Callable:
+def inductor_backend(cuda_graphs: bool = False) -> Callable:
     """The ``"inductor"`` torch.compile backend as a callable ``(gm, example_inputs)``.
 
     Wrapped by torchiter's compiled iterations to count and bound compilations.
+    With ``cuda_graphs`` the compiled graph is captured in a CUDA graph and
+    replayed (what ``mode="reduce-overhead"`` does), through inductor's
+    ``triton.cudagraphs`` option.
     """
     from torch._dynamo.backends.registry import lookup_backend
 
-    return lookup_backend("inductor")
+    inductor = lookup_backend("inductor")
+    if not cuda_graphs:
+        return inductor
+
+    def with_cuda_graphs(gm: Any, example_inputs: Any) -> Callable:
+        return inductor(gm, example_inputs, config_patches={"triton.cudagraphs": True})
+
+    return with_cuda_graphs
 
 
 def compile_error_reason(error: BaseException, own: type) -> Optional[str]:

@@ -78,6 +78,10 @@ def _signature(values: Any) -> Tuple:
     return tuple(out)
 
 
+def _overrides_converged(module: nn.Module) -> bool:
+    return type(module).converged is not IterationModule.converged or "converged" in module.__dict__
+
+
 class _Plan:
     """What one forward's compiled loop needs, derived from the module and its optimizer."""
 
@@ -127,10 +131,9 @@ class _CompiledIterations:
     def plan(self, module: IterationLossModule, args: Tuple, kwargs: Dict) -> Any:
         """A :class:`_Plan`, or a string naming why this forward cannot be compiled."""
         cls = type(module)
-        if cls.iteration is not IterationLossModule.iteration:
-            return f"{cls.__name__} overrides iteration()"
-        if cls.iteration_set_gradients is not IterationLossModule.iteration_set_gradients:
-            return f"{cls.__name__} overrides iteration_set_gradients()"
+        for name in ("iteration", "iteration_set_gradients"):
+            if getattr(cls, name) is not getattr(IterationLossModule, name) or name in module.__dict__:
+                return f"{cls.__name__} overrides {name}()"
         if torch.is_autocast_enabled() or torch.is_autocast_enabled("cpu"):
             return "autocast is enabled"
         optimizer = module.iteration_optimizer
@@ -253,6 +256,10 @@ class _CompiledIterations:
                             # The eager loop names the problem (project_ checks it).
                             raise _Untraceable("the projection changes shape or dtype")
                         values[i] = out
+            if cuda_graph:
+                # A CUDA graph replays only graphs that do not write their
+                # inputs: the caller copies the results back.
+                return loss, tuple(values), tuple(b for b in new_bufs if b is not None)
             # Written back once per call; the graph in between is functional.
             for p, v in zip(params, values):
                 p.copy_(v)
@@ -261,12 +268,14 @@ class _CompiledIterations:
                     b.copy_(v)
             return loss
 
-        entry = _Entry(torch.compile(run, fullgraph=True, dynamic=False, backend=self._counting_backend(plan)))
+        cuda_graph = plan.params[0].device.type == "cuda"
+        backend = self._counting_backend(plan, cuda_graph)
+        entry = _Entry(torch.compile(run, fullgraph=True, dynamic=False, backend=backend), cuda_graph)
         self._cache[key] = entry
         return entry
 
-    def _counting_backend(self, plan: _Plan) -> Callable:
-        inductor = _internals.inductor_backend()
+    def _counting_backend(self, plan: _Plan, cuda_graph: bool) -> Callable:
+        inductor = _internals.inductor_backend(cuda_graphs=cuda_graph)
         storages = [p.untyped_storage().data_ptr() for p in plan.params]
 
         def backend(gm, example_inputs):
@@ -308,7 +317,7 @@ class _CompiledIterations:
         plan = self.plan(module, args, kwargs)
         if isinstance(plan, str):
             return self.fallback(module, plan)
-        per_iteration = bool(module.hooks["iteration"]) or type(module).converged is not IterationModule.converged
+        per_iteration = bool(module.hooks["iteration"]) or _overrides_converged(module)
         scheduler = module.iteration_scheduler
         if per_iteration or (scheduler is not None and not _internals.scheduler_is_precomputable(scheduler)):
             k = 1
@@ -349,7 +358,7 @@ class _CompiledIterations:
             fresh = torch.tensor(bool(created), device=device)
         total = module.max_iterations
         hooks = module.hooks["iteration"]
-        converged = module.converged if type(module).converged is not IterationModule.converged else None
+        converged = module.converged if _overrides_converged(module) else None
         i = 0
         while i < total:
             kk = min(k, total - i)
@@ -364,6 +373,15 @@ class _CompiledIterations:
             try:
                 with torch.no_grad():
                     loss = entry.fn(detached, bufs, fresh, lrs, args, kwargs)
+                    if entry.cuda_graph:
+                        # The replayed graph's outputs live in its static
+                        # memory, overwritten by the next replay.
+                        loss, values, new_bufs = loss
+                        for p, v in zip(detached, values):
+                            p.copy_(v)
+                        for b, v in zip([b for b in bufs if b is not None], new_bufs):
+                            b.copy_(v)
+                        loss = loss.clone()
             except Exception as e:
                 reason = _internals.compile_error_reason(e, _Untraceable)
                 if reason is None or entry.ready:
@@ -422,7 +440,13 @@ class _CompiledIterations:
         key = (k, len(groups), device, dtype)
         cached = self._lr_buffers.get(key)
         if cached is None or cached[0] != rows_t:
-            t = torch.tensor(rows, dtype=dtype).to(device)
+            t = torch.tensor(rows, dtype=dtype)
+            if device.type == "cuda":
+                # Pinned and asynchronous: no host synchronisation in the loop
+                # (the caching host allocator keeps the page until the copy ran).
+                t = t.pin_memory().to(device, non_blocking=True)
+            else:
+                t = t.to(device)
             if cached is None:
                 self._lr_buffers[key] = (rows_t, t)
             else:
@@ -434,10 +458,11 @@ class _CompiledIterations:
 class _Entry:
     """One compiled variant: the function, whether it has run, why it failed."""
 
-    __slots__ = ("fn", "ready", "failed")
+    __slots__ = ("fn", "cuda_graph", "ready", "failed")
 
-    def __init__(self, fn: Callable) -> None:
+    def __init__(self, fn: Callable, cuda_graph: bool) -> None:
         self.fn = fn
+        self.cuda_graph = cuda_graph
         self.ready = False
         self.failed: Optional[str] = None
 
