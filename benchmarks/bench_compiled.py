@@ -17,9 +17,11 @@ Variants, side by side in one run (rounds interleave them; medians of
 * ``compiled``: ``compile_iterations(m)`` (10 iterations per compiled call).
 
 Compilation is excluded from the timings (every compiled variant runs once
-before timing) and reported separately: the first call in this process, and
-the first call in a fresh process that finds the compiled code in torch's
-on-disk caches (``--cold-start``, run as a subprocess).
+before timing) and reported separately: the first call in this process
+(inductor's on-disk cache starts empty, a new temporary directory, unless
+``TORCHINDUCTOR_CACHE_DIR`` is set), and the first call in a fresh process
+that finds the compiled code in that cache (``--cold-start``, run as a
+subprocess).
 
 Run: ``python3 benchmarks/bench_compiled.py [--min-run-time 1.0] [--rounds 3] [--threads N]``
 """
@@ -29,9 +31,15 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from typing import Any, Callable, Dict, List, Tuple
+
+if __name__ == "__main__" and "--cold-start" not in sys.argv and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    # An empty cache, so the first call's time is a real compilation; the
+    # --cold-start subprocess inherits it, filled.
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="bench_compiled_")
 
 import torch
 import torch.utils.benchmark as benchmark
@@ -140,6 +148,7 @@ def main() -> None:
 
     print("machine:", machine())
     print("command:", " ".join([os.path.basename(sys.executable)] + sys.argv))
+    print("inductor cache:", os.environ.get("TORCHINDUCTOR_CACHE_DIR", "torch's default"))
     with open("/proc/loadavg") as f:
         print("load average at start:", f.read().strip())
 

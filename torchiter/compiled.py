@@ -359,17 +359,28 @@ class _CompiledIterations:
         total = module.max_iterations
         hooks = module.hooks["iteration"]
         converged = module.converged if _overrides_converged(module) else None
+        # Per forward: the variant and, when nothing can change them between
+        # calls (no scheduler, no Python between iterations), the rates, per
+        # iteration count (at most two: k and the remainder).
+        entries: Dict[int, _Entry] = {}
+        fixed_lrs: Dict[int, torch.Tensor] = {}
         i = 0
         while i < total:
             kk = min(k, total - i)
             try:
-                entry = self.block(module, plan, kk, args, kwargs)
+                entry = entries.get(kk)
+                if entry is None:
+                    entry = entries[kk] = self.block(module, plan, kk, args, kwargs)
             except _Untraceable as e:
                 return self._eager_rest(module, plan, i, created, str(e), args, kwargs)
             snapshot = None
             if not entry.ready and scheduler is not None:
                 snapshot = (scheduler.state_dict(), [g["lr"] for g in param_groups])
-            lrs = self._learning_rates(param_groups, scheduler, optimizer, kk, device, dtype)
+            lrs = fixed_lrs.get(kk)
+            if lrs is None:
+                lrs = self._learning_rates(param_groups, scheduler, optimizer, kk, device, dtype)
+                if scheduler is None and not per_iteration:
+                    fixed_lrs[kk] = lrs
             try:
                 with torch.no_grad():
                     loss = entry.fn(detached, bufs, fresh, lrs, args, kwargs)
@@ -480,8 +491,8 @@ def compile_iterations(module: IterationLossModule, *, iterations_per_call: Opti
     ``converged()`` called between calls as on the eager loop.
 
     Whatever cannot be compiled (an optimizer other than SGD, an override of
-    ``iteration()``, a loss with data-dependent Python control flow, ``.item()``
-    or side effects, more than ``MAX_COMPILATIONS`` variants) runs the eager
+    ``iteration()``, a loss with Python control flow on tensor values or side
+    effects, more than ``MAX_COMPILATIONS`` variants) runs the eager
     loop instead, with one :class:`CompiledIterationsWarning` naming the reason.
 
     Args:
