@@ -8,6 +8,7 @@ upgrade that changes one of them is a change to this file alone.
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
+from torch.optim import optimizer as _optimizer_module
 
 
 def active_ddp_module() -> Optional[torch.nn.Module]:
@@ -25,8 +26,6 @@ def active_ddp_module() -> Optional[torch.nn.Module]:
 
 
 # --------------------------------------------------------------------------- optimizers
-
-from torch.optim import optimizer as _optimizer_module  # noqa: E402
 
 
 def optimizer_step_hooks_present(optimizer: torch.optim.Optimizer) -> bool:

@@ -9,7 +9,6 @@ function (``fullgraph=True``). Anything that cannot be compiled falls back to
 the module's eager loop, with one warning naming the reason.
 """
 
-import math
 import warnings
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -85,7 +84,7 @@ def _overrides_converged(module: nn.Module) -> bool:
 class _Plan:
     """What one forward's compiled loop needs, derived from the module and its optimizer."""
 
-    __slots__ = ("names", "params", "groups", "opts", "projections", "momentum", "key")
+    __slots__ = ("names", "params", "groups", "opts", "projections", "momentum")
 
 
 class _CompiledIterations:
@@ -101,10 +100,11 @@ class _CompiledIterations:
         self.iterations_per_call = iterations_per_call
         self.compilations = 0
         self.fallbacks = 0
-        self._cache: Dict[Any, Callable] = {}
+        self._cache: Dict[Any, "_Entry"] = {}
         self._warned: set = set()
         self._wrapper: Optional[_LossCall] = None
-        self._lr_buffers: Dict[Any, torch.Tensor] = {}
+        # (k, groups, device, dtype) -> (rates, the tensor holding them)
+        self._lr_buffers: Dict[Any, Tuple[Tuple, torch.Tensor]] = {}
 
     def __getstate__(self) -> Dict[str, Any]:
         # A copy (deepcopy, pickle) is switched on too, with nothing compiled.
