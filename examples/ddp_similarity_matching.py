@@ -19,18 +19,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from torchiter.models import SimilarityMatching
-
-
-class TrainingLoss(nn.Module):
-    """Runs the model and returns its training loss: the module DDP wraps."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.loss(x, self.model(x))
+from torchiter.models import SimilarityMatching, TrainingLoss
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from torchiter.models import SimilarityMatching, SparseCoding
+from torchiter.models import SimilarityMatching, SparseCoding, TrainingLoss
 
 pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo is needed"
@@ -23,17 +23,6 @@ pytestmark = pytest.mark.skipif(
 
 WORLD = 2
 STEPS = 4
-
-
-class TrainingLoss(nn.Module):
-    """Runs the model and returns its training loss: the module DDP wraps."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.loss(x, self.model(x))
 
 
 def _model(kind: str) -> nn.Module:

@@ -198,7 +198,7 @@ def _bad_cases(device):
     add("buffer dtype", r"momentum_buffers\[0\] has dtype Half", lambda p, g, b: (p, g, [b[0].half(), b[1]]), momentum=0.9)
     add("int param", r"params\[1\] has dtype Long but float32, float64, float16 or bfloat16 is expected",
         lambda p, g, b: ([p[0], p[1].long()], [g[0], g[1].long()], []))
-    add("expanded param", r"params\[1\] has overlapping memory",
+    add("expanded param", r"params\[1\] has elements that share memory",
         lambda p, g, b: ([p[0], p[1][:1].expand(3, 4)], g, []))
     add("negative lr", r"lr must be >= 0, got -0.1", lambda p, g, b: (p, g, []), lr=-0.1)
     add("NaN lr", r"lr must be a finite number", lambda p, g, b: (p, g, []), lr=float("nan"))

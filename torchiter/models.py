@@ -24,7 +24,7 @@ from .modules import IterationLossModule
 from .optim import SGD
 from .projections import SoftThreshold
 
-__all__ = ["MultiSimilarityMatching", "SimilarityMatching", "SupervisedSimilarityMatching", "SparseCoding"]
+__all__ = ["MultiSimilarityMatching", "SimilarityMatching", "SupervisedSimilarityMatching", "SparseCoding", "TrainingLoss"]
 
 _REGULARIZATIONS = ("weight", "whiten", "none")
 _SGD_TYPES = (torch.optim.SGD, SGD)
@@ -613,3 +613,24 @@ class SparseCoding(_QuadraticLoopModule):
         self._check_loss_inside_ddp()
         recon = 0.5 * ((x - codes @ self.dictionary.T) ** 2).sum(dim=1)
         return (recon + self.sparsity * codes.abs().sum(dim=1)).mean()
+
+
+class TrainingLoss(nn.Module):
+    """A model and its training loss as one module: ``forward(*xs)`` returns ``model.loss(*xs, model(*xs))``.
+
+    This is the module to wrap in ``DistributedDataParallel`` (or to compile
+    as a whole): DDP synchronises only the gradients of what its own forward
+    computes, so the loss must be computed inside it.
+
+    Args:
+        model: one of this module's models (anything with ``forward`` and
+            ``loss(*inputs, output)``).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *xs: Any) -> torch.Tensor:
+        """The scalar training loss of the model on inputs ``xs``."""
+        return self.model.loss(*xs, self.model(*xs))
