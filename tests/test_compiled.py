@@ -195,6 +195,22 @@ def test_second_forward_and_new_learning_rate_reuse_compiled_code(momentum_pair)
     assert comp._it_compiled.fallbacks == 0
 
 
+def test_remainder_that_cannot_compile_runs_eagerly(monkeypatch, momentum_pair):
+    # Blocks of 2 ran compiled; the last iteration's variant is refused, so
+    # that iteration runs on the eager loop from the state the blocks left.
+    eager, comp, _, _ = momentum_pair
+    state = comp._it_compiled
+    saved = {key: state._cache.pop(key) for key in [key for key in state._cache if key[0] == 1]}
+    monkeypatch.setattr(compiled_mod, "MAX_COMPILATIONS", len(state._cache))
+    try:
+        with pytest.warns(torchiter.CompiledIterationsWarning, match="compiled variants exist already"):
+            out_c = comp(X)
+    finally:
+        state._cache.update(saved)
+    out_e = eager(X)
+    _check_same(eager, comp, out_e, out_c, rtol=1e-12, atol=1e-12)
+
+
 def test_last_iteration_loss_is_lazy(pc_pair):
     _, comp, _, _ = pc_pair
     comp(*PC_INPUTS)
