@@ -136,24 +136,30 @@ def module_has_forward_hooks(module: torch.nn.Module) -> bool:
 # --------------------------------------------------------------------------- torch.compile
 
 
-def inductor_backend(cuda_graphs: bool = False) -> Callable:
+def inductor_backend(cuda_graphs: bool = False, cpu_threads: Optional[int] = None) -> Callable:
     """The ``"inductor"`` torch.compile backend as a callable ``(gm, example_inputs)``.
 
     Wrapped by torchiter's compiled iterations to count and bound compilations.
     With ``cuda_graphs`` the compiled graph is captured in a CUDA graph and
     replayed (what ``mode="reduce-overhead"`` does), through inductor's
-    ``triton.cudagraphs`` option.
+    ``triton.cudagraphs`` option; ``cpu_threads`` caps the threads of the
+    generated CPU code (inductor's ``cpp.threads``).
     """
     from torch._dynamo.backends.registry import lookup_backend
 
     inductor = lookup_backend("inductor")
-    if not cuda_graphs:
+    patches: Dict[str, Any] = {}
+    if cuda_graphs:
+        patches["triton.cudagraphs"] = True
+    if cpu_threads is not None:
+        patches["cpp.threads"] = cpu_threads
+    if not patches:
         return inductor
 
-    def with_cuda_graphs(gm: Any, example_inputs: Any) -> Callable:
-        return inductor(gm, example_inputs, config_patches={"triton.cudagraphs": True})
+    def patched(gm: Any, example_inputs: Any) -> Callable:
+        return inductor(gm, example_inputs, config_patches=patches)
 
-    return with_cuda_graphs
+    return patched
 
 
 def compile_error_reason(error: BaseException, own: type) -> Optional[str]:
