@@ -19,3 +19,154 @@ def test_ddp_records_the_module_running_its_forward():
     with ctx:
         assert _internals.active_ddp_module() is sentinel
     assert _internals.active_ddp_module() is None
+
+
+# --------------------------------------------------------------------------- optimizers
+
+
+def _sgd():
+    p = torch.zeros(3, requires_grad=True)
+    p.grad = torch.ones(3)
+    return p, torch.optim.SGD([p], lr=0.1)
+
+
+def test_step_hooks_are_seen_on_the_optimizer_and_globally():
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    _, opt = _sgd()
+    assert not _internals.optimizer_step_hooks_present(opt)
+    h = opt.register_step_pre_hook(lambda *a: None)
+    assert _internals.optimizer_step_hooks_present(opt)
+    h.remove()
+    h = opt.register_step_post_hook(lambda *a: None)
+    assert _internals.optimizer_step_hooks_present(opt)
+    h.remove()
+    h = register_optimizer_step_post_hook(lambda *a: None)
+    try:
+        assert _internals.optimizer_step_hooks_present(opt)
+    finally:
+        h.remove()
+    assert not _internals.optimizer_step_hooks_present(opt)
+
+
+def test_scheduler_wrapper_is_not_a_replaced_step_but_a_patch_is():
+    _, opt = _sgd()
+    assert not _internals.optimizer_step_replaced(opt) and _internals.optimizer_step_is_plain(opt)
+    torch.optim.lr_scheduler.StepLR(opt, step_size=1)
+    # What is relied on: the scheduler's wrapper (if any) keeps the class'
+    # step in __wrapped__.
+    assert not _internals.optimizer_step_replaced(opt)
+    opt.step = lambda closure=None: None
+    assert _internals.optimizer_step_replaced(opt) and not _internals.optimizer_step_is_plain(opt)
+
+
+@pytest.mark.parametrize("marked", [False, True])
+def test_marking_the_optimizer_stepped_silences_the_scheduler(marked):
+    import warnings
+
+    _, opt = _sgd()
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if marked:
+            _internals.mark_optimizer_stepped(opt)
+        sched.step()
+    order = [w for w in caught if "lr_scheduler.step()" in str(w.message)]
+    assert bool(order) != marked
+
+
+def test_unhooked_step_skips_the_hooks_and_steps():
+    p, opt = _sgd()
+    calls = []
+    opt.register_step_pre_hook(lambda *a: calls.append(1))
+    _internals.unhooked_step(torch.optim.SGD)(opt)
+    assert calls == [] and torch.equal(p.detach(), torch.full((3,), -0.1))
+    opt.step()
+    assert calls == [1]
+
+
+def test_precomputable_schedulers():
+    _, opt = _sgd()
+    assert _internals.scheduler_is_precomputable(torch.optim.lr_scheduler.StepLR(opt, step_size=1))
+    assert not _internals.scheduler_is_precomputable(torch.optim.lr_scheduler.ReduceLROnPlateau(opt))
+    assert not _internals.scheduler_is_precomputable(object())
+
+
+# --------------------------------------------------------------------------- autograd, modules, tensors
+
+
+def test_run_backward_equals_backward_and_accumulates():
+    x = torch.randn(4, requires_grad=True)
+    y = torch.randn(4, requires_grad=True)
+    (x * x * 3).sum().backward()
+    expected = x.grad.clone()
+    _internals.run_backward((y * y * 3).sum() * 0 + (x * x * 3).sum(), torch.ones(()))
+    torch.testing.assert_close(x.grad, 2 * expected)
+    assert y.grad is not None and torch.equal(y.grad, torch.zeros(4))
+
+
+def test_forward_hooks_and_patched_forward_are_seen():
+    from torch.nn.modules.module import register_module_forward_hook
+
+    relu = torch.nn.ReLU()
+    assert not _internals.module_has_forward_hooks(relu)
+    h = relu.register_forward_hook(lambda *a: None)
+    assert _internals.module_has_forward_hooks(relu)
+    h.remove()
+    h = relu.register_forward_pre_hook(lambda *a: None)
+    assert _internals.module_has_forward_hooks(relu)
+    h.remove()
+    h = register_module_forward_hook(lambda *a: None)
+    try:
+        assert _internals.module_has_forward_hooks(relu)
+    finally:
+        h.remove()
+    relu.forward = lambda x: x
+    assert _internals.module_has_forward_hooks(relu)
+
+
+def test_views_hooks_and_kernels():
+    base = torch.zeros(4, requires_grad=True)
+    assert not _internals.is_view(base) and _internals.is_view(base[1:])
+    assert _internals.tensor_backward_hooks(base) == {}
+    hook = lambda g: g  # noqa: E731
+    base.register_hook(hook)
+    assert hook in _internals.tensor_backward_hooks(base).values()
+    assert _internals.has_kernel_for("torchiter::sgd_step_", "CPU")
+    assert not _internals.has_kernel_for("torchiter::sgd_step_", "XLA")
+
+
+# --------------------------------------------------------------------------- torch.compile
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")
+def test_inductor_backend_compiles_and_errors_are_named():
+    calls = []
+    inductor = _internals.inductor_backend()
+
+    def counting(gm, example_inputs):
+        calls.append(len(example_inputs))
+        return inductor(gm, example_inputs)
+
+    f = torch.compile(lambda x: torch.relu(x) * 2, backend=counting, fullgraph=True)
+    x = torch.randn(5)
+    torch.testing.assert_close(f(x), torch.relu(x) * 2)
+    assert calls == [1]
+
+    g = torch.compile(lambda x: x * 2 if x.sum().item() > 0 else x, backend=counting, fullgraph=True)
+    with pytest.raises(Exception) as info:
+        g(x)
+    reason = _internals.compile_error_reason(info.value, KeyError)
+    assert reason is not None and reason.startswith("torch.compile cannot trace")
+    assert _internals.compile_error_reason(ValueError("x"), KeyError) is None
+
+    class Own(Exception):
+        pass
+
+    def refusing(gm, example_inputs):
+        raise Own("refused here")
+
+    h = torch.compile(lambda x: x + 1, backend=refusing, fullgraph=True)
+    with pytest.raises(Exception) as info:
+        h(x)
+    assert _internals.compile_error_reason(info.value, Own) == "refused here"

@@ -597,7 +597,7 @@ def run_both(dtype, options, proj_name, steps=12, scheduler=True, maximize_guard
 def test_fast_equals_generic_over_sgd_options(dtype, options):
     results, ref = run_both(dtype, options, "relu_module")
     (fast, mf), (split, ms), (gen, mg) = results["fast"], results["split"], results["generic"]
-    assert mf._it_fast[3] is not None and ms._it_fast[3] is None and mg._it_fast is None
+    assert mf._it_fast.fused_projection is not None and ms._it_fast.fused_projection is None and mg._it_fast is None
     for a, b, c, r in zip(fast, gen, split, ref):
         torch.testing.assert_close(a, b, **tol(dtype))
         torch.testing.assert_close(c, b, **tol(dtype))
@@ -685,7 +685,7 @@ def test_user_projection_runs_after_the_fused_step(monkeypatch, projection):
     spy = Spy(monkeypatch)
     m = Quadratic(max_iterations=3, iteration_lr=0.01, iteration_projection=projection)
     out = m()
-    assert spy.calls == 3 and m._it_fast[3] is None
+    assert spy.calls == 3 and m._it_fast.fused_projection is None
     ref = Quadratic(max_iterations=3, iteration_lr=0.01, iteration_projection=projection,
                     iteration_optimizer=PlainSGD)()
     for a, b in zip(out, ref):

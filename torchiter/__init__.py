@@ -7,6 +7,7 @@ from ._C import cpu_capability
 from . import implicit, models, ops, optim, projections, reference, scripting
 from .implicit import FixedPointGradient
 from .modules import IterationLossModule, IterationModule
+from .compiled import CompiledIterationsWarning, compile_iterations
 from .optim import SGD
 from .projections import Clamp, Projection, SoftThreshold
 
@@ -23,6 +24,8 @@ __all__ = [
     "scripting",
     "IterationModule",
     "IterationLossModule",
+    "compile_iterations",
+    "CompiledIterationsWarning",
     "SGD",
     "Projection",
     "Clamp",

@@ -24,6 +24,7 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from . import _internals
 from ._internals import active_ddp_module
 from .modules import IterationLossModule
 from .optim import SGD
@@ -46,7 +47,7 @@ def _has_kernel(y: torch.Tensor) -> bool:
     if y.device.type == "cpu":
         return True
     key = {"cuda": "CUDA"}.get(y.device.type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key("torchiter::quadratic_descent", key)
+    return key is not None and _internals.has_kernel_for("torchiter::quadratic_descent", key)
 
 
 def _check_tol(owner: str, tol: Any) -> float:
@@ -173,11 +174,10 @@ class _QuadraticLoopModule(IterationLossModule):
 
     def _fused_loop_args(self) -> Optional[Tuple[Any, ...]]:
         """``quadratic_descent`` arguments for this forward, or None."""
-        # The fused-step plan of IterationLossModule: (optimizer, projection,
-        # kernel projection args, projection the kernel applies or None).
+        # The fused-step plan of IterationLossModule (a torchiter.optim.FastStep).
         fast = self._it_fast
         state = self._state()
-        if fast is None or (fast[1] is not None and fast[3] is None) or not _has_kernel(state):
+        if fast is None or (fast.projection is not None and fast.fused_projection is None) or not _has_kernel(state):
             return None
         optimizer = self.iteration_optimizer
         if len(optimizer.param_groups) != 1:
@@ -191,7 +191,7 @@ class _QuadraticLoopModule(IterationLossModule):
             A, b = -A, -b
         if group["weight_decay"] != 0:
             A = A + group["weight_decay"] * torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
-        shrink, lo, hi = fast[2]
+        shrink, lo, hi = fast.kernel_args
         return state, A, b, float(group["lr"]), shrink, lo, hi
 
     def _step_scheduler(self, steps: int) -> List[float]:
@@ -344,7 +344,7 @@ class MultiSimilarityMatching(_QuadraticLoopModule):
 
     def _hook_competitor(self) -> None:
         weight = self.competitor.weight
-        if not any(isinstance(h, _ScaleGrad) for h in (weight._backward_hooks or {}).values()):
+        if not any(isinstance(h, _ScaleGrad) for h in _internals.tensor_backward_hooks(weight).values()):
             weight.register_hook(_ScaleGrad(self))
 
     def __setstate__(self, state: dict) -> None:

@@ -15,7 +15,8 @@ from typing import Any, Callable, Dict, List, Optional, Union
 import torch
 from torch import nn
 
-from .optim import _NO_PROJECTION, SGD, fused_sgd_step
+from . import _internals
+from .optim import _NO_PROJECTION, SGD, FastStep, fused_sgd_step
 from .projections import fused_projection_args, project_
 
 __all__ = ["IterationModule", "IterationLossModule"]
@@ -23,7 +24,6 @@ __all__ = ["IterationModule", "IterationLossModule"]
 _HOOK_KINDS = ("pre", "iteration", "post")
 
 
-_ENGINE = torch.autograd.Variable._execution_engine
 # Seed gradients d(loss)/d(loss) = 1, one per (dtype, device), made once.
 _ONES: Dict[Any, torch.Tensor] = {}
 
@@ -43,7 +43,7 @@ def _backward(loss: Any, module: nn.Module) -> None:
         one = _ONES.get(key)
         if one is None:
             one = _ONES[key] = torch.ones((), dtype=loss.dtype, device=loss.device)
-        _ENGINE.run_backward((loss,), (one,), False, False, (), allow_unreachable=True, accumulate_grad=True)
+        _internals.run_backward(loss, one)
         return
     name = f"{type(module).__name__}.iteration_loss()"
     if not isinstance(loss, torch.Tensor):
@@ -358,10 +358,8 @@ class IterationLossModule(IterationModule):
         # (iteration params, module params) whose flags pre_iteration changed
         # and that still need restoring; None when nothing is pending.
         self._it_restore: Any = None
-        # (optimizer, projection, kernel args, projection the kernel applies
-        # or None if the projection runs generically after the fused step)
-        # when the fused step applies, else None.
-        self._it_fast: Any = None
+        # The fused-step plan of this forward, or None.
+        self._it_fast: Optional[FastStep] = None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """As :meth:`IterationModule.forward`; with ``fixed_point_gradient``
@@ -446,7 +444,7 @@ class IterationLossModule(IterationModule):
         # costs more than a microsecond per iteration; reading it converts.
         # A loss that shares memory with the state (a view of it, or the state
         # itself) would change with the step, so that one is copied.
-        if loss.is_leaf or loss._is_view():
+        if loss.is_leaf or _internals.is_view(loss):
             loss = loss.detach().clone()
         self.__dict__["_last_iteration_loss"] = loss
 
@@ -461,16 +459,16 @@ class IterationLossModule(IterationModule):
         fast = attrs["_it_fast"]
         if not (
             fast is not None
-            and fast[0] is optimizer
-            and fast[1] is projection
-            and fused_sgd_step(optimizer, fast[3], fast[2])
+            and fast.optimizer is optimizer
+            and fast.projection is projection
+            and fused_sgd_step(optimizer, fast.fused_projection, fast.kernel_args)
         ):
             optimizer.step()
             fast = None
         scheduler = self.iteration_scheduler
         if scheduler is not None:
             scheduler.step()
-        if projection is not None and (fast is None or fast[3] is None):
+        if projection is not None and (fast is None or fast.fused_projection is None):
             project_(self.iteration_parameters(), projection)
 
     def _run_iterations(self, *args: Any, **kwargs: Any) -> None:
@@ -488,18 +486,25 @@ class IterationLossModule(IterationModule):
             torch.set_autocast_cache_enabled(False)
         try:
             if torch.is_grad_enabled() or not self._loop_uses_autograd():
-                super()._run_iterations(*args, **kwargs)
+                self._iterate(*args, **kwargs)
             elif torch.is_inference_mode_enabled():
                 with torch.inference_mode(False):
                     args, kwargs = _normal_tensors(args), {k: _normal_tensor(v) for k, v in kwargs.items()}
                     with torch.enable_grad():
-                        super()._run_iterations(*args, **kwargs)
+                        self._iterate(*args, **kwargs)
             else:
                 with torch.enable_grad():
-                    super()._run_iterations(*args, **kwargs)
+                    self._iterate(*args, **kwargs)
         finally:
             if autocast_cache:
                 torch.set_autocast_cache_enabled(True)
+
+    def _iterate(self, *args: Any, **kwargs: Any) -> None:
+        # Compiled iterations (torchiter.compile_iterations) when switched on
+        # and possible for this forward; the eager loop otherwise.
+        compiled = self.__dict__.get("_it_compiled")
+        if compiled is None or not compiled.run(self, args, kwargs):
+            IterationModule._run_iterations(self, *args, **kwargs)
 
     def _loop_uses_autograd(self) -> bool:
         # Subclasses that set gradients by hand need no autograd mode.
@@ -603,15 +608,13 @@ class IterationLossModule(IterationModule):
                     "it as a buffer"
                 )
 
-    def _fast_path_plan(self, params: List[torch.Tensor]) -> Any:
+    def _fast_path_plan(self, params: List[torch.Tensor]) -> Optional[FastStep]:
         optimizer = self.iteration_optimizer
         projection = self.iteration_projection
         fused = projection
         if type(optimizer) not in _FUSED_SGD_TYPES:
             return None
-        step = optimizer.__dict__.get("step")
-        # Only an LR scheduler's call-counting wrapper may stand in for step().
-        if step is not None and getattr(step, "__wrapped__", None) is not type(optimizer).step:
+        if _internals.optimizer_step_replaced(optimizer):
             return None
         if type(optimizer) is SGD and optimizer.projection is not None:
             if projection is not None:
@@ -629,4 +632,4 @@ class IterationLossModule(IterationModule):
         opt_params = [p for group in optimizer.param_groups for p in group["params"]]
         if len(opt_params) != len(params) or {id(p) for p in opt_params} != {id(p) for p in params}:
             return None
-        return (optimizer, projection, args, fused)
+        return FastStep(optimizer, projection, args, fused)

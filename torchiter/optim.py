@@ -8,29 +8,37 @@ so a loop may switch between the fused and the generic step at any time.
 uses it.
 """
 
-from typing import Any, Callable, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Iterable, List, NamedTuple, Optional, Tuple
 
 import torch
-from torch.optim import optimizer as _optimizer_module
 
-from . import _C
+from . import _C, _internals
 from .projections import ProjectionArgs, fused_projection_args, project_
 
-__all__ = ["SGD", "fused_sgd_step"]
+__all__ = ["SGD", "FastStep", "fused_sgd_step"]
 
 _NO_PROJECTION: ProjectionArgs = (0.0, None, None)
 _Number = (int, float)
 
 
-def _step_hooks_present(optimizer: torch.optim.Optimizer) -> bool:
-    # The kernel bypasses optimizer.step(), so it must not run where step
-    # hooks expect to be called.
-    return bool(
-        optimizer._optimizer_step_pre_hooks
-        or optimizer._optimizer_step_post_hooks
-        or getattr(_optimizer_module, "_global_optimizer_pre_hooks", None)
-        or getattr(_optimizer_module, "_global_optimizer_post_hooks", None)
-    )
+class FastStep(NamedTuple):
+    """The per-iteration fast path of an iteration module, decided once per forward.
+
+    Attributes:
+        optimizer: the SGD optimizer the plan was made for (the plan applies
+            only while the module still holds this very optimizer).
+        projection: the module's ``iteration_projection`` the plan was made
+            for (likewise compared by identity).
+        kernel_args: ``(shrink, min, max)`` of the projection the kernel applies.
+        fused_projection: the projection the kernel applies, or None when the
+            kernel only steps and the module's projection runs generically
+            afterwards.
+    """
+
+    optimizer: torch.optim.Optimizer
+    projection: Optional[Callable]
+    kernel_args: ProjectionArgs
+    fused_projection: Optional[Callable]
 
 
 def fused_sgd_step(
@@ -67,7 +75,9 @@ def fused_sgd_step(
         projection_args = fused_projection_args(projection)
         if projection_args is None:
             return False
-    if _step_hooks_present(optimizer):
+    # The kernel bypasses optimizer.step(), so it must not run where step
+    # hooks expect to be called.
+    if _internals.optimizer_step_hooks_present(optimizer):
         return False
     groups = optimizer.param_groups
     if len(groups) == 1:
@@ -103,7 +113,7 @@ def fused_sgd_step(
                 except RuntimeError:
                     # Checked before anything is written: the generic step may run.
                     return False
-                optimizer._opt_called = True  # type: ignore[attr-defined]
+                _internals.mark_optimizer_stepped(optimizer)
                 return True
     state = optimizer.state
     calls: List[Tuple[Any, ...]] = []
@@ -183,19 +193,15 @@ def fused_sgd_step(
         state[p]["momentum_buffer"] = buf
     if skipped and projection is not None and projection_args != _NO_PROJECTION:
         project_(skipped, projection)
-    # An LR scheduler warns unless it sees optimizer.step() called; this is
-    # the flag its wrapper around step() sets.
-    optimizer._opt_called = True  # type: ignore[attr-defined]
+    # An LR scheduler warns unless it sees optimizer.step() called.
+    _internals.mark_optimizer_stepped(optimizer)
     return True
 
 
 def _torch_sgd_step(optimizer: torch.optim.SGD) -> None:
     # torch.optim.SGD's own step without the hook wrapper that Optimizer
     # patches onto the class (our subclass' step already ran the hooks).
-    step = torch.optim.SGD.step
-    if getattr(step, "hooked", False):
-        step = step.__wrapped__  # type: ignore[attr-defined]
-    step(optimizer)
+    _internals.unhooked_step(torch.optim.SGD)(optimizer)
 
 
 class SGD(torch.optim.SGD):

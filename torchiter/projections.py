@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import _internals
+
 __all__ = ["Projection", "Clamp", "SoftThreshold", "fused_projection_args", "project_"]
 
 # (shrink, min, max) in the order of the sgd_step_ schema.
@@ -182,13 +184,7 @@ _FUNCTIONS = {id(F.relu): _RELU, id(torch.relu): _RELU, id(F.relu6): (0.0, 0.0, 
 def _module_is_plain(module: nn.Module) -> bool:
     # Forward hooks, or a forward patched onto the instance, would be skipped
     # by the kernel, so such a module is left to the generic path.
-    return not (
-        module._forward_hooks
-        or module._forward_pre_hooks
-        or "forward" in module.__dict__
-        or nn.modules.module._global_forward_hooks
-        or nn.modules.module._global_forward_pre_hooks
-    )
+    return not _internals.module_has_forward_hooks(module)
 
 
 def fused_projection_args(projection: Optional[Callable]) -> Optional[ProjectionArgs]:
