@@ -142,7 +142,7 @@ def test_views_hooks_and_kernels():
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")
 def test_inductor_backend_compiles_and_errors_are_named():
     calls = []
-    inductor = _internals.inductor_backend()
+    inductor = _internals.inductor_backend(cpu_threads=1)  # the option compiled iterations use
 
     def counting(gm, example_inputs):
         calls.append(len(example_inputs))
