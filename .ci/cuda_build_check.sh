@@ -127,7 +127,12 @@ if [ "${TORCHITER_CUDA_TESTS:-1}" != 0 ]; then
   echo "== test suite on torch $TORCH_VERSION (CPU)"
   # The build is in place, not installed: PYTHONPATH lets the scripts the
   # tests start (examples, examples/cpp/save_*.py) import it too.
+  # tests/test_cpu_variants.py re-runs the op suites once per CPU kernel
+  # variant and inspects the machine code: properties of the build, not of
+  # the torch version, already checked on 2.13 by scripts/test.sh; left out
+  # here to keep CI within its time.
   (cd "$WORK" && CUDA_VISIBLE_DEVICES="" PYTHONPATH="$WORK" TORCHITER_CMAKE_ARGS="-DTORCHITER_NO_CUDA=ON" \
-    "$PY" -m pytest -q -p no:cacheprovider tests) || fail "the test suite failed on torch $TORCH_VERSION (above)"
+    "$PY" -m pytest -q -p no:cacheprovider tests --ignore=tests/test_cpu_variants.py) \
+    || fail "the test suite failed on torch $TORCH_VERSION (above)"
 fi
 echo "CUDA BUILD CHECK: PASS ($((SECONDS - START)) s)"

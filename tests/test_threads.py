@@ -8,6 +8,7 @@ tensors and between the tensors of a list; quadratic_descent splits its
 fixed position tiles), and the sizes leave tails past every vector width.
 """
 
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -19,8 +20,18 @@ import torchiter  # noqa: F401
 from _util import DTYPES, bits
 from test_quadratic_descent import problem
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from _common import thread_cpu_ticks  # noqa: E402  (per-thread CPU times, shared with bench_threads.py)
+
+def _benchmarks_common():
+    """benchmarks/_common.py under a name of its own: examples/ has a _common too."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "_common.py"
+    spec = importlib.util.spec_from_file_location("torchiter_benchmarks_common", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# Per-thread CPU times, shared with bench_threads.py.
+thread_cpu_ticks = _benchmarks_common().thread_cpu_ticks
 
 THREADS = (1, 2, 3, 4)
 SGD = torch.ops.torchiter.sgd_step_
