@@ -462,3 +462,22 @@ class TestValidation:
         with pytest.raises(error, match=match):
             m(b)
         assert m.scale.requires_grad and not m.y.requires_grad
+
+
+def test_readme_example_reaches_the_non_negative_least_squares_optimum():
+    """The README's first example, as printed there, against scipy's NNLS solver."""
+    import re
+    from pathlib import Path
+
+    scipy_optimize = pytest.importorskip("scipy.optimize")
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = re.search(r"```python\n(import torch, torchiter\n\nclass NonNegativeLeastSquares.*?)```", readme, re.S)
+    assert code, "the README's first example was not found"
+    namespace = {}
+    exec(code.group(1).replace("y = NonNegativeLeastSquares", "_ = NonNegativeLeastSquares"), namespace)
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        A, b = torch.randn(20, 10, generator=g), torch.randn(20, generator=g)
+        y = namespace["NonNegativeLeastSquares"](A)(b)
+        x, _ = scipy_optimize.nnls(A.double().numpy(), b.double().numpy())
+        torch.testing.assert_close(y.double(), torch.from_numpy(x), atol=1e-5, rtol=0)
