@@ -36,9 +36,10 @@ echo "== installing $TORCH_REQ, build tools and: $*"
 "${PIP[@]}" "$TORCH_REQ" numpy ninja "setuptools>=70" wheel "$@"
 
 # The build is reused when its fingerprint matches: every source and build
-# file, the torch it was built against, the build options and the CPU's
-# instruction sets (setup.py picks the kernels' ISA from them). The
-# fingerprint is written beside torchiter/_C*.so after a successful build.
+# file, the torch it was built against, the build options and the machine's
+# CPU flags (a build copied to another machine is rebuilt rather than
+# trusted). The fingerprint is written beside torchiter/_C*.so after a
+# successful build.
 build_fingerprint() {
   {
     (cd "$ROOT" && find csrc setup.py pyproject.toml -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum)
