@@ -14,7 +14,7 @@ from torch import nn
 import torchiter
 from torchiter.models import SimilarityMatching, SparseCoding
 
-from _util import bits
+from _util import JIT_WARNINGS, bits
 
 OP = torch.ops.torchiter
 
@@ -22,9 +22,12 @@ OP = torch.ops.torchiter
 # ---------------------------------------------------------------- TorchScript
 
 
-@pytest.mark.filterwarnings(r"ignore:`torch\.jit\..*` is deprecated.*:DeprecationWarning")
 class TestScriptedRawStep:
     """The raw op in scripted code: no form of it may be dropped as dead code."""
+
+    # TorchScript's own deprecation warnings (DeprecationWarning in torch 2.13,
+    # FutureWarning in 2.14), exactly those.
+    pytestmark = [pytest.mark.filterwarnings(w) for w in JIT_WARNINGS]
 
     @staticmethod
     def _expected(p, g, lr=0.5):
