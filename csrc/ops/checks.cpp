@@ -353,7 +353,7 @@ void check_quadratic_descent(
     const std::optional<at::Tensor>& lrs,
     const QuadraticDescentArgs& a,
     c10::ArrayRef<at::ScalarType> supported) {
-  constexpr const char* op = "torchiter.quadratic_descent";
+  const char* op = a.stats ? "torchiter.quadratic_descent_ex" : "torchiter.quadratic_descent";
   TORCH_CHECK(y0.defined() && A.defined() && b.defined(), op,
       ": y0, A and b must be defined tensors");
   for (const auto* t : {&y0, &A, &b}) {
@@ -405,6 +405,11 @@ void check_quadratic_descent(
       a.check_every >= 1, op, ": check_every must be >= 1, got ",
       a.check_every);
   check_bounds(op, a.shrink, a.min, a.max);
+  TORCH_CHECK(
+      !a.trace || a.max_iterations <= kMaxTraceIterations, op,
+      ": trace=True records max_iterations entries; at most ",
+      kMaxTraceIterations, " are supported, got max_iterations=",
+      a.max_iterations);
   if (lrs.has_value() && lrs->defined()) {
     const at::Tensor& l = *lrs;
     TORCH_CHECK(

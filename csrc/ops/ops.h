@@ -60,7 +60,58 @@ struct QuadraticDescentArgs {
   double shrink = 0.;
   std::optional<double> min;
   std::optional<double> max;
+  // quadratic_descent_ex only: each sample stops on its own test, and the
+  // change of every iteration is recorded.
+  bool per_sample = false;
+  bool trace = false;
+  // Set by quadratic_descent_ex's kernels: measure the statistics below
+  // (quadratic_descent skips that work).
+  bool stats = false;
 };
+
+// Longest change trace quadratic_descent_ex records (its length is
+// max_iterations, so that its shape is known before the loop runs).
+constexpr int64_t kMaxTraceIterations = int64_t{1} << 24;
+
+// What quadratic_descent_ex returns. Per sample (per_sample=True) every
+// statistic has shape (B,), else (). `change` is max |y_k - y_{k-1}| of the
+// last iteration run, `growth` that change over the first iteration's
+// (0 when both are 0): it never exceeds 1 for a step within 2/L on a convex
+// problem. `change_trace` is (max_iterations,) with trace=True (NaN past the
+// last iteration), else (0,).
+struct QuadraticDescentResult {
+  at::Tensor y, iterations, converged, change, growth, change_trace;
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+  as_tuple() const {
+    return {y, iterations, converged, change, growth, change_trace};
+  }
+};
+
+// quadratic_descent_ex's outputs from what a loop measured, on y's device:
+// per-sample (or, with one entry, whole-batch) iteration counts (int64),
+// stop-test flags (bool), and the changes of the first and the last
+// iteration (y's dtype), each of shape (n,).
+QuadraticDescentResult make_ex_result(
+    at::Tensor y, const at::Tensor& iterations, const at::Tensor& converged,
+    const at::Tensor& first_change, const at::Tensor& last_change,
+    at::Tensor change_trace, bool per_sample);
+
+// The plain loop of one device (its quadratic_descent kernel on checked
+// inputs), which the device-generic quadratic_descent_ex driver runs between
+// the iterations it measures.
+using PlainQuadraticDescent = std::tuple<at::Tensor, at::Tensor> (*)(
+    const at::Tensor& y0, const at::Tensor& A, const at::Tensor& b,
+    const std::optional<at::Tensor>& lrs, const QuadraticDescentArgs& args);
+
+// quadratic_descent_ex on any device from ATen ops and `plain`: chunks of
+// plain iterations, and one measured iteration wherever a statistic or the
+// stop test needs the change (one host synchronisation per stop test, none
+// otherwise). Frozen samples leave the batch (per_sample), so they cost
+// nothing. Inputs must be checked.
+QuadraticDescentResult quadratic_descent_ex_generic(
+    const at::Tensor& y0, const at::Tensor& A, const at::Tensor& b,
+    const std::optional<at::Tensor>& lrs, const QuadraticDescentArgs& args,
+    PlainQuadraticDescent plain);
 
 // Checks every argument of torchiter.quadratic_descent. `supported_dtypes`
 // lists the dtypes the calling kernel implements.
@@ -153,6 +204,22 @@ std::tuple<at::Tensor, at::Tensor> quadratic_descent_entry(
   return Impl(
       y0, A, b, lrs,
       QuadraticDescentArgs{lr, max_iterations, tol, check_every, shrink, min, max});
+}
+
+// quadratic_descent_ex: Impl(y0, A, b, lrs, args) -> QuadraticDescentResult.
+template <auto Impl>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+quadratic_descent_ex_entry(
+    const at::Tensor& y0, const at::Tensor& A, const at::Tensor& b,
+    double lr, int64_t max_iterations, double tol, int64_t check_every,
+    const std::optional<at::Tensor>& lrs, double shrink,
+    std::optional<double> min, std::optional<double> max, bool per_sample,
+    bool trace) {
+  QuadraticDescentArgs args{lr, max_iterations, tol, check_every, shrink, min, max};
+  args.per_sample = per_sample;
+  args.trace = trace;
+  args.stats = true;
+  return Impl(y0, A, b, lrs, args).as_tuple();
 }
 
 } // namespace torchiter

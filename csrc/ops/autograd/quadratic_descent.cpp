@@ -218,8 +218,56 @@ quadratic_descent_op() {
   return op;
 }
 
+using ExOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+const c10::TypedOperatorHandle<ExOutputs(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, double, int64_t,
+    double, int64_t, const std::optional<at::Tensor>&, double,
+    std::optional<double>, std::optional<double>, bool, bool)>&
+quadratic_descent_ex_op() {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("torchiter::quadratic_descent_ex", "")
+          .typed<ExOutputs(
+              const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
+              int64_t, double, int64_t, const std::optional<at::Tensor>&,
+              double, std::optional<double>, std::optional<double>, bool, bool)>();
+  return op;
+}
+
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
+
+// What the backward of both ops needs: y, A and the projection.
+void save_for_implicit_backward(
+    AutogradContext* ctx, const at::Tensor& y, const at::Tensor& A, double shrink,
+    std::optional<double> min, std::optional<double> max) {
+  ctx->save_for_backward({y, A});
+  ctx->saved_data["shrink"] = shrink;
+  ctx->saved_data["min"] = min;
+  ctx->saved_data["max"] = max;
+}
+
+// Gradients of the op's inputs (y0, A, b, then `n_options` non-tensor
+// arguments) from the gradient of y.
+variable_list implicit_backward(AutogradContext* ctx, const at::Tensor& grad_y, size_t n_options) {
+  const auto saved = ctx->get_saved_variables();
+  const auto to_opt = [](const c10::IValue& v) {
+    return v.isNone() ? std::optional<double>() : v.toDouble();
+  };
+  auto [grad_A, grad_b] = backward_op().call(
+      grad_y, saved[0], saved[1], ctx->saved_data["shrink"].toDouble(),
+      to_opt(ctx->saved_data["min"]), to_opt(ctx->saved_data["max"]));
+  if (!ctx->needs_input_grad(1)) {
+    grad_A = at::Tensor();
+  }
+  if (!ctx->needs_input_grad(2)) {
+    grad_b = at::Tensor();
+  }
+  variable_list grads{at::Tensor(), grad_A, grad_b};
+  grads.resize(3 + n_options);
+  return grads;
+}
 
 class QuadraticDescentFunction
     : public torch::autograd::Function<QuadraticDescentFunction> {
@@ -232,31 +280,40 @@ class QuadraticDescentFunction
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [y, iterations] = quadratic_descent_op().call(
         y0, A, b, lr, max_iterations, tol, check_every, lrs, shrink, min, max);
-    ctx->save_for_backward({y, A});
-    ctx->saved_data["shrink"] = shrink;
-    ctx->saved_data["min"] = min;
-    ctx->saved_data["max"] = max;
+    save_for_implicit_backward(ctx, y, A, shrink, min, max);
     ctx->mark_non_differentiable({iterations});
     return {y, iterations};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const auto to_opt = [](const c10::IValue& v) {
-      return v.isNone() ? std::optional<double>() : v.toDouble();
-    };
-    auto [grad_A, grad_b] = backward_op().call(
-        grads[0], saved[0], saved[1], ctx->saved_data["shrink"].toDouble(),
-        to_opt(ctx->saved_data["min"]), to_opt(ctx->saved_data["max"]));
-    if (!ctx->needs_input_grad(1)) {
-      grad_A = at::Tensor();
-    }
-    if (!ctx->needs_input_grad(2)) {
-      grad_b = at::Tensor();
-    }
-    return {at::Tensor(), grad_A, grad_b, at::Tensor(), at::Tensor(),
-            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
-            at::Tensor(), at::Tensor()};
+    return implicit_backward(ctx, grads[0], 8);
+  }
+};
+
+// quadratic_descent_ex: the same gradient for y (per-sample stopping ends
+// each sample at the same fixed point); the statistics are not
+// differentiable.
+class QuadraticDescentExFunction
+    : public torch::autograd::Function<QuadraticDescentExFunction> {
+ public:
+  static variable_list forward(
+      AutogradContext* ctx, const at::Tensor& y0, const at::Tensor& A,
+      const at::Tensor& b, double lr, int64_t max_iterations, double tol,
+      int64_t check_every, const std::optional<at::Tensor>& lrs, double shrink,
+      std::optional<double> min, std::optional<double> max, bool per_sample,
+      bool trace) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [y, iterations, converged, change, growth, change_trace] =
+        quadratic_descent_ex_op().call(
+            y0, A, b, lr, max_iterations, tol, check_every, lrs, shrink, min,
+            max, per_sample, trace);
+    save_for_implicit_backward(ctx, y, A, shrink, min, max);
+    ctx->mark_non_differentiable({iterations, converged, change, growth, change_trace});
+    return {y, iterations, converged, change, growth, change_trace};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    return implicit_backward(ctx, grads[0], 10);
   }
 };
 
@@ -278,6 +335,25 @@ std::tuple<at::Tensor, at::Tensor> quadratic_descent_autograd(
       y0.detach(), A, b, lr, max_iterations, tol, check_every, lrs, shrink,
       min, max);
   return {out[0], out[1]};
+}
+
+ExOutputs quadratic_descent_ex_autograd(
+    const at::Tensor& y0, const at::Tensor& A, const at::Tensor& b,
+    double lr, int64_t max_iterations, double tol, int64_t check_every,
+    const std::optional<at::Tensor>& lrs, double shrink,
+    std::optional<double> min, std::optional<double> max, bool per_sample,
+    bool trace) {
+  if (!at::GradMode::is_enabled() ||
+      !(A.requires_grad() || b.requires_grad())) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return quadratic_descent_ex_op().call(
+        y0, A, b, lr, max_iterations, tol, check_every, lrs, shrink, min, max,
+        per_sample, trace);
+  }
+  auto out = QuadraticDescentExFunction::apply(
+      y0.detach(), A, b, lr, max_iterations, tol, check_every, lrs, shrink,
+      min, max, per_sample, trace);
+  return {out[0], out[1], out[2], out[3], out[4], out[5]};
 }
 
 // The backward formula is not differentiated again: differentiating through
@@ -322,6 +398,7 @@ TORCH_LIBRARY_IMPL(torchiter, Meta, m) {
 
 TORCH_LIBRARY_IMPL(torchiter, Autograd, m) {
   m.impl("quadratic_descent", &quadratic_descent_autograd);
+  m.impl("quadratic_descent_ex", &quadratic_descent_ex_autograd);
   m.impl("quadratic_descent_backward", &quadratic_descent_backward_autograd);
 }
 

@@ -1,6 +1,6 @@
-// CPU entry point of torchiter.quadratic_descent: checks and the host-side
-// learning rates, then the kernel variant picked for this CPU
-// (kernels/quadratic_descent.cpp, one build per instruction set).
+// CPU entry points of torchiter.quadratic_descent and quadratic_descent_ex:
+// checks and the host-side learning rates, then the kernel variant picked for
+// this CPU (kernels/quadratic_descent.cpp, one build per instruction set).
 #include "../ops.h"
 #include "capability.h"
 
@@ -22,13 +22,42 @@ std::tuple<at::Tensor, at::Tensor> quadratic_descent_cpu(
     return {y0d.clone(at::MemoryFormat::Contiguous),
             at::scalar_tensor(args.max_iterations, y0.options().dtype(at::kLong))};
   }
-  return cpu::cpu_kernels().quadratic_descent(y0d, A.detach(), b.detach(), args, host_lrs);
+  auto r = cpu::cpu_kernels().quadratic_descent(y0d, A.detach(), b.detach(), args, host_lrs);
+  return {r.y, r.iterations};
+}
+
+QuadraticDescentResult quadratic_descent_ex_cpu(
+    const at::Tensor& y0, const at::Tensor& A, const at::Tensor& b,
+    const std::optional<at::Tensor>& lrs, const QuadraticDescentArgs& args) {
+  check_quadratic_descent(y0, A, b, lrs, args, {at::kFloat, at::kDouble});
+  TORCH_CHECK(
+      y0.device().is_cpu(), "torchiter.quadratic_descent_ex: the CPU kernel got y0 on ",
+      y0.device());
+  if (y0.numel() == 0 || args.max_iterations == 0) {
+    // Nothing runs: the generic driver's answer, without a loop.
+    return quadratic_descent_ex_generic(y0, A, b, lrs, args, &quadratic_descent_cpu);
+  }
+  LearningRates host_lrs(lrs, args);
+  return cpu::cpu_kernels().quadratic_descent(y0.detach(), A.detach(), b.detach(), args, host_lrs);
+}
+
+// The device-generic driver (what the CUDA kernel runs) on the CPU, so that
+// its logic is tested on every machine against the CPU kernel.
+QuadraticDescentResult quadratic_descent_ex_generic_cpu(
+    const at::Tensor& y0, const at::Tensor& A, const at::Tensor& b,
+    const std::optional<at::Tensor>& lrs, const QuadraticDescentArgs& args) {
+  check_quadratic_descent(y0, A, b, lrs, args, {at::kFloat, at::kDouble});
+  return quadratic_descent_ex_generic(
+      y0.detach(), A.detach(), b.detach(), lrs, args, &quadratic_descent_cpu);
 }
 
 } // namespace
 
 TORCH_LIBRARY_IMPL(torchiter, CPU, m) {
   m.impl("quadratic_descent", &quadratic_descent_entry<&quadratic_descent_cpu>);
+  m.impl("quadratic_descent_ex", &quadratic_descent_ex_entry<&quadratic_descent_ex_cpu>);
+  m.impl("_quadratic_descent_ex_generic",
+         &quadratic_descent_ex_entry<&quadratic_descent_ex_generic_cpu>);
 }
 
 } // namespace torchiter

@@ -425,11 +425,7 @@ std::tuple<at::Tensor, at::Tensor> run(
 
 std::tuple<at::Tensor, at::Tensor> quadratic_descent_cuda(
     const at::Tensor& y0, const at::Tensor& A, const at::Tensor& b,
-    double lr, int64_t max_iterations, double tol, int64_t check_every,
-    const std::optional<at::Tensor>& lrs, double shrink,
-    std::optional<double> min, std::optional<double> max) {
-  const QuadraticDescentArgs args{lr, max_iterations, tol, check_every,
-                                  shrink, min, max};
+    const std::optional<at::Tensor>& lrs, const QuadraticDescentArgs& args) {
   check_quadratic_descent(y0, A, b, lrs, args, {at::kFloat, at::kDouble});
   TORCH_CHECK(
       y0.is_cuda(), "torchiter.quadratic_descent: the CUDA kernel got y0 on ",
@@ -440,19 +436,35 @@ std::tuple<at::Tensor, at::Tensor> quadratic_descent_cuda(
   // synchronisation per block when it lives on the GPU.
   LearningRates host_lrs(lrs, args);
   const at::Tensor y0d = y0.detach();
-  if (y0.numel() == 0 || max_iterations == 0) {
+  if (y0.numel() == 0 || args.max_iterations == 0) {
     return {y0d.clone(at::MemoryFormat::Contiguous),
-            at::scalar_tensor(max_iterations, y0.options().dtype(at::kLong))};
+            at::scalar_tensor(args.max_iterations, y0.options().dtype(at::kLong))};
   }
   return AT_DISPATCH_FLOATING_TYPES(y0.scalar_type(), "torchiter.quadratic_descent", [&] {
     return run<scalar_t>(y0d, A.detach(), b.detach(), args, host_lrs);
   });
 }
 
+// quadratic_descent_ex: the device-generic driver (../quadratic_descent_ex.cpp)
+// around the kernels above. Its measured iterations are single launches of
+// path 1 and its stop tests read one value per test, as path 2 does.
+QuadraticDescentResult quadratic_descent_ex_cuda(
+    const at::Tensor& y0, const at::Tensor& A, const at::Tensor& b,
+    const std::optional<at::Tensor>& lrs, const QuadraticDescentArgs& args) {
+  check_quadratic_descent(y0, A, b, lrs, args, {at::kFloat, at::kDouble});
+  TORCH_CHECK(
+      y0.is_cuda(), "torchiter.quadratic_descent_ex: the CUDA kernel got y0 on ",
+      y0.device());
+  const c10::cuda::CUDAGuard guard(y0.device());
+  return quadratic_descent_ex_generic(
+      y0.detach(), A.detach(), b.detach(), lrs, args, &quadratic_descent_cuda);
+}
+
 } // namespace
 
 TORCH_LIBRARY_IMPL(torchiter, CUDA, m) {
-  m.impl("quadratic_descent", &quadratic_descent_cuda);
+  m.impl("quadratic_descent", &quadratic_descent_entry<&quadratic_descent_cuda>);
+  m.impl("quadratic_descent_ex", &quadratic_descent_ex_entry<&quadratic_descent_ex_cuda>);
 }
 
 } // namespace torchiter

@@ -22,10 +22,11 @@ namespace torchiter::cpu {
       at::ScalarType dtype,                                                 \
       const std::vector<StepSegment>& segments,                             \
       const SgdOptions& options);                                           \
-  /* The whole loop on checked inputs (y0.numel() > 0); returns (y, the     \
-     iteration count). `lrs` gives the rate of each iteration, read as the  \
-     loop reaches it. */                                                    \
-  std::tuple<at::Tensor, at::Tensor> quadratic_descent_kernel(              \
+  /* The whole loop on checked inputs (y0.numel() > 0, max_iterations >   \
+     0); returns y and the iteration count, and with args.stats every      \
+     statistic of quadratic_descent_ex. `lrs` gives the rate of each       \
+     iteration, read as the loop reaches it. */                            \
+  QuadraticDescentResult quadratic_descent_kernel(                          \
       const at::Tensor& y0,                                                 \
       const at::Tensor& A,                                                  \
       const at::Tensor& b,                                                  \

@@ -24,6 +24,8 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <numeric>
+#include <optional>
 #include <vector>
 
 namespace torchiter::cpu::CPU_CAPABILITY {
@@ -319,13 +321,53 @@ Tiles make_tiles(const WorkingLayout& L, bool gemm) {
   return tl;
 }
 
+// NaN-propagating max: a NaN change must never pass a stop test.
+template <typename T>
+T nan_max(T a, T b) {
+  return std::isnan(a) || std::isnan(b) ? std::numeric_limits<T>::quiet_NaN() : std::max(a, b);
+}
+
+template <typename T>
+T nan_max_of(const std::vector<T>& v) {
+  T m = 0;
+  for (T x : v) {
+    m = nan_max(m, x);
+  }
+  return m;
+}
+
+// What a loop measures for quadratic_descent_ex, on the host: per sample
+// (per_sample) or for the whole batch (one entry).
+template <typename T>
+struct LoopStats {
+  std::vector<int64_t> iterations;
+  std::vector<uint8_t> converged;
+  std::vector<T> first, last;
+  std::vector<T> trace; // max_iterations entries with trace, NaN until run
+
+  LoopStats(int64_t n, const QuadraticDescentArgs& args)
+      : iterations(static_cast<size_t>(n), 0), converged(static_cast<size_t>(n), 0),
+        first(static_cast<size_t>(n), 0), last(static_cast<size_t>(n), 0),
+        trace(static_cast<size_t>(args.trace ? args.max_iterations : 0),
+              std::numeric_limits<T>::quiet_NaN()) {}
+
+  // Records the change of iteration k for entry i.
+  void measured(size_t i, int64_t k, T change) {
+    if (k == 0) {
+      first[i] = change;
+    }
+    last[i] = change;
+  }
+};
+
 // No stop test: each tile is copied into three tile-local C x width blocks
 // (allocated once per task, never per iteration) and runs all K iterations
-// there before its result is written back into Y.
+// there before its result is written back into Y. With `stats` the first
+// and the last iteration also measure their change.
 template <typename T>
 void run_blocked(
     at::Tensor& Y, const at::Tensor& Bw, const ChannelMixing<T>& mix,
-    const Tiles& tiles, int64_t K, LearningRates& lrs) {
+    const Tiles& tiles, int64_t K, LearningRates& lrs, LoopStats<T>* stats) {
   const int64_t C = mix.C;
   // All K iterations run and every tile needs every rate: a schedule's are
   // read once, up front.
@@ -338,6 +380,8 @@ void run_blocked(
   const int64_t T_w = tiles.width;
   T* y = Y.data_ptr<T>();
   const T* b = Bw.const_data_ptr<T>();
+  std::vector<T> first_max(stats ? static_cast<size_t>(tiles.count) : 0);
+  std::vector<T> last_max(first_max.size());
   at::parallel_for(0, tiles.count, std::max<int64_t>(1, tiles.grain / std::max<int64_t>(K, 1)), [&](int64_t t0, int64_t t1) {
     std::vector<T> local(static_cast<size_t>(3 * C * T_w));
     T* cur = local.data();
@@ -353,8 +397,18 @@ void run_blocked(
       T* src = cur;
       T* dst = nxt;
       for (int64_t k = 0; k < K; ++k) {
-        step_block<T, false>(mix, src, bl, dst, T_w, n, valid,
-                             scheduled.empty() ? lr : scheduled[static_cast<size_t>(k)]);
+        const T lr_k = scheduled.empty() ? lr : scheduled[static_cast<size_t>(k)];
+        if (stats && (k == 0 || k == K - 1)) {
+          const T m = lane_max(step_block<T, true>(mix, src, bl, dst, T_w, n, valid, lr_k));
+          if (k == 0) {
+            first_max[static_cast<size_t>(t)] = m;
+          }
+          if (k == K - 1) {
+            last_max[static_cast<size_t>(t)] = m;
+          }
+        } else {
+          step_block<T, false>(mix, src, bl, dst, T_w, n, valid, lr_k);
+        }
         std::swap(src, dst);
       }
       for (int64_t c = 0; c < C; ++c) {
@@ -362,19 +416,27 @@ void run_blocked(
       }
     }
   });
+  if (stats) {
+    stats->measured(0, 0, nan_max_of(first_max));
+    stats->measured(0, K - 1, nan_max_of(last_max));
+    stats->iterations[0] = K;
+  }
 }
 
 // One parallel pass per iteration from Y into a second buffer and back
 // (after a GEMM into G on the GEMM path); when iteration k is a check, each
 // tile records its max |y_k - y_{k-1}| and the loop stops once the maximum
-// is below tol. Y holds the result; returns the iterations run.
+// is below tol. With `stats` the first and the last iteration (and with a
+// trace every one) are measured too. Y holds the result; returns the
+// iterations run.
 template <typename T>
 int64_t run_sweeps(
     at::Tensor& Y, const at::Tensor& Bw, const at::Tensor& A,
     const ChannelMixing<T>& mix, const Tiles& tiles, bool gemm,
-    const QuadraticDescentArgs& args, LearningRates& lrs) {
+    const QuadraticDescentArgs& args, LearningRates& lrs, LoopStats<T>* stats) {
   const int64_t C = mix.C;
   const int64_t ld = tiles.L->padded_positions;
+  const int64_t K = args.max_iterations;
   const bool stop_test = args.tol > 0;
   const T* b = Bw.const_data_ptr<T>();
   at::Tensor Y2 = at::empty_like(Y);
@@ -382,9 +444,10 @@ int64_t run_sweeps(
   std::vector<T> tile_max(static_cast<size_t>(tiles.count));
   at::Tensor src_t = Y;
   at::Tensor dst_t = Y2;
-  int64_t iterations = args.max_iterations;
-  for (int64_t k = 0; k < args.max_iterations; ++k) {
+  int64_t iterations = K;
+  for (int64_t k = 0; k < K; ++k) {
     const bool check = stop_test && k >= 1 && k % args.check_every == 0;
+    const bool measure = check || (stats && (k == 0 || k == K - 1 || args.trace));
     const T lr = static_cast<T>(lrs.at(k));
     const T* src = src_t.const_data_ptr<T>();
     T* dst = dst_t.data_ptr<T>();
@@ -398,8 +461,8 @@ int64_t run_sweeps(
         tiles.bounds(t, off, n, valid);
         Vectorized<T> dmax(static_cast<T>(0));
         if (gemm) {
-          dmax = update_block<T>(*mix.project, C, g + off, src + off, b + off, dst + off, ld, n, valid, lr, check);
-        } else if (check) {
+          dmax = update_block<T>(*mix.project, C, g + off, src + off, b + off, dst + off, ld, n, valid, lr, measure);
+        } else if (measure) {
           dmax = step_block<T, true>(mix, src + off, b + off, dst + off, ld, n, valid, lr);
         } else {
           step_block<T, false>(mix, src + off, b + off, dst + off, ld, n, valid, lr);
@@ -408,47 +471,242 @@ int64_t run_sweeps(
       }
     });
     std::swap(src_t, dst_t);
-    if (check) {
-      T m = 0;
-      for (T x : tile_max) {
-        m = std::isnan(x) || std::isnan(m) ? std::numeric_limits<T>::quiet_NaN()
-                                            : std::max(m, x);
+    if (!measure) {
+      continue;
+    }
+    const T m = nan_max_of(tile_max);
+    if (stats) {
+      stats->measured(0, k, m);
+      if (args.trace) {
+        stats->trace[static_cast<size_t>(k)] = m;
       }
-      // NaN < tol is false: a diverged loop never counts as converged.
-      if (m < static_cast<T>(args.tol)) {
-        iterations = k + 1;
-        break;
+    }
+    // NaN < tol is false: a diverged loop never counts as converged.
+    if (check && m < static_cast<T>(args.tol)) {
+      iterations = k + 1;
+      if (stats) {
+        stats->converged[0] = 1;
       }
+      break;
     }
   }
   Y = src_t;
+  if (stats) {
+    stats->iterations[0] = iterations;
+  }
   return iterations;
 }
 
+// quadratic_descent_ex with per_sample: the sweeps of run_sweeps on the
+// batch-folded layout, where each sample owns S consecutive positions. On a
+// measured iteration every tile also stores max over channels of |change|
+// per position; a sample that passes its stop test is written to `out` and
+// stops counting, and once enough have stopped the working copies are
+// compacted to the samples still running, so frozen samples cost nothing.
+// Positions never interact, so a sample's result is the one it would get
+// alone.
 template <typename T>
-std::tuple<at::Tensor, at::Tensor> run(
+void run_per_sample(
+    const at::Tensor& y0, const at::Tensor& b_in, const at::Tensor& A,
+    const ChannelMixing<T>& mix, bool gemm, const QuadraticDescentArgs& args,
+    LearningRates& lrs, at::Tensor& out, LoopStats<T>& stats) {
+  constexpr int64_t W = Vectorized<T>::size();
+  WorkingLayout L = working_layout<T>(y0, /*fold the batch=*/true);
+  const int64_t C = L.channels, S = L.spatial, K = args.max_iterations;
+  at::Tensor src_t = to_working<T>(y0, L);
+  at::Tensor Bw = to_working<T>(b_in, L);
+  Tiles tiles = make_tiles<T>(L, gemm);
+  at::Tensor dst_t = at::empty_like(src_t);
+  at::Tensor G = gemm ? at::empty({C, L.padded_positions}, src_t.options()) : at::Tensor();
+  std::vector<T> position_max(static_cast<size_t>(L.padded_positions));
+  // Original index of every sample in the working copies, and whether it
+  // still runs.
+  std::vector<int64_t> present(static_cast<size_t>(L.batch));
+  std::iota(present.begin(), present.end(), 0);
+  std::vector<uint8_t> running(present.size(), 1);
+  int64_t n_running = L.batch;
+  int64_t frozen_present = 0;
+  T* o = out.data_ptr<T>();
+  // Sample slot i of the working copy `w` into its place in `out`.
+  const auto write_out = [&](const at::Tensor& w, size_t i) {
+    const T* src = w.const_data_ptr<T>();
+    const int64_t ld = L.padded_positions;
+    const int64_t orig = present[i];
+    for (int64_t c = 0; c < C; ++c) {
+      std::copy_n(src + c * ld + static_cast<int64_t>(i) * S, S, o + (orig * C + c) * S);
+    }
+  };
+  // Keeps the running samples only, in order.
+  const auto compact = [&]() {
+    std::vector<size_t> keep;
+    for (size_t i = 0; i < present.size(); ++i) {
+      if (running[static_cast<size_t>(present[i])]) {
+        keep.push_back(i);
+      }
+    }
+    WorkingLayout N = L;
+    N.batch = static_cast<int64_t>(keep.size());
+    N.positions = N.batch * S;
+    N.padded_positions = (N.positions + W - 1) / W * W;
+    const auto pack = [&](const at::Tensor& w) {
+      at::Tensor r = at::zeros({1, C, N.padded_positions}, w.options());
+      const T* from = w.const_data_ptr<T>();
+      T* to = r.data_ptr<T>();
+      for (int64_t c = 0; c < C; ++c) {
+        for (size_t j = 0; j < keep.size(); ++j) {
+          std::copy_n(from + c * L.padded_positions + static_cast<int64_t>(keep[j]) * S, S,
+                      to + c * N.padded_positions + static_cast<int64_t>(j) * S);
+        }
+      }
+      return r;
+    };
+    src_t = pack(src_t);
+    Bw = pack(Bw);
+    std::vector<int64_t> next;
+    for (size_t i : keep) {
+      next.push_back(present[i]);
+    }
+    present = std::move(next);
+    L = N;
+    tiles = make_tiles<T>(L, gemm);
+    dst_t = at::empty_like(src_t);
+    if (gemm) {
+      G = at::empty({C, L.padded_positions}, src_t.options());
+    }
+    position_max.assign(static_cast<size_t>(L.padded_positions), 0);
+    frozen_present = 0;
+  };
+
+  int64_t k = 0;
+  while (k < K && n_running > 0) {
+    const bool check = args.tol > 0 && k >= 1 && k % args.check_every == 0;
+    const bool measure = check || k == 0 || k == K - 1 || args.trace;
+    const T lr = static_cast<T>(lrs.at(k));
+    const int64_t ld = L.padded_positions;
+    const T* src = src_t.const_data_ptr<T>();
+    const T* b = Bw.const_data_ptr<T>();
+    T* dst = dst_t.data_ptr<T>();
+    if (gemm) {
+      at::mm_out(G, A, src_t.view({C, ld}));
+    }
+    const T* g = gemm ? G.const_data_ptr<T>() : nullptr;
+    T* pmax = position_max.data();
+    at::parallel_for(0, tiles.count, tiles.grain, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        int64_t off, n, valid;
+        tiles.bounds(t, off, n, valid);
+        if (gemm) {
+          update_block<T>(*mix.project, C, g + off, src + off, b + off, dst + off, ld, n, valid, lr, false);
+        } else {
+          step_block<T, false>(mix, src + off, b + off, dst + off, ld, n, valid, lr);
+        }
+        if (!measure) {
+          continue;
+        }
+        // One group: a tile's offset is its first position.
+        for (int64_t s = 0; s < n; s += W) {
+          Vectorized<T> m(static_cast<T>(0));
+          for (int64_t c = 0; c < C; ++c) {
+            const int64_t e = off + c * ld + s;
+            m = at::vec::maximum(m, (Vectorized<T>::loadu(dst + e) - Vectorized<T>::loadu(src + e)).abs());
+          }
+          m.store(pmax + off + s);
+        }
+      }
+    });
+    std::swap(src_t, dst_t);
+    ++k;
+    if (!measure) {
+      continue;
+    }
+    T iteration_max = 0;
+    for (size_t i = 0; i < present.size(); ++i) {
+      const auto orig = static_cast<size_t>(present[i]);
+      if (!running[orig]) {
+        continue;
+      }
+      T m = 0;
+      for (int64_t s = 0; s < S; ++s) {
+        m = nan_max(m, pmax[static_cast<int64_t>(i) * S + s]);
+      }
+      stats.measured(orig, k - 1, m);
+      iteration_max = nan_max(iteration_max, m);
+      if (check && m < static_cast<T>(args.tol)) {
+        stats.converged[orig] = 1;
+        stats.iterations[orig] = k;
+        running[orig] = 0;
+        write_out(src_t, i);
+        --n_running;
+        ++frozen_present;
+      }
+    }
+    if (args.trace) {
+      stats.trace[static_cast<size_t>(k - 1)] = iteration_max;
+    }
+    // Compacting costs about one sweep: worth it once an eighth of the
+    // batch is frozen.
+    if (n_running > 0 && frozen_present * 8 >= static_cast<int64_t>(present.size())) {
+      compact();
+    }
+  }
+  for (size_t i = 0; i < present.size(); ++i) {
+    const auto orig = static_cast<size_t>(present[i]);
+    if (running[orig]) {
+      stats.iterations[orig] = k;
+      write_out(src_t, i);
+    }
+  }
+}
+
+template <typename T>
+QuadraticDescentResult run(
     const at::Tensor& y0, const at::Tensor& A_in, const at::Tensor& b_in,
     const QuadraticDescentArgs& args, LearningRates& lrs) {
   const bool gemm = y0.size(1) >= kGemmMinChannels;
-  const WorkingLayout L = working_layout<T>(y0, gemm);
-  at::Tensor Y = to_working<T>(y0, L);
-  const at::Tensor Bw = to_working<T>(b_in, L);
   const at::Tensor A = A_in.contiguous();
   const VecProjection<T> proj(args.shrink, args.min, args.max);
-  const ChannelMixing<T> mix{A.const_data_ptr<T>(), L.channels, &proj};
-  const Tiles tiles = make_tiles<T>(L, gemm);
-  int64_t iterations = args.max_iterations;
-  if (args.tol > 0 || gemm) {
-    iterations = run_sweeps<T>(Y, Bw, A, mix, tiles, gemm, args, lrs);
-  } else {
-    run_blocked<T>(Y, Bw, mix, tiles, args.max_iterations, lrs);
+  const int64_t B = y0.size(0);
+  std::optional<LoopStats<T>> stats;
+  if (args.stats) {
+    stats.emplace(args.per_sample ? B : 1, args);
   }
-  return {from_working<T>(Y, L, y0), at::scalar_tensor(iterations, y0.options().dtype(at::kLong))};
+  at::Tensor y;
+  int64_t iterations = args.max_iterations;
+  if (args.per_sample) {
+    y = at::empty(y0.sizes(), y0.options().memory_format(at::MemoryFormat::Contiguous));
+    const ChannelMixing<T> mix{A.const_data_ptr<T>(), y0.size(1), &proj};
+    run_per_sample<T>(y0, b_in, A, mix, gemm, args, lrs, y, *stats);
+  } else {
+    const WorkingLayout L = working_layout<T>(y0, gemm);
+    at::Tensor Y = to_working<T>(y0, L);
+    const at::Tensor Bw = to_working<T>(b_in, L);
+    const ChannelMixing<T> mix{A.const_data_ptr<T>(), L.channels, &proj};
+    const Tiles tiles = make_tiles<T>(L, gemm);
+    LoopStats<T>* st = stats ? &*stats : nullptr;
+    if (args.tol > 0 || gemm || args.trace) {
+      iterations = run_sweeps<T>(Y, Bw, A, mix, tiles, gemm, args, lrs, st);
+    } else {
+      run_blocked<T>(Y, Bw, mix, tiles, args.max_iterations, lrs, st);
+    }
+    y = from_working<T>(Y, L, y0);
+  }
+  const auto long_opts = y0.options().dtype(at::kLong);
+  if (!stats) {
+    return {y, at::scalar_tensor(iterations, long_opts)};
+  }
+  const auto n = static_cast<int64_t>(stats->first.size());
+  const auto dtype = y0.options();
+  at::Tensor conv = at::empty({n}, y0.options().dtype(at::kBool));
+  std::copy(stats->converged.begin(), stats->converged.end(), conv.data_ptr<bool>());
+  return make_ex_result(
+      y, at::tensor(stats->iterations, long_opts), conv,
+      at::tensor(stats->first, dtype), at::tensor(stats->last, dtype),
+      at::tensor(stats->trace, dtype), args.per_sample);
 }
 
 } // namespace
 
-std::tuple<at::Tensor, at::Tensor> quadratic_descent_kernel(
+QuadraticDescentResult quadratic_descent_kernel(
     const at::Tensor& y0,
     const at::Tensor& A,
     const at::Tensor& b,

@@ -1,0 +1,200 @@
+// torchiter.quadratic_descent_ex on any device: the statistics of the loop
+// (make_ex_result) and the device-generic driver, which runs the device's
+// plain quadratic_descent between the iterations it has to measure.
+//
+// A measured iteration k is one where a statistic or the stop test needs
+// max |y_k - y_{k-1}|: the first (k = 0), the last (max_iterations - 1),
+// every stop test (k >= 1, k % check_every == 0, tol > 0) and, with trace,
+// every iteration. The driver runs the plain loop up to k, keeps y_{k-1},
+// runs iteration k alone and reduces the change with ATen. Only the stop
+// test reads a value on the host. Each plain call starts at the same
+// per-element arithmetic, so the chunks change no result.
+#include "ops.h"
+
+#include <algorithm>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+namespace torchiter {
+
+QuadraticDescentResult make_ex_result(
+    at::Tensor y, const at::Tensor& iterations, const at::Tensor& converged,
+    const at::Tensor& first_change, const at::Tensor& last_change,
+    at::Tensor change_trace, bool per_sample) {
+  // 0/0 (no change at all) is 0; x/0 is inf and NaN stays NaN.
+  at::Tensor growth = at::where(
+      first_change.eq(0).logical_and(last_change.eq(0)),
+      at::zeros_like(last_change), last_change / first_change);
+  QuadraticDescentResult r{std::move(y), iterations, converged, last_change, growth,
+                           std::move(change_trace)};
+  if (!per_sample) {
+    for (at::Tensor* t : {&r.iterations, &r.converged, &r.change, &r.growth}) {
+      *t = t->reshape({});
+    }
+  }
+  return r;
+}
+
+namespace {
+
+// max |a - b| over every dim but the first: shape (a.size(0),), NaN if any
+// element is NaN (amax propagates it).
+at::Tensor sample_change(const at::Tensor& a, const at::Tensor& b) {
+  return (a - b).abs().flatten(1).amax(1);
+}
+
+} // namespace
+
+QuadraticDescentResult quadratic_descent_ex_generic(
+    const at::Tensor& y0, const at::Tensor& A, const at::Tensor& b_in,
+    const std::optional<at::Tensor>& lrs, const QuadraticDescentArgs& args,
+    PlainQuadraticDescent plain) {
+  const int64_t B = y0.size(0);
+  const int64_t K = args.max_iterations;
+  const bool per_sample = args.per_sample;
+  const int64_t n_stats = per_sample ? B : 1;
+  const auto opts = y0.options();
+  const auto long_opts = opts.dtype(at::kLong);
+  const bool scheduled = lrs.has_value() && lrs->defined();
+
+  at::Tensor out = y0.detach().clone(at::MemoryFormat::Contiguous);
+  at::Tensor first = at::zeros({n_stats}, opts);
+  at::Tensor last = at::zeros({n_stats}, opts);
+  at::Tensor trace = at::full(
+      {args.trace ? K : 0}, std::numeric_limits<double>::quiet_NaN(), opts);
+  std::vector<int64_t> iterations(static_cast<size_t>(n_stats), 0);
+  std::vector<uint8_t> converged(static_cast<size_t>(n_stats), 0);
+  const auto finish = [&]() {
+    const auto host = at::TensorOptions().dtype(at::kLong);
+    at::Tensor it = at::tensor(iterations, host).to(y0.device());
+    std::vector<int64_t> conv(converged.begin(), converged.end());
+    at::Tensor cv = at::tensor(conv, host).to(y0.device()).to(at::kBool);
+    return make_ex_result(out, it, cv, first, last, trace, per_sample);
+  };
+  if (y0.numel() == 0 || K == 0) {
+    // An empty y runs every iteration with no change to test.
+    std::fill(iterations.begin(), iterations.end(), K);
+    trace.zero_();
+    return finish();
+  }
+
+  // The plain loop over iterations [k, k + n), without a stop test.
+  const auto run_plain = [&](const at::Tensor& y, const at::Tensor& b, int64_t k, int64_t n) {
+    QuadraticDescentArgs a = args;
+    a.max_iterations = n;
+    a.tol = 0;
+    a.check_every = 1;
+    a.per_sample = false;
+    a.trace = false;
+    a.stats = false;
+    std::optional<at::Tensor> l;
+    if (scheduled) {
+      l = lrs->narrow(0, k, n);
+    }
+    return std::get<0>(plain(y, A, b, l, a));
+  };
+  const auto is_check = [&](int64_t k) {
+    return args.tol > 0 && k >= 1 && k % args.check_every == 0;
+  };
+  // The first measured iteration at or after k.
+  const auto next_measured = [&](int64_t k) {
+    if (k == 0 || args.trace) {
+      return k;
+    }
+    int64_t e = K - 1;
+    if (args.tol > 0) {
+      const int64_t c = (k + args.check_every - 1) / args.check_every * args.check_every;
+      e = std::min(e, c);
+    }
+    return e;
+  };
+
+  at::Tensor y = out;
+  at::Tensor b = b_in.contiguous();
+  // Original index of each sample still in the batch (per_sample).
+  std::vector<int64_t> present(static_cast<size_t>(B));
+  std::iota(present.begin(), present.end(), 0);
+  at::Tensor present_idx = at::arange(B, long_opts);
+  int64_t k = 0;
+  bool stopped = false;
+  while (k < K && !stopped) {
+    const int64_t e = next_measured(k);
+    if (e > k) {
+      y = run_plain(y, b, k, e - k);
+    }
+    const at::Tensor before = y;
+    y = run_plain(y, b, e, 1);
+    at::Tensor d = sample_change(y, before);
+    if (!per_sample) {
+      d = d.amax().reshape({1});
+    }
+    if (e == 0) {
+      per_sample ? first.index_copy_(0, present_idx, d) : first.copy_(d);
+    }
+    per_sample ? last.index_copy_(0, present_idx, d) : last.copy_(d);
+    if (args.trace) {
+      trace.select(0, e).copy_(d.amax());
+    }
+    k = e + 1;
+    if (!is_check(e)) {
+      continue;
+    }
+    // The loop's one host synchronisation, once per stop test.
+    const at::Tensor stop = d.lt(args.tol).to(at::kCPU);
+    const bool* s = stop.const_data_ptr<bool>();
+    if (!per_sample) {
+      if (s[0]) {
+        converged[0] = 1;
+        stopped = true;
+      }
+      continue;
+    }
+    std::vector<int64_t> keep, done;
+    for (size_t i = 0; i < present.size(); ++i) {
+      (s[i] ? done : keep).push_back(static_cast<int64_t>(i));
+    }
+    if (done.empty()) {
+      continue;
+    }
+    std::vector<int64_t> done_orig;
+    for (int64_t i : done) {
+      const int64_t o = present[static_cast<size_t>(i)];
+      converged[static_cast<size_t>(o)] = 1;
+      iterations[static_cast<size_t>(o)] = k;
+      done_orig.push_back(o);
+    }
+    const at::Tensor done_rows = at::tensor(done, long_opts.device(at::kCPU)).to(y.device());
+    out.index_copy_(0, at::tensor(done_orig, long_opts.device(at::kCPU)).to(y.device()),
+                    y.index_select(0, done_rows));
+    if (keep.empty()) {
+      stopped = true;
+      present.clear();
+      break;
+    }
+    // The frozen samples leave the batch: they cost nothing from here on.
+    const at::Tensor keep_rows = at::tensor(keep, long_opts.device(at::kCPU)).to(y.device());
+    y = y.index_select(0, keep_rows);
+    b = b.index_select(0, keep_rows);
+    present_idx = present_idx.index_select(0, keep_rows);
+    std::vector<int64_t> next;
+    for (int64_t i : keep) {
+      next.push_back(present[static_cast<size_t>(i)]);
+    }
+    present = std::move(next);
+  }
+  if (per_sample) {
+    for (int64_t o : present) {
+      iterations[static_cast<size_t>(o)] = k;
+    }
+    if (!present.empty()) {
+      out.index_copy_(0, present_idx, y);
+    }
+  } else {
+    iterations[0] = k;
+    out = y.is_contiguous() ? y : y.contiguous();
+  }
+  return finish();
+}
+
+} // namespace torchiter
