@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from . import _internals
+from . import stats as _stats
 from ._internals import active_ddp_module
 from .modules import IterationLossModule
 from .optim import SGD
@@ -67,6 +68,13 @@ def _check_nonempty(owner: str, y: torch.Tensor) -> None:
         raise ValueError(f"{owner}: the batch is empty (y has shape {tuple(y.shape)}); the loss of no samples is undefined")
 
 
+def _noise(y: torch.Tensor) -> torch.Tensor:
+    """A change below this is float rounding of ``y`` (0-dim, on ``y``'s device)."""
+    if y.numel() == 0:
+        return torch.zeros((), dtype=y.dtype, device=y.device)
+    return y.abs().amax().clamp(min=1.0) * (_stats.NOISE_ULPS * torch.finfo(y.dtype).eps)
+
+
 class _ScaleGrad:
     """Tensor hook multiplying the competitor's gradient by ``-1 / model.tau``.
 
@@ -90,6 +98,29 @@ class _QuadraticLoopModule(IterationLossModule):
     state), both valid after ``pre_iteration``; their ``iteration_set_gradients``
     sets ``state.grad = A·state − b``.
     """
+
+    def __init__(self, *, per_sample_stopping: bool = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.per_sample_stopping = per_sample_stopping
+
+    @property
+    def per_sample_stopping(self) -> bool:
+        """Whether each sample stops on its own ``tol`` test (opt-in).
+
+        Off (the stock behaviour), the loop stops when the largest change
+        over the whole batch is below ``tol``. On, each sample (index along
+        dim 0 of the state) stops updating once its own largest change is
+        below ``tol``, and the loop ends when all have stopped: a sample's
+        result is the one it gets alone, and stopped samples cost nothing on
+        the fused path. ``iteration_stats`` is then per sample, shape ``(B,)``.
+        """
+        return self.__dict__["_per_sample_stopping"]
+
+    @per_sample_stopping.setter
+    def per_sample_stopping(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise ValueError(f"{type(self).__name__}: per_sample_stopping must be a bool, got {value!r}")
+        self.__dict__["_per_sample_stopping"] = value
 
     @property
     def tol(self) -> float:
@@ -150,8 +181,8 @@ class _QuadraticLoopModule(IterationLossModule):
             and not issubclass(sched, torch.optim.lr_scheduler.ReduceLROnPlateau)
         )
 
-    def _run_iterations(self, *args: Any, **kwargs: Any) -> None:
-        """The whole loop as one ``quadratic_descent`` call when possible."""
+    def _run_loop(self, *args: Any, **kwargs: Any) -> None:
+        """The whole loop as one ``quadratic_descent_ex`` call when possible."""
         fused = self._fused_loop_args() if self._loop_is_stock() else None
         if fused is None:
             super()._run_iterations(*args, **kwargs)
@@ -168,9 +199,32 @@ class _QuadraticLoopModule(IterationLossModule):
         if last is None:
             self._last_state = y.clone()
             return False
+        if self.per_sample_stopping:
+            return self._per_sample_converged(y, last)
         done = bool((y - last).abs().max() < self.tol)
         last.copy_(y)
         return done
+
+    def _per_sample_converged(self, y: torch.Tensor, last: torch.Tensor) -> bool:
+        """The per-sample test on the per-iteration path: a stopped sample is
+        put back to its value at its stop after every later step (samples do
+        not interact), so its result is the one it gets alone."""
+        attrs = self.__dict__
+        stopped = attrs.get("_stopped")
+        if stopped is None:
+            stopped = attrs["_stopped"] = torch.zeros(y.shape[0], dtype=torch.bool, device=y.device)
+            attrs["_stopped_at"] = torch.zeros(y.shape[0], dtype=torch.long, device=y.device)
+        view = (-1,) + (1,) * (y.dim() - 1)
+        state = self._state()
+        with torch.no_grad():
+            state.copy_(torch.where(stopped.view(view), last, state))
+        y = state.detach()
+        change = (y - last).abs().flatten(1).amax(1)
+        newly = ~stopped & (change < self.tol)
+        attrs["_stopped_at"] = torch.where(newly, self.iteration_idx + 1, attrs["_stopped_at"])
+        stopped |= newly
+        last.copy_(y)
+        return bool(stopped.all())
 
     def _fused_loop_args(self) -> Optional[Tuple[Any, ...]]:
         """``quadratic_descent`` arguments for this forward, or None."""
@@ -217,28 +271,54 @@ class _QuadraticLoopModule(IterationLossModule):
         self.iteration_optimizer.param_groups[0]["lr"] = snapshot[1]
         self._step_scheduler(steps)
 
+    def _run_iterations(self, *args: Any, **kwargs: Any) -> None:
+        self.__dict__["_stopped"] = None
+        _QuadraticLoopModule._run_loop(self, *args, **kwargs)
+        attrs = self.__dict__
+        stopped = attrs.get("_stopped")
+        stats = attrs.get("iteration_stats")
+        if stopped is not None and stats is not None:
+            # Per-sample stops on the per-iteration path: counts per sample.
+            ran = int(stats.iterations)
+            stats.iterations = torch.where(stopped, attrs["_stopped_at"], ran)
+            stats.converged = stopped.clone()
+        attrs["_stopped"] = None
+
     def _run_fused_loop(self, state, A, b, lr, shrink, lo, hi) -> None:
-        op = torch.ops.torchiter.quadratic_descent
+        op = torch.ops.torchiter.quadratic_descent_ex
         K = self.max_iterations
         tol = float(self.tol)
+        per_sample = self.per_sample_stopping
+        trace = bool(self.__dict__.get("stats_trace", False))
         y, A, b = state.detach(), A.detach(), b.detach()
+        snapshot = None
         if self.iteration_scheduler is None:
-            y, n = op(y, A, b, lr, K, tol, 1, None, shrink, lo, hi)
-            # Reading n waits for the device, so only when the count is not known.
-            count = K if tol <= 0 else int(n)
-        elif tol <= 0:
-            # Every iteration runs: the scheduler is stepped exactly as in the
-            # per-iteration loop (the rate used at step k is the one it gives
-            # for step k).
-            y, _ = op(y, A, b, 0.0, K, tol, 1, self._scheduled_rates(K)[0], shrink, lo, hi)
-            count = K
+            r = op(y, A, b, lr, K, tol, 1, None, shrink, lo, hi, per_sample, trace)
+        elif tol <= 0 or per_sample:
+            # Every rate up front: all iterations run, or (per sample) the
+            # scheduler is put back to where the longest-running sample left
+            # it once the counts are known.
+            lrs, snapshot = self._scheduled_rates(K)
+            r = op(y, A, b, 0.0, K, tol, 1, lrs, shrink, lo, hi, per_sample, trace)
+            lr = float(lrs[0]) if K > 0 else lr
         else:
-            y, count = self._run_scheduled_chunks(op, y, A, b, K, tol, shrink, lo, hi)
+            r = self._run_scheduled_chunks(op, y, A, b, K, tol, shrink, lo, hi, trace)
+            lr = None
+        y = r[0]
+        # Reading a count waits for the device, so only when it is not known.
+        count = K if tol <= 0 else int(r[1].max()) if r[1].numel() else K
+        if snapshot is not None and count < K:
+            self._rewind_scheduler(snapshot, count)
         with torch.no_grad():
             state.copy_(y)
         self.__dict__["iteration_idx"] = count - 1
+        self.__dict__["iteration_stats"] = _stats.IterationStats(
+            r[1], r[2], r[3], r[4], _noise(y),
+            change_trace=r[5][:count] if trace else None,
+            lr=lr,
+        )
 
-    def _run_scheduled_chunks(self, op, y, A, b, K, tol, shrink, lo, hi) -> Tuple[torch.Tensor, int]:
+    def _run_scheduled_chunks(self, op, y, A, b, K, tol, shrink, lo, hi, trace) -> Tuple[torch.Tensor, ...]:
         """The loop with a scheduler and a stop test, in chunks of growing length.
 
         A scheduler's rates are only known by stepping it, and the loop may
@@ -246,25 +326,61 @@ class _QuadraticLoopModule(IterationLossModule):
         follows the iterations run, not ``max_iterations``. The op never tests
         its first iteration; at each chunk boundary that test is made here,
         on one extra iteration, so the stop is the per-iteration loop's.
-        Returns the final state and the number of iterations run.
+        Returns ``quadratic_descent_ex``'s outputs for the whole loop.
         """
         count, chunk = 0, 64
+        first = last = torch.zeros((), dtype=y.dtype, device=y.device)
+        traces: List[torch.Tensor] = []
+        converged = False
         while count < K:
             n = min(chunk, K - count)
             lrs, snapshot = self._scheduled_rates(n)
             if count > 0 and y.numel() > 0:
-                y1, _ = op(y, A, b, 0.0, 1, tol, 1, lrs[:1], shrink, lo, hi)
-                if bool((y1 - y).abs().max() < tol):
+                y1, _ = torch.ops.torchiter.quadratic_descent(y, A, b, 0.0, 1, tol, 1, lrs[:1], shrink, lo, hi)
+                last = (y1 - y).abs().max()
+                traces.append(last.reshape(1))
+                y = y1
+                count += 1
+                if bool(last < tol):
                     self._rewind_scheduler(snapshot, 1)
-                    return y1, count + 1
-            y, ran = op(y, A, b, 0.0, n, tol, 1, lrs, shrink, lo, hi)
-            ran = int(ran)
+                    converged = True
+                    break
+                lrs = lrs[1:]
+                n -= 1
+                if n == 0:
+                    chunk *= 2
+                    continue
+            r = op(y, A, b, 0.0, n, tol, 1, lrs, shrink, lo, hi, False, True)
+            y, ran = r[0], int(r[1])
+            if count == 0:
+                first = r[5][0] if n > 0 else first
+            last = r[3]
+            traces.append(r[5][:ran])
             count += ran
-            if ran < n:
+            if bool(r[2]):
                 self._rewind_scheduler(snapshot, ran)
+                converged = True
                 break
             chunk *= 2
-        return y, count
+        trace = torch.cat(traces) if traces else torch.zeros(0, dtype=y.dtype, device=y.device)
+        growth = torch.where((first == 0) & (last == 0), torch.zeros_like(last), last / first)
+        return (
+            y,
+            torch.tensor(count, device=y.device),
+            torch.tensor(converged, device=y.device),
+            last,
+            growth,
+            trace,
+        )
+
+    def _divergence_hint(self, stats: Any, args: Tuple, kwargs: Any) -> Optional[str]:
+        """The step size against ``2/L``, ``L`` the largest eigenvalue of the quadratic's ``A``."""
+        try:
+            A, _ = self._quadratic()
+            L = _stats.estimate_lipschitz_matrix(A.detach())
+        except Exception:
+            L = None
+        return _stats.step_size_hint(stats.lr, L, how="the largest eigenvalue of the loop's quadratic")
 
 
 class MultiSimilarityMatching(_QuadraticLoopModule):

@@ -7,11 +7,11 @@ ops work the same in TorchScript: scripted calls of ``sgd_step_`` bind to
 entry points with side effects, so a graph never drops the step.
 """
 
-from typing import List, Optional, Tuple, Union
+from typing import List, NamedTuple, Optional, Tuple, Union
 
 import torch
 
-__all__ = ["sgd_step_", "quadratic_descent"]
+__all__ = ["sgd_step_", "quadratic_descent", "quadratic_descent_ex", "QuadraticDescentResult"]
 
 
 def sgd_step_(
@@ -143,4 +143,75 @@ def quadratic_descent(
     """
     return torch.ops.torchiter.quadratic_descent(
         y0, A, b, lr, max_iterations, tol, check_every, lrs, shrink, min, max
+    )
+
+
+class QuadraticDescentResult(NamedTuple):
+    """What :func:`quadratic_descent_ex` returns; every tensor on ``y``'s device.
+
+    Statistics have shape ``()`` for the whole batch, or ``(B,)`` (one per
+    sample) with ``per_sample=True``.
+
+    Attributes:
+        y: the final state, ``y0``'s shape, dtype and device (contiguous).
+        iterations: int64, iterations run (per sample: until its stop).
+        converged: bool, the stop test was met (never with ``tol=0``).
+        change: ``max |y_k − y_{k−1}|`` of the last iteration run, ``y``'s
+            dtype; 0 when no iteration ran.
+        growth: ``change`` over the first iteration's change (0 when both are
+            0). A projected gradient step within ``2/L`` on a convex quadratic
+            never makes the change grow, so ``growth > 1`` means the step size
+            is too large; NaN or inf means the loop diverged.
+        change_trace: with ``trace=True`` the (batch-wide) change of every
+            iteration, shape ``(max_iterations,)``, NaN past the last one;
+            else shape ``(0,)``.
+    """
+
+    y: torch.Tensor
+    iterations: torch.Tensor
+    converged: torch.Tensor
+    change: torch.Tensor
+    growth: torch.Tensor
+    change_trace: torch.Tensor
+
+
+def quadratic_descent_ex(
+    y0: torch.Tensor,
+    A: torch.Tensor,
+    b: torch.Tensor,
+    lr: float,
+    max_iterations: int,
+    tol: float = 0.0,
+    check_every: int = 1,
+    lrs: Optional[torch.Tensor] = None,
+    shrink: float = 0.0,
+    min: Optional[float] = None,
+    max: Optional[float] = None,
+    per_sample: bool = False,
+    trace: bool = False,
+) -> QuadraticDescentResult:
+    """:func:`quadratic_descent` with the loop's statistics, and per-sample stops.
+
+    Arguments and ``y`` are those of :func:`quadratic_descent` (same results,
+    bit for bit, with ``per_sample=False``), plus:
+
+    Args:
+        per_sample: each sample (index along dim 0) stops on its own test:
+            after iteration ``k ≥ 1`` with ``k % check_every == 0`` it stops
+            updating once its own ``max |y_k − y_{k−1}|`` is below ``tol``, and
+            the loop ends when every sample has stopped. A sample's result and
+            count equal those of running it alone; stopped samples leave the
+            working batch, so they cost nothing. Off by default: the stock
+            test is one global test over the batch.
+        trace: also record every iteration's change (``change_trace``).
+
+    Returns:
+        A :class:`QuadraticDescentResult`. No statistic is read on the host
+        inside the loop (the stop test aside, once per check, as in
+        :func:`quadratic_descent`); read them when needed.
+    """
+    return QuadraticDescentResult(
+        *torch.ops.torchiter.quadratic_descent_ex(
+            y0, A, b, lr, max_iterations, tol, check_every, lrs, shrink, min, max, per_sample, trace
+        )
     )

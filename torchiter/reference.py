@@ -5,6 +5,8 @@ what the tests compare the fused kernels against (in float64) and what the
 benchmarks time as the "plain PyTorch" baseline.
 """
 
+import builtins
+import math
 from typing import List, Optional, Tuple
 
 import torch
@@ -91,6 +93,61 @@ def quadratic_descent_reference(
         if done:
             return y, k + 1
     return y, max_iterations
+
+
+def quadratic_descent_ex_reference(
+    y0: torch.Tensor,
+    A: torch.Tensor,
+    b: torch.Tensor,
+    lr: float,
+    max_iterations: int,
+    tol: float = 0.0,
+    check_every: int = 1,
+    lrs: Optional[torch.Tensor] = None,
+    shrink: float = 0.0,
+    min: Optional[float] = None,
+    max: Optional[float] = None,
+    per_sample: bool = False,
+) -> dict:
+    """``torchiter.quadratic_descent_ex`` as a plain per-iteration loop.
+
+    With ``per_sample`` every sample runs the loop of
+    :func:`quadratic_descent_reference` alone. Returns a dict of Python
+    values: ``y`` (tensor), ``iterations``, ``converged``, ``change``,
+    ``growth`` (lists per sample, or scalars), ``trace`` (the batch-wide
+    change of every iteration, over the samples still running).
+    """
+    if per_sample:
+        runs = [quadratic_descent_ex_reference(y0[i : i + 1], A, b[i : i + 1], lr, max_iterations, tol,
+                                               check_every, lrs, shrink, min, max) for i in range(y0.shape[0])]
+        n = builtins.max([r["iterations"] for r in runs], default=0)
+        trace = [builtins.max([r["trace"][k] for r in runs if k < r["iterations"]], default=0.0) for k in range(n)]
+        return {
+            "y": torch.cat([r["y"] for r in runs]) if runs else y0.clone(),
+            "iterations": [r["iterations"] for r in runs],
+            "converged": [r["converged"] for r in runs],
+            "change": [r["change"] for r in runs],
+            "growth": [r["growth"] for r in runs],
+            "trace": trace,
+        }
+    y = y0.clone()
+    trace: List[float] = []
+    converged = False
+    for k in range(max_iterations):
+        step = float(lrs[k]) if lrs is not None else lr
+        grad = torch.einsum("ij,bj...->bi...", A, y) - b
+        y_new = project(y - step * grad, shrink, min, max)
+        change = float((y_new - y).abs().max()) if y.numel() > 0 else 0.0
+        trace.append(change)
+        y = y_new
+        if tol > 0 and k >= 1 and k % check_every == 0 and y.numel() > 0 and change < tol:
+            converged = True
+            break
+    first = trace[0] if trace else 0.0
+    last = trace[-1] if trace else 0.0
+    growth = 0.0 if first == 0 and last == 0 else (math.inf if first == 0 else last / first)
+    return {"y": y, "iterations": len(trace), "converged": converged, "change": last, "growth": growth,
+            "trace": trace}
 
 
 def quadratic_descent_backward_reference(
