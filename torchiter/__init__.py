@@ -4,11 +4,12 @@ import torch  # noqa: F401  (loads libtorch before the op library)
 
 from . import _C  # noqa: F401  (registers torch.ops.torchiter.*)
 from ._C import cpu_capability
-from . import implicit, models, ops, optim, projections, reference, scripting
+from . import implicit, models, ops, optim, projections, reference, scripting, stats
 from .implicit import FixedPointGradient
 from .modules import IterationLossModule, IterationModule
 from .compiled import CompiledIterationsWarning, compile_iterations
 from .optim import SGD
+from .stats import DivergenceError, DivergenceWarning, IterationStats
 from .projections import Clamp, Projection, SoftThreshold
 
 __version__ = "0.1.0"
@@ -22,6 +23,7 @@ __all__ = [
     "projections",
     "reference",
     "scripting",
+    "stats",
     "IterationModule",
     "IterationLossModule",
     "compile_iterations",
@@ -31,4 +33,7 @@ __all__ = [
     "Clamp",
     "SoftThreshold",
     "FixedPointGradient",
+    "IterationStats",
+    "DivergenceError",
+    "DivergenceWarning",
 ]

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from . import _internals
-from .modules import IterationLossModule, IterationModule
+from .modules import IterationLossModule, IterationModule, _stats_lr
 from .optim import SGD
 
 __all__ = ["compile_iterations", "CompiledIterationsWarning"]
@@ -372,9 +372,20 @@ class _CompiledIterations:
         # iteration count (at most two: k and the remainder).
         entries: Dict[int, _Entry] = {}
         fixed_lrs: Dict[int, torch.Tensor] = {}
+        # Statistics per compiled call (k iterations): the state between the
+        # iterations of a call is never materialised.
+        calls = -(-total // k)
+        rec = module._stats_recorder(calls, per_call=k)
+        lr0 = _stats_lr(optimizer)
+        loss_before = rec.loss_seen = attrs.get("_last_iteration_loss")
+        stopped = False
+        call = 0
         i = 0
         while i < total:
             kk = min(k, total - i)
+            record = per_iteration or rec.wants(call)
+            if record:
+                rec.before(call)
             try:
                 entry = entries.get(kk)
                 if entry is None:
@@ -416,14 +427,23 @@ class _CompiledIterations:
                 fresh.fill_(False)
             attrs["_last_iteration_loss"] = loss
             attrs["iteration_idx"] = i + kk - 1
+            if record:
+                rec.after(call, loss)
             i += kk
+            call += 1
             if per_iteration:
                 if hooks and module._call_hooks(hooks, check_output=True):
+                    stopped = True
                     break
                 if converged is not None:
                     with torch.enable_grad():
                         if converged(*args, **kwargs):
+                            stopped = True
                             break
+        stats = rec.finish(call, stopped, loss if loss is not loss_before else None, lr0)
+        # The last call may be a shorter remainder.
+        stats.iterations.fill_(i)
+        attrs["iteration_stats"] = stats
         return True
 
     def _eager_rest(self, module, plan, start, created, reason, args, kwargs) -> bool:

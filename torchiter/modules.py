@@ -9,13 +9,15 @@ the projection is one the kernel expresses, the step and the projection run
 as one ``torchiter.sgd_step_`` call.
 """
 
+import math
 from collections import defaultdict
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from . import _internals
+from . import stats as _stats
 from .optim import _NO_PROJECTION, SGD, FastStep, fused_sgd_step
 from .projections import fused_projection_args, project_
 
@@ -81,6 +83,29 @@ class _DefaultLr(float):
 _DEFAULT_LR = _DefaultLr(1.0)
 _OPTIMIZER_ZERO_GRAD = torch.optim.Optimizer.zero_grad
 _FUSED_SGD_TYPES = (torch.optim.SGD, SGD)
+
+
+def _growth_limit(optimizer: Any) -> float:
+    """Growth of the change beyond which a loop counts as diverging.
+
+    Plain SGD's projected gradient steps never grow on a convex loss with
+    ``lr <= 2/L``. Heavy-ball momentum ``β`` grows them while the velocity
+    builds up, by up to ``1/(1−β)``; other optimizers have no such bound, so
+    only non-finite values are reported for them.
+    """
+    if not isinstance(optimizer, _FUSED_SGD_TYPES) or len(optimizer.param_groups) == 0:
+        return math.inf
+    beta = optimizer.param_groups[0].get("momentum", 0) or 0
+    if not isinstance(beta, (int, float)) or not 0 <= beta < 1:
+        return math.inf
+    return 1.0 if beta == 0 else 2.0 / (1.0 - beta)
+
+
+def _stats_lr(optimizer: Any) -> Optional[float]:
+    """The step size that ``2/L`` applies to: SGD's learning rate, else None."""
+    if not isinstance(optimizer, _FUSED_SGD_TYPES):
+        return None
+    return _stats._lr_of(optimizer)
 
 
 class _IterationHookHandle:
@@ -315,6 +340,16 @@ class IterationLossModule(IterationModule):
             respect to the module's parameters and inputs (implicitly at the
             fixed point, or through the last iterations); see
             :mod:`torchiter.implicit`. Used only when grad mode is enabled.
+        stats_trace: keyword only; also record every iteration's change and
+            loss in ``iteration_stats`` (one copy of the state and one
+            reduction per iteration, on the device). Off by default.
+        divergence: keyword only; what a diverging loop (non-finite state or
+            loss, or a change that keeps growing; see
+            :class:`torchiter.stats.IterationStats`) does at the end of the
+            forward: ``"warn"`` (the default) issues a
+            :class:`torchiter.DivergenceWarning` naming the step size and
+            ``2/L``, ``"error"`` raises :class:`torchiter.DivergenceError`,
+            ``"ignore"`` skips the check (and its one synchronisation).
         **kwargs: passed to :class:`IterationModule` (e.g. ``max_iterations``).
 
     Attributes:
@@ -324,6 +359,15 @@ class IterationLossModule(IterationModule):
         iteration_projection: the projection.
         last_iteration_loss: the last loss as a Python float (None before
             the first iteration), synchronised only when read.
+        iteration_stats: the :class:`torchiter.stats.IterationStats` of the
+            last forward (None before the first): iterations run, whether the
+            stopping test was met, the last change of the state, its growth,
+            traces with ``stats_trace``; tensors on the state's device, read
+            lazily.
+        stats_trace, divergence: as above.
+
+    Raises:
+        ValueError: for an unknown ``divergence``.
     """
 
     def __init__(
@@ -335,10 +379,16 @@ class IterationLossModule(IterationModule):
         it_sched_kwargs: Optional[Dict[str, Any]] = None,
         iteration_projection: Optional[Callable] = None,
         fixed_point_gradient: Any = None,
+        *,
+        stats_trace: bool = False,
+        divergence: str = "warn",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.fixed_point_gradient = fixed_point_gradient
+        self.stats_trace = bool(stats_trace)
+        self.divergence = _stats.check_divergence_mode(type(self).__name__, divergence)
+        self.iteration_stats: Optional[_stats.IterationStats] = None
         self._fp_pending: Any = None
         self.it_construct_optim = iteration_optimizer
         self.it_construct_sched = iteration_scheduler
@@ -364,12 +414,72 @@ class IterationLossModule(IterationModule):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """As :meth:`IterationModule.forward`; with ``fixed_point_gradient``
         set (and grad mode on) the returned iteration parameters are
-        differentiable (see :mod:`torchiter.implicit`)."""
-        if self.__dict__.get("fixed_point_gradient") is None or not torch.is_grad_enabled():
-            return super().forward(*args, **kwargs)
-        from . import implicit
+        differentiable (see :mod:`torchiter.implicit`). Afterwards
+        ``iteration_stats`` describes the loop, and a diverging loop is
+        reported as ``divergence`` says.
 
-        return implicit.run_forward(self, super().forward, args, kwargs)
+        Raises:
+            DivergenceError: with ``divergence="error"``, when the loop diverged.
+        """
+        attrs = self.__dict__
+        if attrs.get("fixed_point_gradient") is None or not torch.is_grad_enabled():
+            out = super().forward(*args, **kwargs)
+        else:
+            from . import implicit
+
+            out = implicit.run_forward(self, super().forward, args, kwargs)
+        stats = attrs.get("iteration_stats")
+        if stats is not None:
+            try:
+                _stats.check_divergence(
+                    stats,
+                    attrs.get("divergence", "warn"),
+                    type(self).__name__,
+                    lambda: self._divergence_hint(stats, args, kwargs),
+                )
+            finally:
+                stats._initial = None
+        return out
+
+    def _divergence_hint(self, stats: "_stats.IterationStats", args: Tuple, kwargs: Dict[str, Any]) -> Optional[str]:
+        """The likely cause of a divergence: the step size against ``2/L``.
+
+        ``L`` is estimated by power iteration on Hessian-vector products of
+        ``iteration_loss`` at the state before the first iteration (exact for
+        a quadratic loss); the state is put back afterwards. Called only once
+        divergence has been seen. Subclasses that know their curvature (the
+        models) override it.
+        """
+        initial = stats._initial
+        if (
+            initial is None
+            or type(self).iteration_loss is IterationLossModule.iteration_loss
+            or not self._loop_uses_autograd()
+        ):
+            # No loss, or not the one the loop follows (gradients set by hand).
+            return _stats.step_size_hint(stats.lr, None)
+        params = [p for p in self.iteration_parameters() if isinstance(p, torch.Tensor) and p.numel() > 0]
+        if len(params) != len(initial):
+            return _stats.step_size_hint(stats.lr, None)
+        finals = [p.detach().clone() for p in params]
+        flags = [p.requires_grad for p in params]
+        try:
+            with torch.inference_mode(False), torch.enable_grad():
+                args, kwargs = _normal_tensors(args), {k: _normal_tensor(v) for k, v in kwargs.items()}
+                with torch.no_grad():
+                    for p, q in zip(params, initial):
+                        p.copy_(q)
+                for p in params:
+                    p.requires_grad_(True)
+                L = _stats.estimate_lipschitz_hvp(lambda: self.iteration_loss(*args, **kwargs), params, iters=50)
+        except Exception:
+            L = None
+        finally:
+            with torch.no_grad():
+                for p, q, flag in zip(params, finals, flags):
+                    p.copy_(q)
+                    p.requires_grad_(flag)
+        return _stats.step_size_hint(stats.lr, L, how="estimated from Hessian-vector products at the start")
 
     @property
     def last_iteration_loss(self) -> Optional[float]:
@@ -504,7 +614,56 @@ class IterationLossModule(IterationModule):
         # and possible for this forward; the eager loop otherwise.
         compiled = self.__dict__.get("_it_compiled")
         if compiled is None or not compiled.run(self, args, kwargs):
-            IterationModule._run_iterations(self, *args, **kwargs)
+            self._eager_loop(*args, **kwargs)
+
+    def _stats_recorder(self, total: int, per_call: int = 1) -> "_stats.StatsRecorder":
+        """A recorder of this forward's statistics over ``total`` steps."""
+        attrs = self.__dict__
+        optimizer = attrs.get("iteration_optimizer")
+        return _stats.StatsRecorder(
+            list(self.iteration_parameters()),
+            total,
+            trace=attrs.get("stats_trace", False),
+            keep_initial=attrs.get("divergence", "warn") != "ignore",
+            optimizer=optimizer,
+            growth_limit=_growth_limit(optimizer),
+            per_call=per_call,
+        )
+
+    def _eager_loop(self, *args: Any, **kwargs: Any) -> None:
+        """:meth:`IterationModule._run_iterations`, recording ``iteration_stats``.
+
+        Without a trace the state is copied before the first, the middle and
+        the last iteration only; when a hook or ``converged()`` may end the
+        loop, before every iteration (the last one is not known in advance).
+        """
+        attrs = self.__dict__
+        iteration = self.iteration
+        iteration_hooks = self.hooks["iteration"]
+        converged = None if type(self).converged is IterationModule.converged else self.converged
+        total = self.max_iterations
+        rec = self._stats_recorder(total)
+        wants = rec.wants
+        loss_before = rec.loss_seen = attrs.get("_last_iteration_loss")
+        lr = _stats_lr(attrs.get("iteration_optimizer"))
+        stopped = False
+        i = -1
+        for i in range(total):
+            attrs["iteration_idx"] = i
+            record = wants(i) or converged is not None or bool(iteration_hooks)
+            if record:
+                rec.before(i)
+            iteration(*args, **kwargs)
+            if record:
+                rec.after(i, attrs.get("_last_iteration_loss"))
+            if iteration_hooks and self._call_hooks(iteration_hooks, check_output=True):
+                stopped = True
+                break
+            if converged is not None and converged(*args, **kwargs):
+                stopped = True
+                break
+        loss = attrs.get("_last_iteration_loss")
+        attrs["iteration_stats"] = rec.finish(i + 1, stopped, loss if loss is not loss_before else None, lr)
 
     def _loop_uses_autograd(self) -> bool:
         # Subclasses that set gradients by hand need no autograd mode.
@@ -524,6 +683,8 @@ class IterationLossModule(IterationModule):
                 optimizer trains).
         """
         super().pre_iteration(*args, **kwargs)
+        # This forward's statistics replace the last one's when the loop ends.
+        self.__dict__["iteration_stats"] = None
         params = list(self.iteration_parameters())
         module_params = list(self.parameters())
         self._check_iteration_parameters(params, module_params)
