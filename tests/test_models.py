@@ -193,14 +193,14 @@ def test_both_paths_agree_through_training(case, dtype):
 
 def test_fast_path_is_taken_only_when_allowed(monkeypatch):
     calls = []
-    real = torch.ops.torchiter.quadratic_descent
+    real = torch.ops.torchiter.quadratic_descent_ex
 
     class Spy:
         def __call__(self, *a, **k):
             calls.append(1)
             return real(*a, **k)
 
-    monkeypatch.setattr(torch.ops.torchiter, "quadratic_descent", Spy())
+    monkeypatch.setattr(torch.ops.torchiter, "quadratic_descent_ex", Spy())
     x = torch.randn(8, 3)
 
     def make(**kw):

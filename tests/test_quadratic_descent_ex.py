@@ -131,12 +131,13 @@ def test_scheduled_rates_and_projection_statistics():
 
 def test_growth_flags_a_step_above_two_over_L():
     torch.manual_seed(5)
-    A = spd(6, lo=1.0, hi=4.0)  # L = 4: 2/L = 0.5
+    q, _ = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))
+    A = (q * torch.tensor([1.0, 4.0, 2.0, 3.0, 1.5, 2.5], dtype=torch.float64)) @ q.T  # L = 4: 2/L = 0.5
     y0 = torch.zeros(8, 6, dtype=torch.float64)
     b = torch.randn(8, 6, dtype=torch.float64)
     ok = quadratic_descent_ex(y0, A, b, 0.45, 100)
     assert float(ok.growth) <= 1.0
-    bad = quadratic_descent_ex(y0, A, b, 0.55, 100)
+    bad = quadratic_descent_ex(y0, A, b, 0.6, 100)
     assert float(bad.growth) > 10.0
     # Far above: the state overflows; NaN or inf, never a finite change.
     worse = quadratic_descent_ex(y0, A, b, 5.0, 2000, 1e-3, per_sample=True)

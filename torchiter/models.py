@@ -277,9 +277,14 @@ class _QuadraticLoopModule(IterationLossModule):
         attrs = self.__dict__
         stopped = attrs.get("_stopped")
         stats = attrs.get("iteration_stats")
-        if stopped is not None and stats is not None:
-            # Per-sample stops on the per-iteration path: counts per sample.
-            ran = int(stats.iterations)
+        if self.per_sample_stopping and stats is not None and stats.iterations.dim() == 0:
+            # Per-sample stops on the per-iteration path: counts per sample
+            # (the changes stay batch-wide there).
+            state = self._state()
+            ran = stats.iterations.to(state.device)
+            if stopped is None:
+                stopped = torch.zeros(state.shape[0], dtype=torch.bool, device=state.device)
+                attrs["_stopped_at"] = torch.zeros(state.shape[0], dtype=torch.long, device=state.device)
             stats.iterations = torch.where(stopped, attrs["_stopped_at"], ran)
             stats.converged = stopped.clone()
         attrs["_stopped"] = None
@@ -337,29 +342,25 @@ class _QuadraticLoopModule(IterationLossModule):
             lrs, snapshot = self._scheduled_rates(n)
             if count > 0 and y.numel() > 0:
                 y1, _ = torch.ops.torchiter.quadratic_descent(y, A, b, 0.0, 1, tol, 1, lrs[:1], shrink, lo, hi)
-                last = (y1 - y).abs().max()
-                traces.append(last.reshape(1))
-                y = y1
-                count += 1
-                if bool(last < tol):
+                change = (y1 - y).abs().max()
+                if bool(change < tol):
                     self._rewind_scheduler(snapshot, 1)
-                    converged = True
+                    y, last, converged = y1, change, True
+                    traces.append(change.reshape(1))
+                    count += 1
                     break
-                lrs = lrs[1:]
-                n -= 1
-                if n == 0:
-                    chunk *= 2
-                    continue
+            # The chunk reruns the iteration just tested: its own test starts
+            # at its second iteration.
             r = op(y, A, b, 0.0, n, tol, 1, lrs, shrink, lo, hi, False, True)
             y, ran = r[0], int(r[1])
             if count == 0:
-                first = r[5][0] if n > 0 else first
+                first = r[5][0]
             last = r[3]
             traces.append(r[5][:ran])
             count += ran
-            if bool(r[2]):
+            if ran < n or bool(r[2]):
                 self._rewind_scheduler(snapshot, ran)
-                converged = True
+                converged = bool(r[2])
                 break
             chunk *= 2
         trace = torch.cat(traces) if traces else torch.zeros(0, dtype=y.dtype, device=y.device)
