@@ -131,7 +131,7 @@ def test_conjugate_gradient_budget_too_small_warns():
 
 def test_no_gradient_without_the_option_or_under_no_grad():
     assert not Ridge(max_iterations=5)(_x()).requires_grad
-    model = SparseCoding(6, 8, max_iterations=5, fixed_point_gradient=FixedPointGradient())
+    model = SparseCoding(6, 8, max_iterations=5, iteration_lr=0.3, fixed_point_gradient=FixedPointGradient())
     x = torch.randn(3, 8)
     with torch.no_grad():
         assert not model(x).requires_grad

@@ -277,6 +277,10 @@ class _QuadraticLoopModule(IterationLossModule):
         attrs = self.__dict__
         stopped = attrs.get("_stopped")
         stats = attrs.get("iteration_stats")
+        if stats is not None and attrs.get("divergence", "warn") != "ignore":
+            # For the step-size hint, read only if the loop diverged (A is
+            # released at post_iteration).
+            stats._curvature = self._quadratic()[0].detach()
         if self.per_sample_stopping and stats is not None and stats.iterations.dim() == 0:
             # Per-sample stops on the per-iteration path: counts per sample
             # (the changes stay batch-wide there).
@@ -376,12 +380,9 @@ class _QuadraticLoopModule(IterationLossModule):
 
     def _divergence_hint(self, stats: Any, args: Tuple, kwargs: Any) -> Optional[str]:
         """The step size against ``2/L``, ``L`` the largest eigenvalue of the quadratic's ``A``."""
-        try:
-            A, _ = self._quadratic()
-            L = _stats.estimate_lipschitz_matrix(A.detach())
-        except Exception:
-            L = None
-        return _stats.step_size_hint(stats.lr, L, how="the largest eigenvalue of the loop's quadratic")
+        A = getattr(stats, "_curvature", None)
+        L = _stats.estimate_lipschitz_matrix(A) if A is not None and A.numel() > 0 else None
+        return _stats.step_size_hint(stats.lr, L, how="from the loop's matrix A")
 
 
 class MultiSimilarityMatching(_QuadraticLoopModule):
