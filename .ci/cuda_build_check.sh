@@ -111,7 +111,7 @@ import torch
 import torchiter._C  # noqa: F401  (registers the ops)
 
 ok = True
-for op in ("torchiter::sgd_step_", "torchiter::sgd_step_.tensor_lr", "torchiter::quadratic_descent"):
+for op in ("torchiter::sgd_step_", "torchiter::sgd_step_.tensor_lr", "torchiter::quadratic_descent", "torchiter::quadratic_descent_ex"):
     for key in ("CUDA", "CPU", "Meta"):
         has = torch._C._dispatch_has_kernel_for_dispatch_key(op, key)
         print(f"   {op:34s} {key:5s} {'registered' if has else 'MISSING'}")

@@ -480,6 +480,28 @@ def test_quadratic_descent_bitwise_equals_cpu_kernel(dtype, tol):
     assert torch.equal(_bits(y_dev), _bits(y_cpu))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(40, 6, ()), (5, 12, (9,)), (6, 40, ())], ids=str)
+@pytest.mark.parametrize("per_sample", [False, True])
+@pytest.mark.parametrize("trace", [False, True])
+def test_quadratic_descent_ex_equals_cpu(dtype, shape, per_sample, trace):
+    """Statistics, per-sample stops and traces of the device path against the CPU kernel."""
+    B, C, spatial = shape
+    y0, A, b = _problem(B, C, spatial, dtype, seed=7)
+    b = b * torch.rand((B,) + (1,) * (b.dim() - 1), dtype=dtype) * 3
+    lrs = torch.linspace(0.5, 0.3, 90, dtype=torch.float64)
+    for kw in (dict(), dict(lrs=lrs)):
+        args = (0.45, 90, 1e-4, 2, kw.get("lrs"), 0.0, 0.0, None, per_sample, trace)
+        cpu = torch.ops.torchiter.quadratic_descent_ex(y0, A, b, *args)
+        dev = torch.ops.torchiter.quadratic_descent_ex(y0.to(DEV), A.to(DEV), b.to(DEV), *args)
+        for x, z, name in zip(cpu, dev, torchiter.ops.QuadraticDescentResult._fields):
+            assert z.device == y0.to(DEV).device and z.shape == x.shape and z.dtype == x.dtype, name
+            if x.is_floating_point():
+                torch.testing.assert_close(z.cpu(), x, equal_nan=True, **QD_TOL[dtype], msg=name)
+            else:
+                assert torch.equal(z.cpu(), x), name
+
+
 @cuda_only
 def test_sgd_step_invalid_device_lr_writes_nothing_and_raises():
     # Checking a device lr on the host would synchronise: the kernel skips an

@@ -497,6 +497,15 @@ int64_t run_sweeps(
   return iterations;
 }
 
+// Copies n elements; a plain loop, because n is often 1 (a sample without
+// spatial dims) and a memmove call per element would cost more than the copy.
+template <typename T>
+inline void copy_short(const T* from, int64_t n, T* to) {
+  for (int64_t i = 0; i < n; ++i) {
+    to[i] = from[i];
+  }
+}
+
 // quadratic_descent_ex with per_sample: the sweeps of run_sweeps on the
 // batch-folded layout, where each sample owns S consecutive positions. On a
 // measured iteration every tile also stores max over channels of |change|
@@ -533,7 +542,7 @@ void run_per_sample(
     const int64_t ld = L.padded_positions;
     const int64_t orig = present[i];
     for (int64_t c = 0; c < C; ++c) {
-      std::copy_n(src + c * ld + static_cast<int64_t>(i) * S, S, o + (orig * C + c) * S);
+      copy_short(src + c * ld + static_cast<int64_t>(i) * S, S, o + (orig * C + c) * S);
     }
   };
   // Keeps the running samples only, in order.
@@ -549,15 +558,20 @@ void run_per_sample(
     N.positions = N.batch * S;
     N.padded_positions = (N.positions + W - 1) / W * W;
     const auto pack = [&](const at::Tensor& w) {
-      at::Tensor r = at::zeros({1, C, N.padded_positions}, w.options());
+      at::Tensor r = at::empty({1, C, N.padded_positions}, w.options());
       const T* from = w.const_data_ptr<T>();
       T* to = r.data_ptr<T>();
-      for (int64_t c = 0; c < C; ++c) {
-        for (size_t j = 0; j < keep.size(); ++j) {
-          std::copy_n(from + c * L.padded_positions + static_cast<int64_t>(keep[j]) * S, S,
-                      to + c * N.padded_positions + static_cast<int64_t>(j) * S);
+      at::parallel_for(0, C, std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, N.positions)),
+                       [&](int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1; ++c) {
+          T* row = to + c * N.padded_positions;
+          for (size_t j = 0; j < keep.size(); ++j) {
+            copy_short(from + c * L.padded_positions + static_cast<int64_t>(keep[j]) * S, S,
+                       row + static_cast<int64_t>(j) * S);
+          }
+          std::fill(row + N.positions, row + N.padded_positions, T(0));
         }
-      }
+      });
       return r;
     };
     src_t = pack(src_t);
