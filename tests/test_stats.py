@@ -298,3 +298,48 @@ def test_stats_of_several_iteration_parameters():
     torch.testing.assert_close(m.iteration_stats.change_trace, torch.stack(changes))
     # lr = 0.25 is exactly 2/L for v (L = 8): a 2-cycle that never decays.
     assert bool(m.iteration_stats.reversal)
+
+
+@pytest.mark.filterwarnings(
+    # torch.compile's import uses torch.jit.script_method, deprecated in torch 2.13 and 2.14.
+    "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning",
+    "ignore:`torch.jit.script_method` is deprecated:UserWarning",
+)
+def test_stats_with_compiled_iterations():
+    # One iteration per call (an overridden converged()): the same figures as the eager loop;
+    # then k iterations per call: iterations counted, change and growth per call.
+    A, b = problem(2)
+    lr = 1.0 / lipschitz(A)
+    m = torchiter.compile_iterations(StopAt(A, lr, max_iterations=50, stop=6, stats_trace=True))
+    m(b)
+    s = m.iteration_stats
+    changes, losses = plain_loop(A, b, lr, 50, stop=6)
+    assert int(s.iterations) == 6 and bool(s.converged) and s.per_call == 1
+    torch.testing.assert_close(s.change_trace, changes, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(s.loss_trace[-1], losses[-1], rtol=1e-9, atol=1e-12)
+    blocks = torchiter.compile_iterations(NNLS(A, lr, max_iterations=12), iterations_per_call=4)
+    blocks(b)
+    s = blocks.iteration_stats
+    assert int(s.iterations) == 12 and not bool(s.converged) and s.per_call == 4
+    changes, _ = plain_loop(A, b, lr, 12)
+    assert 0 < float(s.change) <= 4 * float(changes[8:].max()) + 1e-12
+    assert not bool(s.diverging)
+
+
+def test_empty_iteration_parameters():
+    # Nothing to change: change 0, not a divergence.
+    class Empty(torchiter.IterationLossModule):
+        def __init__(self):
+            super().__init__(max_iterations=3, iteration_lr=0.1, divergence="error")
+            self.register_buffer("e", torch.zeros(0))
+
+        def iteration_parameters(self):
+            return [self.e]
+
+        def iteration_loss(self):
+            return (self.e * 2).sum()
+
+    m = Empty()
+    m()
+    s = m.iteration_stats
+    assert int(s.iterations) == 3 and float(s.change) == 0 and not bool(s.diverging)
