@@ -343,3 +343,26 @@ def test_empty_iteration_parameters():
     m()
     s = m.iteration_stats
     assert int(s.iterations) == 3 and float(s.change) == 0 and not bool(s.diverging)
+
+
+def test_per_sample_statistics_as_the_models_build_them():
+    # The models' whole-loop op gives one figure per sample: shape (B,) fields.
+    stats = IterationStats(
+        torch.tensor([3, 40, 40, 40]),
+        torch.tensor([True, False, False, False]),
+        torch.tensor([1e-7, 0.5, float("nan"), 1e-3]),
+        torch.tensor([1e-6, 3.0, 0.0, 0.01]),
+        torch.tensor(1e-6),
+        lr=0.3,
+    )
+    assert stats.diverging.tolist() == [False, True, True, False]
+    assert stats.summary() == "4 samples: 1 converged, 2 diverging; iterations 3..40; largest last change nan"
+    with pytest.raises(torchiter.DivergenceError, match=r"Model: the inner loop diverges in 2 of 4 samples.*lr=0\.3 is above 2/L = 0\.2"):
+        torchiter.stats.check_divergence(
+            stats, "error", "Model", lambda: torchiter.stats.step_size_hint(stats.lr, 10.0, name="lr", how="from A")
+        )
+    assert torchiter.stats.check_divergence(stats, "ignore", "Model") is False
+    with pytest.raises(ValueError, match="divergence must be one of"):
+        torchiter.stats.check_divergence(stats, "loud", "Model")
+    d = stats.to_dict()
+    assert d["iterations"] == [3, 40, 40, 40] and d["diverging"] == [False, True, True, False]
