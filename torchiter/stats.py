@@ -99,7 +99,8 @@ class IterationStats:
             changed it, so it measures the gradient step, not the schedule.
         late_growth: None, or floating ``S``: the same ratio from the middle
             iteration to the last; when given, a change counts as growing
-            only if it grew over both halves of the loop (it *keeps* growing).
+            only if it grew over the whole loop and over its second half (it
+            *keeps* growing).
         reversal: None, or bool ``S``: the last two steps point in opposite
             directions (negative inner product) and the last is no shorter
             than the one before: an oscillation that does not decay, which a
@@ -160,8 +161,8 @@ class IterationStats:
     def diverging(self) -> torch.Tensor:
         """Bool tensor of ``change``'s shape: non-finite change or loss, or,
         without the stopping test met and with a last change above ``noise``,
-        a change that grew above ``growth_limit`` (over both halves of the
-        loop when ``late_growth`` is known) or a non-decaying oscillation
+        a change that grew above ``growth_limit`` (over the whole loop, and
+        over its second half when ``late_growth`` is known) or a non-decaying oscillation
         (``reversal``). Computed on the device; no synchronisation."""
         limit = self.growth_limit * (1 + GROWTH_TOLERANCE)
         growing = self.growth > limit
@@ -169,12 +170,13 @@ class IterationStats:
             growing &= self.late_growth > limit
         if self.reversal is not None:
             growing |= self.reversal
-        out = growing & (self.change > self.noise) & ~self.converged
-        out |= ~torch.isfinite(self.change)
+        growing &= self.change > self.noise
+        growing &= ~self.converged
+        finite = torch.isfinite(self.change)
         losses = self.loss_trace if self.loss_trace is not None else self.loss
         if losses is not None and losses.numel() > 0:
-            out = out | ~torch.isfinite(losses).all().to(out.device)
-        return out
+            finite &= torch.isfinite(losses) if losses.dim() == 0 else torch.isfinite(losses).all()
+        return growing | ~finite
 
     def to_dict(self) -> Dict[str, Any]:
         """The statistics as Python values (synchronises): scalars for shape ``()``, lists otherwise."""
@@ -593,7 +595,8 @@ def check_divergence(
     check_divergence_mode(owner or "check_divergence", mode)
     if mode == "ignore" or stats is None:
         return False
-    if not bool(stats.diverging.any()):
+    diverging = stats.diverging
+    if not bool(diverging if diverging.dim() == 0 else diverging.any()):
         return False
     if callable(hint):
         try:
