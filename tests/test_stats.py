@@ -366,3 +366,18 @@ def test_per_sample_statistics_as_the_models_build_them():
         torchiter.stats.check_divergence(stats, "loud", "Model")
     d = stats.to_dict()
     assert d["iterations"] == [3, 40, 40, 40] and d["diverging"] == [False, True, True, False]
+
+
+def test_diverging_broadcasts_per_sample_counts_over_batch_wide_changes():
+    # The models' per-iteration path with per-sample stopping: (B,) counts, () changes.
+    stats = IterationStats(
+        torch.tensor([5, 9, 9]),
+        torch.tensor([True, False, False]),
+        torch.tensor(0.5),
+        torch.tensor(2.0),
+        torch.tensor(1e-6),
+        late_growth=torch.tensor(1.5),
+        reversal=torch.tensor(False),
+        loss=torch.tensor(1.0),
+    )
+    assert stats.diverging.tolist() == [False, True, True]

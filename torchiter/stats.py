@@ -164,18 +164,19 @@ class IterationStats:
         a change that grew above ``growth_limit`` (over the whole loop, and
         over its second half when ``late_growth`` is known) or a non-decaying oscillation
         (``reversal``). Computed on the device; no synchronisation."""
+        # Out of place throughout: the fields may differ in shape (per-sample
+        # counts with batch-wide changes) and broadcast.
         limit = self.growth_limit * (1 + GROWTH_TOLERANCE)
         growing = self.growth > limit
         if self.late_growth is not None:
-            growing &= self.late_growth > limit
+            growing = growing & (self.late_growth > limit)
         if self.reversal is not None:
-            growing |= self.reversal
-        growing &= self.change > self.noise
-        growing &= ~self.converged
+            growing = growing | self.reversal
+        growing = growing & (self.change > self.noise) & ~self.converged
         finite = torch.isfinite(self.change)
         losses = self.loss_trace if self.loss_trace is not None else self.loss
         if losses is not None and losses.numel() > 0:
-            finite &= torch.isfinite(losses) if losses.dim() == 0 else torch.isfinite(losses).all()
+            finite = finite & (torch.isfinite(losses) if losses.dim() == 0 else torch.isfinite(losses).all())
         return growing | ~finite
 
     def to_dict(self) -> Dict[str, Any]:
