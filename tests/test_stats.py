@@ -298,3 +298,86 @@ def test_stats_of_several_iteration_parameters():
     torch.testing.assert_close(m.iteration_stats.change_trace, torch.stack(changes))
     # lr = 0.25 is exactly 2/L for v (L = 8): a 2-cycle that never decays.
     assert bool(m.iteration_stats.reversal)
+
+
+@pytest.mark.filterwarnings(
+    # torch.compile's import uses torch.jit.script_method, deprecated in torch 2.13 and 2.14.
+    "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning",
+    "ignore:`torch.jit.script_method` is deprecated:UserWarning",
+)
+def test_stats_with_compiled_iterations():
+    # One iteration per call (an overridden converged()): the same figures as the eager loop;
+    # then k iterations per call: iterations counted, change and growth per call.
+    A, b = problem(2)
+    lr = 1.0 / lipschitz(A)
+    m = torchiter.compile_iterations(StopAt(A, lr, max_iterations=50, stop=6, stats_trace=True))
+    m(b)
+    s = m.iteration_stats
+    changes, losses = plain_loop(A, b, lr, 50, stop=6)
+    assert int(s.iterations) == 6 and bool(s.converged) and s.per_call == 1
+    torch.testing.assert_close(s.change_trace, changes, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(s.loss_trace[-1], losses[-1], rtol=1e-9, atol=1e-12)
+    blocks = torchiter.compile_iterations(NNLS(A, lr, max_iterations=12), iterations_per_call=4)
+    blocks(b)
+    s = blocks.iteration_stats
+    assert int(s.iterations) == 12 and not bool(s.converged) and s.per_call == 4
+    changes, _ = plain_loop(A, b, lr, 12)
+    assert 0 < float(s.change) <= 4 * float(changes[8:].max()) + 1e-12
+    assert not bool(s.diverging)
+
+
+def test_empty_iteration_parameters():
+    # Nothing to change: change 0, not a divergence.
+    class Empty(torchiter.IterationLossModule):
+        def __init__(self):
+            super().__init__(max_iterations=3, iteration_lr=0.1, divergence="error")
+            self.register_buffer("e", torch.zeros(0))
+
+        def iteration_parameters(self):
+            return [self.e]
+
+        def iteration_loss(self):
+            return (self.e * 2).sum()
+
+    m = Empty()
+    m()
+    s = m.iteration_stats
+    assert int(s.iterations) == 3 and float(s.change) == 0 and not bool(s.diverging)
+
+
+def test_per_sample_statistics_as_the_models_build_them():
+    # The models' whole-loop op gives one figure per sample: shape (B,) fields.
+    stats = IterationStats(
+        torch.tensor([3, 40, 40, 40]),
+        torch.tensor([True, False, False, False]),
+        torch.tensor([1e-7, 0.5, float("nan"), 1e-3]),
+        torch.tensor([1e-6, 3.0, 0.0, 0.01]),
+        torch.tensor(1e-6),
+        lr=0.3,
+    )
+    assert stats.diverging.tolist() == [False, True, True, False]
+    assert stats.summary() == "4 samples: 1 converged, 2 diverging; iterations 3..40; largest last change nan"
+    with pytest.raises(torchiter.DivergenceError, match=r"Model: the inner loop diverges in 2 of 4 samples.*lr=0\.3 is above 2/L = 0\.2"):
+        torchiter.stats.check_divergence(
+            stats, "error", "Model", lambda: torchiter.stats.step_size_hint(stats.lr, 10.0, name="lr", how="from A")
+        )
+    assert torchiter.stats.check_divergence(stats, "ignore", "Model") is False
+    with pytest.raises(ValueError, match="divergence must be one of"):
+        torchiter.stats.check_divergence(stats, "loud", "Model")
+    d = stats.to_dict()
+    assert d["iterations"] == [3, 40, 40, 40] and d["diverging"] == [False, True, True, False]
+
+
+def test_diverging_broadcasts_per_sample_counts_over_batch_wide_changes():
+    # The models' per-iteration path with per-sample stopping: (B,) counts, () changes.
+    stats = IterationStats(
+        torch.tensor([5, 9, 9]),
+        torch.tensor([True, False, False]),
+        torch.tensor(0.5),
+        torch.tensor(2.0),
+        torch.tensor(1e-6),
+        late_growth=torch.tensor(1.5),
+        reversal=torch.tensor(False),
+        loss=torch.tensor(1.0),
+    )
+    assert stats.diverging.tolist() == [False, True, True]

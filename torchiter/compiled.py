@@ -385,7 +385,7 @@ class _CompiledIterations:
             kk = min(k, total - i)
             record = per_iteration or rec.wants(call)
             if record:
-                rec.before(call)
+                rec.before(call, per_iteration)
             try:
                 entry = entries.get(kk)
                 if entry is None:

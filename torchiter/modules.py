@@ -634,8 +634,9 @@ class IterationLossModule(IterationModule):
         """:meth:`IterationModule._run_iterations`, recording ``iteration_stats``.
 
         Without a trace the state is copied before the first, the middle and
-        the last iteration only; when a hook or ``converged()`` may end the
-        loop, before every iteration (the last one is not known in advance).
+        the last two iterations only; when a hook or ``converged()`` may end
+        the loop, before every iteration (the last one is not known in
+        advance). Divergence is checked once, after the loop (in ``forward``).
         """
         attrs = self.__dict__
         iteration = self.iteration
@@ -652,7 +653,7 @@ class IterationLossModule(IterationModule):
             attrs["iteration_idx"] = i
             record = wants(i) or converged is not None or bool(iteration_hooks)
             if record:
-                rec.before(i)
+                rec.before(i, converged is not None or bool(iteration_hooks))
             iteration(*args, **kwargs)
             if record:
                 rec.after(i, attrs.get("_last_iteration_loss"))

@@ -74,9 +74,8 @@ def check_divergence_mode(owner: str, mode: Any) -> str:
 
 
 def growth_ratio(first: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-    """``last / first`` elementwise, 0 where both are 0, inf where only ``first`` is 0."""
-    ratio = last / torch.where(first == 0, torch.ones_like(first), first)
-    return torch.where(first == 0, torch.where(last == 0, 0.0, math.inf), ratio)
+    """``last / first`` elementwise, 0 where both are 0 (or either is NaN), inf where only ``first`` is 0."""
+    return torch.nan_to_num(last / first, nan=0.0, posinf=math.inf)
 
 
 class IterationStats:
@@ -94,12 +93,14 @@ class IterationStats:
         change: floating ``S``, ``max |y_k − y_{k−1}|`` of the last iteration
             over all iteration parameters; 0 when no iteration ran.
         growth: floating ``S``, change of the last iteration over that of the
-            first (0 when both are 0, inf when only the first is); scaled by
+            first (0 when both are 0 or either is NaN, inf when only the
+            first is 0); scaled by
             the ratio of the two iterations' learning rates when a scheduler
             changed it, so it measures the gradient step, not the schedule.
         late_growth: None, or floating ``S``: the same ratio from the middle
             iteration to the last; when given, a change counts as growing
-            only if it grew over both halves of the loop (it *keeps* growing).
+            only if it grew over the whole loop and over its second half (it
+            *keeps* growing).
         reversal: None, or bool ``S``: the last two steps point in opposite
             directions (negative inner product) and the last is no shorter
             than the one before: an oscillation that does not decay, which a
@@ -160,20 +161,23 @@ class IterationStats:
     def diverging(self) -> torch.Tensor:
         """Bool tensor of ``change``'s shape: non-finite change or loss, or,
         without the stopping test met and with a last change above ``noise``,
-        a change that grew above ``growth_limit`` (over both halves of the
-        loop when ``late_growth`` is known) or a non-decaying oscillation
+        a change that grew above ``growth_limit`` (over the whole loop, and
+        over its second half when ``late_growth`` is known) or a non-decaying oscillation
         (``reversal``). Computed on the device; no synchronisation."""
+        # Out of place throughout: the fields may differ in shape (per-sample
+        # counts with batch-wide changes) and broadcast.
         limit = self.growth_limit * (1 + GROWTH_TOLERANCE)
-        growing = (~self.converged) & (self.growth > limit) & (self.change > self.noise)
+        growing = self.growth > limit
         if self.late_growth is not None:
             growing = growing & (self.late_growth > limit)
         if self.reversal is not None:
-            growing = growing | ((~self.converged) & self.reversal & (self.change > self.noise))
-        out = ~torch.isfinite(self.change) | torch.isnan(self.growth) | growing
+            growing = growing | self.reversal
+        growing = growing & (self.change > self.noise) & ~self.converged
+        finite = torch.isfinite(self.change)
         losses = self.loss_trace if self.loss_trace is not None else self.loss
         if losses is not None and losses.numel() > 0:
-            out = out | ~torch.isfinite(losses).all().to(out.device)
-        return out
+            finite = finite & (torch.isfinite(losses) if losses.dim() == 0 else torch.isfinite(losses).all())
+        return growing | ~finite
 
     def to_dict(self) -> Dict[str, Any]:
         """The statistics as Python values (synchronises): scalars for shape ``()``, lists otherwise."""
@@ -290,6 +294,8 @@ class StatsRecorder:
         self.optimizer = optimizer
         self.growth_limit = growth_limit
         self.per_call = per_call
+        self.total = total
+        self.may_stop = False
         self.prev: Optional[List[torch.Tensor]] = None
         self.initial: Optional[List[torch.Tensor]] = None
         self.first = self.middle = None
@@ -304,20 +310,31 @@ class StatsRecorder:
     def wants(self, i: int) -> bool:
         return self.trace or i in self.marks
 
-    def before(self, i: int) -> None:
+    def before(self, i: int, may_stop: bool = False) -> None:
+        """Before step ``i``; ``may_stop``: a stopping test may end the loop after it."""
         if self.params:
             self.prev = [p.detach().clone() for p in self.params]
             self.lr_now = _lr_of(self.optimizer)
+            self.may_stop = may_stop
 
     def after(self, i: int, loss: Any = None) -> None:
         prev = self.prev
         if prev is not None:
-            diff = [p.detach() - q for p, q in zip(self.params, prev)]
-            # Max-abs: propagates NaN.
-            if len(diff) == 1:
-                c = torch.linalg.vector_norm(diff[0], math.inf).to(self.dtype)
+            # The differences themselves are kept only where they may be the
+            # last two (for the reversal test of plain SGD).
+            diff = None
+            if self.growth_limit == 1.0 and (self.may_stop or i >= self.total - 2):
+                diff = [p.detach() - q for p, q in zip(self.params, prev)]
+                norms = [torch.linalg.vector_norm(d, math.inf) for d in diff]
             else:
-                c = torch.stack([torch.linalg.vector_norm(d, math.inf).to(self.dtype) for d in diff]).amax()
+                # max|a − b| in one op; propagates NaN.
+                norms = [torch.dist(p.detach(), q, math.inf) for p, q in zip(self.params, prev)]
+            if len(norms) == 1:
+                c = norms[0]
+            else:
+                c = torch.stack([n.to(self.dtype) for n in norms]).amax()
+            if c.dtype != self.dtype:
+                c = c.to(self.dtype)
             if i == 0:
                 self.first, self.lr_first = c, self.lr_now
                 if self.keep_initial:
@@ -337,44 +354,57 @@ class StatsRecorder:
             else:
                 self.loss_ok = False
 
-    @staticmethod
-    def _ratio(a: torch.Tensor, b: torch.Tensor, lr_a: Optional[float], lr_b: Optional[float]) -> torch.Tensor:
-        g = growth_ratio(a, b)
-        if lr_a and lr_b and lr_a != lr_b:
-            g = g * (lr_a / lr_b)
-        return g
-
     def finish(self, steps: int, stopped: bool, loss: Any = None, lr: Optional[float] = None) -> IterationStats:
         """The statistics of a loop that ran ``steps`` steps; ``stopped``: its stopping test ended it."""
         dev = self.device
-        zero = torch.zeros((), dtype=self.dtype, device=dev)
-        change = growth = zero
         late = reversal = None
         if steps > 0 and self.steps and self.steps[-1][0] == steps - 1 and self.first is not None:
             _, change, lr_last, d2 = self.steps[-1]
-            growth = self._ratio(self.first, change, self.lr_first, lr_last)
-            if self.middle is not None and steps - 1 > self.mid:
-                late = self._ratio(self.middle, change, self.lr_middle, lr_last)
-            if len(self.steps) == 2 and self.steps[0][0] == steps - 2 and self.growth_limit == 1.0:
+            # The ratios of the last change to the first, the middle and the
+            # one before it, in one division.
+            dens, lrs = [self.first], [self.lr_first]
+            has_late = self.middle is not None and steps - 1 > self.mid
+            if has_late:
+                dens.append(self.middle)
+                lrs.append(self.lr_middle)
+            has_reversal = len(self.steps) == 2 and self.steps[0][0] == steps - 2 and d2 is not None
+            if has_reversal:
                 _, c1, lr1, d1 = self.steps[0]
-                dot = sum((a * b).sum().to(self.dtype) for a, b in zip(d1, d2))
-                ratio = self._ratio(c1, change, lr1, lr_last)
-                reversal = (dot < 0) & (ratio >= 1 - REVERSAL_TOLERANCE)
-        elif steps > 0:
-            change = growth = torch.full((), math.nan, dtype=self.dtype, device=dev)
+                has_reversal = d1 is not None
+            if has_reversal:
+                dens.append(c1)
+                lrs.append(lr1)
+            ratios = growth_ratio(torch.stack(dens), change)
+            # A scheduler's rates: compare gradient steps, not step lengths.
+            scale = [a / lr_last if a and lr_last else 1.0 for a in lrs]
+            if any(x != 1.0 for x in scale):
+                ratios = ratios * torch.tensor(scale, dtype=self.dtype).to(dev)
+            growth = ratios[0]
+            if has_late:
+                late = ratios[1]
+            if has_reversal:
+                dot = torch.dot(d1[0].reshape(-1), d2[0].reshape(-1))
+                for a, b in zip(d1[1:], d2[1:]):
+                    dot = dot + torch.dot(a.reshape(-1), b.reshape(-1)).to(dot.dtype)
+                reversal = (dot < 0) & (ratios[-1] >= 1 - REVERSAL_TOLERANCE)
+        else:
+            # No step ran or nothing to change (0), or the loop's last step was
+            # not recorded (nan: unknown).
+            unknown = steps > 0 and bool(self.params)
+            change = growth = torch.full((), math.nan if unknown else 0.0, dtype=self.dtype, device=dev)
         if self.params:
             with torch.no_grad():
                 norms = [torch.linalg.vector_norm(p.detach(), math.inf).to(self.dtype) for p in self.params]
                 ymax = norms[0] if len(norms) == 1 else torch.stack(norms).amax()
             noise = ymax.clamp(min=1.0) * (NOISE_ULPS * self.eps)
         else:
-            noise = zero
+            noise = torch.zeros((), dtype=self.dtype, device=dev)
         change_trace = loss_trace = None
         if self.trace:
             with torch.no_grad():
-                change_trace = torch.stack(self.changes) if self.changes else zero.new_zeros(0)
+                change_trace = torch.stack(self.changes) if self.changes else noise.new_zeros(0)
                 if self.loss_ok and len(self.losses) == steps:
-                    loss_trace = torch.stack(self.losses) if self.losses else zero.new_zeros(0)
+                    loss_trace = torch.stack(self.losses) if self.losses else noise.new_zeros(0)
         last_loss = None
         if isinstance(loss, torch.Tensor) and loss.numel() == 1:
             last_loss = loss.detach().reshape(())
@@ -566,7 +596,8 @@ def check_divergence(
     check_divergence_mode(owner or "check_divergence", mode)
     if mode == "ignore" or stats is None:
         return False
-    if not bool(stats.diverging.any()):
+    diverging = stats.diverging
+    if not bool(diverging if diverging.dim() == 0 else diverging.any()):
         return False
     if callable(hint):
         try:
