@@ -100,6 +100,7 @@ def main(argv=None) -> dict:
     pixels = readout_accuracy(train_x.flatten(1), train_y, test_x.flatten(1), test_y)
 
     print(f"final training loss: {loss:.4f} ({args.epochs} epochs; largest eigenvalue of M {top_eig:.2f})")
+    print(f"inner loop of the last forward: {model.iteration_stats}")
     print(
         f"test accuracy: {100 * accuracy:.1f}% with the NSM features "
         f"(untrained layer {100 * untrained:.1f}%, raw pixels {100 * pixels:.1f}%, chance 10%)"

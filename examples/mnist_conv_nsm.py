@@ -134,6 +134,7 @@ def main(argv=None) -> dict:
     # below 2: report the largest, so a diverging setting shows.
     top_eig = torch.linalg.eigvalsh(model.competitor.weight.detach()).max().item()
     print(f"largest eigenvalue of the trained competitor M: {top_eig:.2f}")
+    print(f"inner loop of the last forward: {model.iteration_stats}")
 
     plt = _common.pyplot()
     filters = model.encoder.weight.detach()[:, 0].numpy()

@@ -82,6 +82,7 @@ def main(argv=None) -> dict:
     kmeans = KMeans(k, n_init=10, random_state=args.seed).fit_predict(data)
     print(f"final training loss: {loss:.4f} ({args.epochs} epochs, last forward {model.iteration_idx + 1} iterations)")
     print(f"units used: {len(used)} of {k}; inputs with no active unit: {100 * silent:.1f}%")
+    print(f"inner loop of the last forward: {model.iteration_stats}")
     print(
         f"adjusted Rand index: {ari:.3f}  purity: {purity:.3f}  "
         f"(k-means on the same features: ARI {adjusted_rand_score(labels, kmeans):.3f})"

@@ -64,6 +64,7 @@ def main(argv=None) -> dict:
     print(f"final training loss: {loss:.4f} ({args.epochs} epochs, last forward {model.iteration_idx + 1} iterations)")
     print("principal angles to the PCA subspace (degrees): " + " ".join(f"{a:.2f}" for a in sorted(angles)))
     print(f"variance captured: {100 * captured:.2f}% of PCA's top-{k} variance")
+    print(f"inner loop of the last forward: {model.iteration_stats}")
 
     plt = _common.pyplot()
     scores = pca.transform(data)

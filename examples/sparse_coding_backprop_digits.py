@@ -104,6 +104,7 @@ def main(argv=None) -> dict:
             f"{name:>8}: test accuracy {100 * history[name][-1]:.2f}%  training time {seconds[name]:.2f} s"
             f"  ({args.epochs} epochs, {args.iterations} ISTA iterations per forward)"
         )
+        print(f"{name:>8}: inner loop of the last forward: {models[name].coder.iteration_stats}")
     print(
         f"test accuracy: {results['backprop'][0]:.2f}% with backprop through the inner loop, "
         f"{results['detached'][0]:.2f}% detached"

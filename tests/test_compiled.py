@@ -27,6 +27,9 @@ class Quadratic(torchiter.IterationLossModule):
     """A least-squares loss with an L1 term in one iteration parameter ``y`` (3, 5)."""
 
     def __init__(self, dtype=torch.float64, loss="plain", **kwargs):
+        # These tests compare the compiled and eager paths on step sizes
+        # chosen for that, some above 2/L: no divergence report.
+        kwargs.setdefault("divergence", "ignore")
         super().__init__(**kwargs)
         g = torch.Generator().manual_seed(0)
         self.loss_kind = loss
@@ -60,6 +63,7 @@ class PredictiveCoding(torchiter.IterationLossModule):
     """Two iteration parameters, tanh: the energy of a two-layer predictive-coding network."""
 
     def __init__(self, **kwargs):
+        kwargs.setdefault("divergence", "ignore")  # as Quadratic
         super().__init__(**kwargs)
         g = torch.Generator().manual_seed(0)
         self.W1 = nn.Parameter(torch.randn(6, 4, generator=g, dtype=torch.float64))

@@ -22,6 +22,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <limits>
 #include <numeric>
@@ -522,11 +523,21 @@ void run_per_sample(
   constexpr int64_t W = Vectorized<T>::size();
   WorkingLayout L = working_layout<T>(y0, /*fold the batch=*/true);
   const int64_t C = L.channels, S = L.spatial, K = args.max_iterations;
-  at::Tensor src_t = to_working<T>(y0, L);
-  at::Tensor Bw = to_working<T>(b_in, L);
+  // Two buffers each for y (the sweeps' ping-pong) and b (a compaction packs
+  // into the spare one), allocated once: every later layout is a prefix.
+  std::array<at::Tensor, 2> y_buf{to_working<T>(y0, L), at::Tensor()};
+  y_buf[1] = at::empty_like(y_buf[0]);
+  std::array<at::Tensor, 2> b_buf{to_working<T>(b_in, L), at::Tensor()};
+  int y_cur = 0, b_cur = 0;
+  const auto in_layout = [&](const at::Tensor& base, const WorkingLayout& lay) {
+    return base.view(-1).narrow(0, 0, C * lay.padded_positions).view({1, C, lay.padded_positions});
+  };
+  at::Tensor src_t = y_buf[0];
+  at::Tensor dst_t = y_buf[1];
+  at::Tensor Bw = b_buf[0];
   Tiles tiles = make_tiles<T>(L, gemm);
-  at::Tensor dst_t = at::empty_like(src_t);
-  at::Tensor G = gemm ? at::empty({C, L.padded_positions}, src_t.options()) : at::Tensor();
+  at::Tensor G_buf = gemm ? at::empty({C * L.padded_positions}, src_t.options()) : at::Tensor();
+  at::Tensor G = gemm ? G_buf.view({C, L.padded_positions}) : at::Tensor();
   std::vector<T> position_max(static_cast<size_t>(L.padded_positions));
   // Original index of every sample in the working copies, and whether it
   // still runs.
@@ -536,15 +547,18 @@ void run_per_sample(
   int64_t n_running = L.batch;
   int64_t frozen_present = 0;
   T* o = out.data_ptr<T>();
-  // Sample slot i of the working copy `w` into its place in `out`.
-  const auto write_out = [&](const at::Tensor& w, size_t i) {
+  // Sample slots `slots` (increasing) of the working copy `w` into their
+  // places in `out`, a channel row at a time, so the reads stay in order.
+  const auto write_out = [&](const at::Tensor& w, const std::vector<size_t>& slots) {
     const T* src = w.const_data_ptr<T>();
     const int64_t ld = L.padded_positions;
-    const int64_t orig = present[i];
     for (int64_t c = 0; c < C; ++c) {
-      copy_short(src + c * ld + static_cast<int64_t>(i) * S, S, o + (orig * C + c) * S);
+      for (size_t i : slots) {
+        copy_short(src + c * ld + static_cast<int64_t>(i) * S, S, o + (present[i] * C + c) * S);
+      }
     }
   };
+  std::vector<size_t> stopped_now;
   // Keeps the running samples only, in order.
   const auto compact = [&]() {
     std::vector<size_t> keep;
@@ -557,8 +571,7 @@ void run_per_sample(
     N.batch = static_cast<int64_t>(keep.size());
     N.positions = N.batch * S;
     N.padded_positions = (N.positions + W - 1) / W * W;
-    const auto pack = [&](const at::Tensor& w) {
-      at::Tensor r = at::empty({1, C, N.padded_positions}, w.options());
+    const auto pack = [&](const at::Tensor& w, at::Tensor r) {
       const T* from = w.const_data_ptr<T>();
       T* to = r.data_ptr<T>();
       at::parallel_for(0, C, std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, N.positions)),
@@ -574,8 +587,14 @@ void run_per_sample(
       });
       return r;
     };
-    src_t = pack(src_t);
-    Bw = pack(Bw);
+    src_t = pack(src_t, in_layout(y_buf[1 - y_cur], N));
+    y_cur = 1 - y_cur;
+    dst_t = in_layout(y_buf[1 - y_cur], N);
+    if (!b_buf[1].defined()) {
+      b_buf[1] = at::empty_like(b_buf[0]);
+    }
+    Bw = pack(Bw, in_layout(b_buf[1 - b_cur], N));
+    b_cur = 1 - b_cur;
     std::vector<int64_t> next;
     for (size_t i : keep) {
       next.push_back(present[i]);
@@ -583,14 +602,16 @@ void run_per_sample(
     present = std::move(next);
     L = N;
     tiles = make_tiles<T>(L, gemm);
-    dst_t = at::empty_like(src_t);
     if (gemm) {
-      G = at::empty({C, L.padded_positions}, src_t.options());
+      G = G_buf.narrow(0, 0, C * L.padded_positions).view({C, L.padded_positions});
     }
     position_max.assign(static_cast<size_t>(L.padded_positions), 0);
     frozen_present = 0;
   };
 
+  const bool one_position = S == 1;
+  const Vectorized<T> tol_vec(static_cast<T>(args.tol));
+  std::vector<uint8_t> tile_stops;
   int64_t k = 0;
   while (k < K && n_running > 0) {
     const bool check = args.tol > 0 && k >= 1 && k % args.check_every == 0;
@@ -605,6 +626,7 @@ void run_per_sample(
     }
     const T* g = gemm ? G.const_data_ptr<T>() : nullptr;
     T* pmax = position_max.data();
+    tile_stops.assign(static_cast<size_t>(tiles.count), 0);
     at::parallel_for(0, tiles.count, tiles.grain, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         int64_t off, n, valid;
@@ -617,7 +639,10 @@ void run_per_sample(
         if (!measure) {
           continue;
         }
-        // One group: a tile's offset is its first position.
+        // One group: a tile's offset is its first position. With one
+        // position per sample the stop test is made here, lane by lane, so
+        // the host visits only the tiles where a sample stops.
+        bool stops = false;
         for (int64_t s = 0; s < n; s += W) {
           Vectorized<T> m(static_cast<T>(0));
           for (int64_t c = 0; c < C; ++c) {
@@ -625,34 +650,62 @@ void run_per_sample(
             m = at::vec::maximum(m, (Vectorized<T>::loadu(dst + e) - Vectorized<T>::loadu(src + e)).abs());
           }
           m.store(pmax + off + s);
+          const int64_t lanes = std::min<int64_t>(W, valid - s);
+          if (one_position && check && lanes > 0) {
+            // zero_mask: a bit per lane that is not below tol (NaN included).
+            const int not_below = (m < tol_vec).zero_mask();
+            stops = stops || (~not_below & static_cast<int>((int64_t{1} << lanes) - 1)) != 0;
+          }
         }
+        tile_stops[static_cast<size_t>(t)] = stops;
       }
     });
     std::swap(src_t, dst_t);
+    y_cur = 1 - y_cur;
     ++k;
     if (!measure) {
       continue;
     }
+    // Statistics are kept at the first and the last iteration, at each stop
+    // and for a trace; a plain stop test only compares.
+    const bool record = k == 1 || k == K || args.trace;
+    const T tol = static_cast<T>(args.tol);
     T iteration_max = 0;
     for (size_t i = 0; i < present.size(); ++i) {
+      if (one_position && !record) {
+        // Skip to the next tile that has a stop.
+        const auto t = static_cast<size_t>(static_cast<int64_t>(i) / tiles.width);
+        if (!tile_stops[t]) {
+          i = std::min(present.size(), (t + 1) * static_cast<size_t>(tiles.width)) - 1;
+          continue;
+        }
+      }
       const auto orig = static_cast<size_t>(present[i]);
       if (!running[orig]) {
         continue;
       }
-      T m = 0;
-      for (int64_t s = 0; s < S; ++s) {
-        m = nan_max(m, pmax[static_cast<int64_t>(i) * S + s]);
+      const T* p = pmax + static_cast<int64_t>(i) * S;
+      T m = p[0];
+      for (int64_t s = 1; s < S; ++s) {
+        m = nan_max(m, p[s]);
       }
-      stats.measured(orig, k - 1, m);
-      iteration_max = nan_max(iteration_max, m);
-      if (check && m < static_cast<T>(args.tol)) {
+      const bool stop = check && m < tol;
+      if (record || stop) {
+        stats.measured(orig, k - 1, m);
+        iteration_max = nan_max(iteration_max, m);
+      }
+      if (stop) {
         stats.converged[orig] = 1;
         stats.iterations[orig] = k;
         running[orig] = 0;
-        write_out(src_t, i);
-        --n_running;
-        ++frozen_present;
+        stopped_now.push_back(i);
       }
+    }
+    if (!stopped_now.empty()) {
+      write_out(src_t, stopped_now);
+      n_running -= static_cast<int64_t>(stopped_now.size());
+      frozen_present += static_cast<int64_t>(stopped_now.size());
+      stopped_now.clear();
     }
     if (args.trace) {
       stats.trace[static_cast<size_t>(k - 1)] = iteration_max;
@@ -667,9 +720,10 @@ void run_per_sample(
     const auto orig = static_cast<size_t>(present[i]);
     if (running[orig]) {
       stats.iterations[orig] = k;
-      write_out(src_t, i);
+      stopped_now.push_back(i);
     }
   }
+  write_out(src_t, stopped_now);
 }
 
 template <typename T>
