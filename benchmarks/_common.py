@@ -42,10 +42,12 @@ def machine_header(device: str = "cpu") -> str:
 
 
 def median_seconds(stmt, globals_, label: str, sub_label: str, description: str, min_run_time: float = 1.0):
-    """Times `stmt` with torch.utils.benchmark; returns (median seconds, Measurement)."""
-    m = tb.Timer(stmt=stmt, globals=globals_, label=label, sub_label=sub_label, description=description).blocked_autorange(
-        min_run_time=min_run_time
-    )
+    """Times `stmt` with torch.utils.benchmark at the current torch thread count; returns (median seconds, Measurement)."""
+    # Timer runs its statement at num_threads (default 1), not at the caller's count.
+    m = tb.Timer(
+        stmt=stmt, globals=globals_, label=label, sub_label=sub_label, description=description,
+        num_threads=torch.get_num_threads(),
+    ).blocked_autorange(min_run_time=min_run_time)
     return m.median, m
 
 

@@ -81,9 +81,11 @@ def header() -> str:
 
 
 def timeit(stmt: str, env: dict, label: str, sub_label: str, description: str, min_run_time: float):
-    return tb.Timer(stmt=stmt, globals=env, label=label, sub_label=sub_label, description=description).blocked_autorange(
-        min_run_time=min_run_time
-    )
+    # Timer's num_threads defaults to 1, whatever torch's thread count.
+    return tb.Timer(
+        stmt=stmt, globals=env, label=label, sub_label=sub_label, description=description,
+        num_threads=torch.get_num_threads(),
+    ).blocked_autorange(min_run_time=min_run_time)
 
 
 # --------------------------------------------------------------------------- (a) sgd_step

@@ -9,7 +9,7 @@ busy: 1.00 means serial, on an otherwise idle machine), and how many threads'
 CPU time grew during those calls (Linux /proc; unlike the ratio this count
 does not depend on other load on the machine).
 
-The FMA peak is measured, not computed from a data sheet: the best GFLOP/s of
+The FMA peak is measured, not computed from a data sheet: the median GFLOP/s of
 a float32 GEMM (torch.mm, i.e. MKL/oneDNN, 2048 x 2048) at the same thread
 count, a practical upper bound for any FMA kernel on this machine. The conv
 workload's quadratic_descent (C=50 channels, 52900 positions, 40 iterations)

@@ -150,9 +150,9 @@ for dt in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
     torch.ops.torchiter.sgd_step_([p], [g], [b], 0.1, momentum=0.9, weight_decay=0.01, shrink=0.01, min=-0.5)
     out[f"sgd_step_ {dt}"] = torch.stack([p, b])
 for dt in (torch.float32, torch.float64):
-    for shape in [(3, 50, 23, 23), (1000, 3), (64, 9, 7, 5)]:
+    for shape in [(3, 50, 23, 23), (1000, 3), (64, 9, 7, 5), (3, 7, 90)]:
         y0, b = torch.randn(shape, dtype=dt), torch.randn(shape, dtype=dt)
-        A = torch.eye(shape[1], dtype=dt) + 0.01
+        A = torch.eye(shape[1], dtype=dt) + 0.01 * torch.randn(shape[1], shape[1], dtype=dt)
         out[f"blocked {dt} {shape}"] = torch.ops.torchiter.quadratic_descent(y0, A, b, 0.3, 20, min=0.0)[0]
         out[f"sweeps {dt} {shape}"] = torch.ops.torchiter.quadratic_descent(y0, A, b, 0.3, 20, tol=1e-30, min=0.0)[0]
 torch.save(out, sys.argv[1])

@@ -9,10 +9,12 @@ from torchiter.reference import quadratic_descent_reference
 
 OP = torch.ops.torchiter.quadratic_descent
 
-# (B, C) and (B, C, *spatial), with channel counts on both sides of the 4-row
-# block and position counts around the vector widths and tile widths.
-# C >= 128 takes the GEMM-backed path.
-SHAPES = [(1000, 3), (100, 10), (33, 1), (5, 70), (7, 5, 3, 3), (4, 3, 40), (2, 13, 9, 11), (3, 50, 23, 23), (2, 6, 2, 2, 2), (37, 130), (2, 150, 3, 5)]
+# (B, C) and (B, C, *spatial), with channel counts that the kernel splits into
+# row blocks of every height from 1 to 5 (e.g. 7 = 4 + 3, 13 = 5 + 4 + 4) and
+# position counts around the vector widths and tile widths (90 and 70
+# positions end in column steps narrower than a full one). C >= 128 takes the
+# GEMM-backed path.
+SHAPES = [(1000, 3), (100, 10), (33, 1), (5, 70), (7, 5, 3, 3), (4, 3, 40), (2, 13, 9, 11), (3, 50, 23, 23), (2, 6, 2, 2, 2), (37, 130), (2, 150, 3, 5), (3, 2, 90), (2, 7, 5, 14)]
 PROJECTIONS = {
     "none": dict(),
     "relu": dict(min=0.0),

@@ -104,23 +104,46 @@ inline Vectorized<T> rows_step(
   return dmax;
 }
 
+// Register blocking: rows_step keeps R x NV accumulators, NV loads of y and
+// a broadcast of A live, so the block must fit the vector registers (32 with
+// AVX-512, 16 otherwise) without spills, and R x NV >= 8 independent FMA
+// chains cover the FMA latency on two ports. kMaxRows x kColumnVectors: 5 x 4
+// (20 + 4 + 1 registers) with 64-byte vectors, 5 x 2 (10 + 2 + 1) otherwise.
+// The blocking only decides which positions share a load: each position's
+// arithmetic is the same, so every variant gives the same bits.
+constexpr int kMaxRows = 5;
+template <typename T>
+constexpr int kColumnVectors = sizeof(Vectorized<T>) >= 64 ? 4 : 2;
+
+// Rows [0, C) in ceil(C / kMaxRows) blocks of near-equal height (e.g. C = 50:
+// ten blocks of 5; C = 64: twelve of 5 and one of 4) instead of full blocks
+// and a short remainder: a block of 1-2 rows does few FMAs per load.
 template <typename T, int NV, bool DELTA>
 inline Vectorized<T> column_step(
     const ChannelMixing<T>& pn, const T* y, const T* b, T* yn, int64_t ld, int64_t s,
     const Vectorized<T>& neg_lr, int64_t valid) {
+  static_assert(kMaxRows == 5, "the switch below covers block heights 1..kMaxRows");
+  const int64_t blocks = (pn.C + kMaxRows - 1) / kMaxRows;
+  const int64_t height = pn.C / blocks;
+  const int64_t taller = pn.C % blocks;  // blocks of height + 1 rows
   Vectorized<T> dmax(static_cast<T>(0));
   int64_t i = 0;
-  for (; i + 4 <= pn.C; i += 4) {
-    dmax = at::vec::maximum(dmax, rows_step<T, 4, NV, DELTA>(pn, i, y, b, yn, ld, s, neg_lr, valid));
+  for (int64_t k = 0; k < blocks; ++k) {
+    const int64_t rows = height + (k < taller ? 1 : 0);
+    Vectorized<T> d;
+    switch (rows) {
+      case 5: d = rows_step<T, 5, NV, DELTA>(pn, i, y, b, yn, ld, s, neg_lr, valid); break;
+      case 4: d = rows_step<T, 4, NV, DELTA>(pn, i, y, b, yn, ld, s, neg_lr, valid); break;
+      case 3: d = rows_step<T, 3, NV, DELTA>(pn, i, y, b, yn, ld, s, neg_lr, valid); break;
+      case 2: d = rows_step<T, 2, NV, DELTA>(pn, i, y, b, yn, ld, s, neg_lr, valid); break;
+      default: d = rows_step<T, 1, NV, DELTA>(pn, i, y, b, yn, ld, s, neg_lr, valid); break;
+    }
+    if constexpr (DELTA) {
+      dmax = at::vec::maximum(dmax, d);
+    }
+    i += rows;
   }
-  Vectorized<T> tail(static_cast<T>(0));
-  switch (pn.C - i) {
-    case 3: tail = rows_step<T, 3, NV, DELTA>(pn, i, y, b, yn, ld, s, neg_lr, valid); break;
-    case 2: tail = rows_step<T, 2, NV, DELTA>(pn, i, y, b, yn, ld, s, neg_lr, valid); break;
-    case 1: tail = rows_step<T, 1, NV, DELTA>(pn, i, y, b, yn, ld, s, neg_lr, valid); break;
-    default: break;
-  }
-  return DELTA ? at::vec::maximum(dmax, tail) : dmax;
+  return dmax;
 }
 
 // One iteration over columns [0, n) of a block (n a multiple of the width;
@@ -135,11 +158,21 @@ inline Vectorized<T> step_block(
   constexpr int64_t W = Vectorized<T>::size();
   const Vectorized<T> neg_lr(-lr);
   Vectorized<T> dmax(static_cast<T>(0));
+  constexpr int NV = kColumnVectors<T>;
   int64_t s = 0;
-  for (; s + 2 * W <= n; s += 2 * W) {
-    const auto d = column_step<T, 2, DELTA>(pn, y, b, yn, ld, s, neg_lr, valid - s);
+  for (; s + NV * W <= n; s += NV * W) {
+    const auto d = column_step<T, NV, DELTA>(pn, y, b, yn, ld, s, neg_lr, valid - s);
     if constexpr (DELTA) {
       dmax = at::vec::maximum(dmax, d);
+    }
+  }
+  if constexpr (NV > 2) {
+    // A tile's last, narrower columns (n is a multiple of W, not of NV * W).
+    for (; s + 2 * W <= n; s += 2 * W) {
+      const auto d = column_step<T, 2, DELTA>(pn, y, b, yn, ld, s, neg_lr, valid - s);
+      if constexpr (DELTA) {
+        dmax = at::vec::maximum(dmax, d);
+      }
     }
   }
   for (; s < n; s += W) {
@@ -198,13 +231,17 @@ T lane_max(const Vectorized<T>& v) {
 }
 
 // Tile width: a multiple of the vector width such that the three C x tile
-// blocks a tile touches (y, its next value, b) stay within about 40 KiB of L1.
+// blocks a tile touches (y, its next value, b) stay within about 40 KiB of L1;
+// a multiple of step_block's full column step (kColumnVectors vectors) when
+// that fits, so that no narrower steps are left over.
 template <typename T>
 int64_t tile_width(int64_t C) {
   constexpr int64_t W = Vectorized<T>::size();
+  constexpr int64_t step = kColumnVectors<T> * W;
   const int64_t fit =
       (40 * 1024) / (3 * std::max<int64_t>(C, 1) * static_cast<int64_t>(sizeof(T)));
-  return std::clamp<int64_t>((fit / W) * W, W, 256);
+  const int64_t unit = fit >= step ? step : W;
+  return std::clamp<int64_t>((fit / unit) * unit, W, 256);
 }
 
 // How the (batch, C, spatial) positions are laid out in the working copy:
