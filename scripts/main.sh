@@ -10,6 +10,8 @@ echo; echo "== example: convolutional similarity matching on MNIST digits, torch
 "$PY" examples/mnist_conv_nsm.py
 echo; echo "== benchmark: similarity-matching workloads (docs/models.md)"
 "$PY" benchmarks/bench_workloads.py
+echo; echo "== benchmark: per-sample stopping against the batch-wide stop test (clustering, tol 1e-4)"
+"$PY" benchmarks/bench_per_sample.py --min-run-time 1
 echo; echo "== benchmark: iteration modules, generic path vs the original loop"
 "$PY" benchmarks/bench_modules.py
 echo; echo "== benchmark: fused projected-SGD step"

@@ -96,6 +96,14 @@ QuadraticDescentResult make_ex_result(
     const at::Tensor& first_change, const at::Tensor& last_change,
     at::Tensor change_trace, bool per_sample);
 
+// make_ex_result from host vectors (the CPU kernel's; the changes as
+// doubles, exact for float and double), out of the ISA-specific files.
+QuadraticDescentResult make_ex_result_host(
+    at::Tensor y, const std::vector<int64_t>& iterations,
+    const std::vector<uint8_t>& converged, const std::vector<double>& first_change,
+    const std::vector<double>& last_change, const std::vector<double>& change_trace,
+    bool per_sample);
+
 // The plain loop of one device (its quadratic_descent kernel on checked
 // inputs), which the device-generic quadratic_descent_ex driver runs between
 // the iterations it measures.
@@ -112,6 +120,12 @@ QuadraticDescentResult quadratic_descent_ex_generic(
     const at::Tensor& y0, const at::Tensor& A, const at::Tensor& b,
     const std::optional<at::Tensor>& lrs, const QuadraticDescentArgs& args,
     PlainQuadraticDescent plain);
+
+// A view of the first prod(sizes) elements of the contiguous `base`, shaped
+// `sizes`. Out of line: the CPU kernel files are compiled once per
+// instruction set, and the view code inlined there could leave a wide copy
+// of a shared helper in the library.
+at::Tensor prefix_view(const at::Tensor& base, at::IntArrayRef sizes);
 
 // Checks every argument of torchiter.quadratic_descent. `supported_dtypes`
 // lists the dtypes the calling kernel implements.

@@ -36,6 +36,29 @@ QuadraticDescentResult make_ex_result(
   return r;
 }
 
+QuadraticDescentResult make_ex_result_host(
+    at::Tensor y, const std::vector<int64_t>& iterations,
+    const std::vector<uint8_t>& converged, const std::vector<double>& first_change,
+    const std::vector<double>& last_change, const std::vector<double>& change_trace,
+    bool per_sample) {
+  const auto host = at::TensorOptions().dtype(at::kDouble);
+  const auto dtype = y.scalar_type();
+  const std::vector<int64_t> conv(converged.begin(), converged.end());
+  return make_ex_result(
+      y, at::tensor(iterations, y.options().dtype(at::kLong)),
+      at::tensor(conv, y.options().dtype(at::kLong)).to(at::kBool),
+      at::tensor(first_change, host).to(dtype), at::tensor(last_change, host).to(dtype),
+      at::tensor(change_trace, host).to(dtype), per_sample);
+}
+
+at::Tensor prefix_view(const at::Tensor& base, at::IntArrayRef sizes) {
+  int64_t n = 1;
+  for (int64_t s : sizes) {
+    n *= s;
+  }
+  return base.view(-1).narrow(0, 0, n).view(sizes);
+}
+
 namespace {
 
 // max |a - b| over every dim but the first: shape (a.size(0),), NaN if any

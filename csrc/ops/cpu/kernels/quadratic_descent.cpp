@@ -14,7 +14,10 @@
 // one read and one write of y in total) or run_sweeps() (tol > 0: one
 // parallel sweep over y per iteration that also yields max |y_k - y_{k-1}|;
 // from kGemmMinChannels channels on, each sweep follows a BLAS GEMM of A with
-// the (C, positions) matrix), then from_working() unpacks the result.
+// the (C, positions) matrix), then from_working() unpacks the result. When
+// positions are per sample, run_blocked() reads its tiles from y0 and b and
+// writes the result directly, with no working copy. run_per_sample() is
+// quadratic_descent_ex's per-sample loop.
 #include "kernels.h"
 #include "vec_math.h"
 
@@ -398,13 +401,27 @@ struct LoopStats {
   }
 };
 
+// Where run_blocked reads y0 and b and writes the result: C rows of
+// `row_stride` elements per group, groups `group_stride` apart. Either the
+// working copies (row_stride = padded_positions) or, when positions are per
+// sample, the (batch, C, spatial) tensors themselves (row_stride = spatial):
+// the tile copies already do the packing, so no working copy is made.
+template <typename T>
+struct BlockedIO {
+  const T* y;
+  const T* b;
+  T* out;
+  int64_t row_stride, group_stride;
+};
+
 // No stop test: each tile is copied into three tile-local C x width blocks
-// (allocated once per task, never per iteration) and runs all K iterations
-// there before its result is written back into Y. With `stats` the first
-// and the last iteration also measure their change.
+// (allocated once per task, never per iteration; lanes past the real
+// positions zero-filled) and runs all K iterations there before its result
+// is written out. With `stats` the first and the last iteration also
+// measure their change.
 template <typename T>
 void run_blocked(
-    at::Tensor& Y, const at::Tensor& Bw, const ChannelMixing<T>& mix,
+    const BlockedIO<T>& io, const ChannelMixing<T>& mix,
     const Tiles& tiles, int64_t K, LearningRates& lrs, LoopStats<T>* stats) {
   const int64_t C = mix.C;
   // All K iterations run and every tile needs every rate: a schedule's are
@@ -414,10 +431,8 @@ void run_blocked(
   for (size_t k = 0; k < scheduled.size(); ++k) {
     scheduled[k] = static_cast<T>(lrs.at(static_cast<int64_t>(k)));
   }
-  const int64_t ld = tiles.L->padded_positions;
   const int64_t T_w = tiles.width;
-  T* y = Y.data_ptr<T>();
-  const T* b = Bw.const_data_ptr<T>();
+  const int64_t ld = io.row_stride;
   std::vector<T> first_max(stats ? static_cast<size_t>(tiles.count) : 0);
   std::vector<T> last_max(first_max.size());
   at::parallel_for(0, tiles.count, std::max<int64_t>(1, tiles.grain / std::max<int64_t>(K, 1)), [&](int64_t t0, int64_t t1) {
@@ -426,11 +441,14 @@ void run_blocked(
     T* nxt = cur + C * T_w;
     T* bl = nxt + C * T_w;
     for (int64_t t = t0; t < t1; ++t) {
-      int64_t off, n, valid;
-      tiles.bounds(t, off, n, valid);
+      int64_t unused, n, valid;
+      tiles.bounds(t, unused, n, valid);
+      const int64_t off = t / tiles.per_group * io.group_stride + t % tiles.per_group * T_w;
       for (int64_t c = 0; c < C; ++c) {
-        std::copy_n(y + off + c * ld, n, cur + c * T_w);
-        std::copy_n(b + off + c * ld, n, bl + c * T_w);
+        std::copy_n(io.y + off + c * ld, valid, cur + c * T_w);
+        std::fill(cur + c * T_w + valid, cur + c * T_w + n, T(0));
+        std::copy_n(io.b + off + c * ld, valid, bl + c * T_w);
+        std::fill(bl + c * T_w + valid, bl + c * T_w + n, T(0));
       }
       T* src = cur;
       T* dst = nxt;
@@ -450,7 +468,7 @@ void run_blocked(
         std::swap(src, dst);
       }
       for (int64_t c = 0; c < C; ++c) {
-        std::copy_n(src + c * T_w, n, y + off + c * ld);
+        std::copy_n(src + c * T_w, valid, io.out + off + c * ld);
       }
     }
   });
@@ -544,6 +562,29 @@ inline void copy_short(const T* from, int64_t n, T* to) {
   }
 }
 
+// Copies the samples `keep` (slots of layout L, increasing) of the working
+// copy `w` into `r` in layout N, zero-filling N's padding; returns r.
+template <typename T>
+at::Tensor pack_samples(
+    const at::Tensor& w, at::Tensor r, const WorkingLayout& L, const WorkingLayout& N,
+    const std::vector<size_t>& keep) {
+  const int64_t C = L.channels, S = L.spatial;
+  const T* from = w.const_data_ptr<T>();
+  T* to = r.data_ptr<T>();
+  at::parallel_for(0, C, std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, N.positions)),
+                   [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      T* row = to + c * N.padded_positions;
+      for (size_t j = 0; j < keep.size(); ++j) {
+        copy_short(from + c * L.padded_positions + static_cast<int64_t>(keep[j]) * S, S,
+                   row + static_cast<int64_t>(j) * S);
+      }
+      std::fill(row + N.positions, row + N.padded_positions, T(0));
+    }
+  });
+  return r;
+}
+
 // quadratic_descent_ex with per_sample: the sweeps of run_sweeps on the
 // batch-folded layout, where each sample owns S consecutive positions. On a
 // measured iteration every tile also stores max over channels of |change|
@@ -567,15 +608,18 @@ void run_per_sample(
   std::array<at::Tensor, 2> b_buf{to_working<T>(b_in, L), at::Tensor()};
   int y_cur = 0, b_cur = 0;
   const auto in_layout = [&](const at::Tensor& base, const WorkingLayout& lay) {
-    return base.view(-1).narrow(0, 0, C * lay.padded_positions).view({1, C, lay.padded_positions});
+    return prefix_view(base, {1, C, lay.padded_positions});
   };
   at::Tensor src_t = y_buf[0];
   at::Tensor dst_t = y_buf[1];
   at::Tensor Bw = b_buf[0];
   Tiles tiles = make_tiles<T>(L, gemm);
-  at::Tensor G_buf = gemm ? at::empty({C * L.padded_positions}, src_t.options()) : at::Tensor();
-  at::Tensor G = gemm ? G_buf.view({C, L.padded_positions}) : at::Tensor();
+  at::Tensor G_buf = gemm ? at::empty_like(src_t) : at::Tensor();
+  at::Tensor G = gemm ? prefix_view(G_buf, {C, L.padded_positions}) : at::Tensor();
   std::vector<T> position_max(static_cast<size_t>(L.padded_positions));
+  // 1 at a running sample's slot, else 0 (one position per sample only).
+  std::vector<T> alive(static_cast<size_t>(L.padded_positions), T(0));
+  std::fill(alive.begin(), alive.begin() + L.positions, T(1));
   // Original index of every sample in the working copies, and whether it
   // still runs.
   std::vector<int64_t> present(static_cast<size_t>(L.batch));
@@ -608,29 +652,13 @@ void run_per_sample(
     N.batch = static_cast<int64_t>(keep.size());
     N.positions = N.batch * S;
     N.padded_positions = (N.positions + W - 1) / W * W;
-    const auto pack = [&](const at::Tensor& w, at::Tensor r) {
-      const T* from = w.const_data_ptr<T>();
-      T* to = r.data_ptr<T>();
-      at::parallel_for(0, C, std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, N.positions)),
-                       [&](int64_t c0, int64_t c1) {
-        for (int64_t c = c0; c < c1; ++c) {
-          T* row = to + c * N.padded_positions;
-          for (size_t j = 0; j < keep.size(); ++j) {
-            copy_short(from + c * L.padded_positions + static_cast<int64_t>(keep[j]) * S, S,
-                       row + static_cast<int64_t>(j) * S);
-          }
-          std::fill(row + N.positions, row + N.padded_positions, T(0));
-        }
-      });
-      return r;
-    };
-    src_t = pack(src_t, in_layout(y_buf[1 - y_cur], N));
+    src_t = pack_samples<T>(src_t, in_layout(y_buf[1 - y_cur], N), L, N, keep);
     y_cur = 1 - y_cur;
     dst_t = in_layout(y_buf[1 - y_cur], N);
     if (!b_buf[1].defined()) {
       b_buf[1] = at::empty_like(b_buf[0]);
     }
-    Bw = pack(Bw, in_layout(b_buf[1 - b_cur], N));
+    Bw = pack_samples<T>(Bw, in_layout(b_buf[1 - b_cur], N), L, N, keep);
     b_cur = 1 - b_cur;
     std::vector<int64_t> next;
     for (size_t i : keep) {
@@ -640,15 +668,21 @@ void run_per_sample(
     L = N;
     tiles = make_tiles<T>(L, gemm);
     if (gemm) {
-      G = G_buf.narrow(0, 0, C * L.padded_positions).view({C, L.padded_positions});
+      G = prefix_view(G_buf, {C, L.padded_positions});
     }
     position_max.assign(static_cast<size_t>(L.padded_positions), 0);
+    alive.assign(static_cast<size_t>(L.padded_positions), T(0));
+    std::fill(alive.begin(), alive.begin() + L.positions, T(1));
     frozen_present = 0;
   };
 
+  // One position per sample: the tiles make the stop test themselves, lane
+  // by lane (`alive` is 1 at a running sample's slot, else 0), and list the
+  // slots that stop, so the host visits only those.
   const bool one_position = S == 1;
   const Vectorized<T> tol_vec(static_cast<T>(args.tol));
-  std::vector<uint8_t> tile_stops;
+  const Vectorized<T> zero_vec(static_cast<T>(0));
+  std::vector<std::vector<int64_t>> tile_hits;
   int64_t k = 0;
   while (k < K && n_running > 0) {
     const bool check = args.tol > 0 && k >= 1 && k % args.check_every == 0;
@@ -659,11 +693,12 @@ void run_per_sample(
     const T* b = Bw.const_data_ptr<T>();
     T* dst = dst_t.data_ptr<T>();
     if (gemm) {
-      at::mm_out(G, A, src_t.view({C, ld}));
+      at::mm_out(G, A, prefix_view(src_t, {C, ld}));
     }
     const T* g = gemm ? G.const_data_ptr<T>() : nullptr;
     T* pmax = position_max.data();
-    tile_stops.assign(static_cast<size_t>(tiles.count), 0);
+    const T* alive_p = alive.data();
+    tile_hits.resize(static_cast<size_t>(tiles.count));
     at::parallel_for(0, tiles.count, tiles.grain, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         int64_t off, n, valid;
@@ -679,7 +714,8 @@ void run_per_sample(
         // One group: a tile's offset is its first position. With one
         // position per sample the stop test is made here, lane by lane, so
         // the host visits only the tiles where a sample stops.
-        bool stops = false;
+        std::vector<int64_t>& hits = tile_hits[static_cast<size_t>(t)];
+        hits.clear();
         for (int64_t s = 0; s < n; s += W) {
           Vectorized<T> m(static_cast<T>(0));
           for (int64_t c = 0; c < C; ++c) {
@@ -689,12 +725,17 @@ void run_per_sample(
           m.store(pmax + off + s);
           const int64_t lanes = std::min<int64_t>(W, valid - s);
           if (one_position && check && lanes > 0) {
-            // zero_mask: a bit per lane that is not below tol (NaN included).
-            const int not_below = (m < tol_vec).zero_mask();
-            stops = stops || (~not_below & static_cast<int>((int64_t{1} << lanes) - 1)) != 0;
+            // zero_mask: a bit per lane that is not a hit (below tol, NaN
+            // never is, and still running).
+            const Vectorized<T> hit = (m < tol_vec) & (Vectorized<T>::loadu(alive_p + off + s) > zero_vec);
+            auto bits = static_cast<uint64_t>(~hit.zero_mask()) & ((uint64_t{1} << lanes) - 1);
+            for (int64_t lane = 0; bits != 0; ++lane, bits >>= 1) {
+              if (bits & 1) {
+                hits.push_back(off + s + lane);
+              }
+            }
           }
         }
-        tile_stops[static_cast<size_t>(t)] = stops;
       }
     });
     std::swap(src_t, dst_t);
@@ -708,34 +749,38 @@ void run_per_sample(
     const bool record = k == 1 || k == K || args.trace;
     const T tol = static_cast<T>(args.tol);
     T iteration_max = 0;
-    for (size_t i = 0; i < present.size(); ++i) {
-      if (one_position && !record) {
-        // Skip to the next tile that has a stop.
-        const auto t = static_cast<size_t>(static_cast<int64_t>(i) / tiles.width);
-        if (!tile_stops[t]) {
-          i = std::min(present.size(), (t + 1) * static_cast<size_t>(tiles.width)) - 1;
-          continue;
+    const auto stop_sample = [&](size_t i, T m) {
+      const auto orig = static_cast<size_t>(present[i]);
+      stats.measured(orig, k - 1, m);
+      stats.converged[orig] = 1;
+      stats.iterations[orig] = k;
+      running[orig] = 0;
+      alive[i] = 0;
+      stopped_now.push_back(i);
+    };
+    if (one_position && !record) {
+      for (const auto& hits : tile_hits) {
+        for (int64_t i : hits) {
+          stop_sample(static_cast<size_t>(i), pmax[i]);
         }
       }
-      const auto orig = static_cast<size_t>(present[i]);
-      if (!running[orig]) {
-        continue;
-      }
-      const T* p = pmax + static_cast<int64_t>(i) * S;
-      T m = p[0];
-      for (int64_t s = 1; s < S; ++s) {
-        m = nan_max(m, p[s]);
-      }
-      const bool stop = check && m < tol;
-      if (record || stop) {
-        stats.measured(orig, k - 1, m);
+    } else {
+      for (size_t i = 0; i < present.size(); ++i) {
+        const auto orig = static_cast<size_t>(present[i]);
+        if (!running[orig]) {
+          continue;
+        }
+        const T* p = pmax + static_cast<int64_t>(i) * S;
+        T m = p[0];
+        for (int64_t s = 1; s < S; ++s) {
+          m = nan_max(m, p[s]);
+        }
         iteration_max = nan_max(iteration_max, m);
-      }
-      if (stop) {
-        stats.converged[orig] = 1;
-        stats.iterations[orig] = k;
-        running[orig] = 0;
-        stopped_now.push_back(i);
+        if (check && m < tol) {
+          stop_sample(i, m);
+        } else if (record) {
+          stats.measured(orig, k - 1, m);
+        }
       }
     }
     if (!stopped_now.empty()) {
@@ -783,30 +828,39 @@ QuadraticDescentResult run(
     run_per_sample<T>(y0, b_in, A, mix, gemm, args, lrs, y, *stats);
   } else {
     const WorkingLayout L = working_layout<T>(y0, gemm);
-    at::Tensor Y = to_working<T>(y0, L);
-    const at::Tensor Bw = to_working<T>(b_in, L);
     const ChannelMixing<T> mix{A.const_data_ptr<T>(), L.channels, &proj};
     const Tiles tiles = make_tiles<T>(L, gemm);
     LoopStats<T>* st = stats ? &*stats : nullptr;
-    if (args.tol > 0 || gemm || args.trace) {
-      iterations = run_sweeps<T>(Y, Bw, A, mix, tiles, gemm, args, lrs, st);
+    const bool blocked = !(args.tol > 0 || gemm || args.trace);
+    if (blocked && !L.batch_folded) {
+      // Tiles straight from the inputs into the output: no working copies
+      // (for a large conv layer they cost as much as the loop's own time).
+      const at::Tensor yc = y0.contiguous();
+      const at::Tensor bc = b_in.contiguous();
+      y = at::empty(y0.sizes(), y0.options().memory_format(at::MemoryFormat::Contiguous));
+      const int64_t S = L.spatial;
+      run_blocked<T>({yc.const_data_ptr<T>(), bc.const_data_ptr<T>(), y.data_ptr<T>(), S, L.channels * S},
+                     mix, tiles, args.max_iterations, lrs, st);
     } else {
-      run_blocked<T>(Y, Bw, mix, tiles, args.max_iterations, lrs, st);
+      at::Tensor Y = to_working<T>(y0, L);
+      const at::Tensor Bw = to_working<T>(b_in, L);
+      if (blocked) {
+        const int64_t ld = L.padded_positions;
+        run_blocked<T>({Y.const_data_ptr<T>(), Bw.const_data_ptr<T>(), Y.data_ptr<T>(), ld, L.channels * ld},
+                       mix, tiles, args.max_iterations, lrs, st);
+      } else {
+        iterations = run_sweeps<T>(Y, Bw, A, mix, tiles, gemm, args, lrs, st);
+      }
+      y = from_working<T>(Y, L, y0);
     }
-    y = from_working<T>(Y, L, y0);
   }
-  const auto long_opts = y0.options().dtype(at::kLong);
   if (!stats) {
-    return {y, at::scalar_tensor(iterations, long_opts)};
+    return {y, at::scalar_tensor(iterations, y0.options().dtype(at::kLong))};
   }
-  const auto n = static_cast<int64_t>(stats->first.size());
-  const auto dtype = y0.options();
-  at::Tensor conv = at::empty({n}, y0.options().dtype(at::kBool));
-  std::copy(stats->converged.begin(), stats->converged.end(), conv.data_ptr<bool>());
-  return make_ex_result(
-      y, at::tensor(stats->iterations, long_opts), conv,
-      at::tensor(stats->first, dtype), at::tensor(stats->last, dtype),
-      at::tensor(stats->trace, dtype), args.per_sample);
+  const auto wide = [](const std::vector<T>& v) { return std::vector<double>(v.begin(), v.end()); };
+  return make_ex_result_host(
+      y, stats->iterations, stats->converged, wide(stats->first), wide(stats->last),
+      wide(stats->trace), args.per_sample);
 }
 
 } // namespace
