@@ -210,10 +210,7 @@ class _QuadraticLoopModule(IterationLossModule):
         put back to its value at its stop after every later step (samples do
         not interact), so its result is the one it gets alone."""
         attrs = self.__dict__
-        stopped = attrs.get("_stopped")
-        if stopped is None:
-            stopped = attrs["_stopped"] = torch.zeros(y.shape[0], dtype=torch.bool, device=y.device)
-            attrs["_stopped_at"] = torch.zeros(y.shape[0], dtype=torch.long, device=y.device)
+        stopped = self._per_sample_flags(y)
         view = (-1,) + (1,) * (y.dim() - 1)
         state = self._state()
         with torch.no_grad():
@@ -225,6 +222,16 @@ class _QuadraticLoopModule(IterationLossModule):
         stopped |= newly
         last.copy_(y)
         return bool(stopped.all())
+
+    def _per_sample_flags(self, y: torch.Tensor) -> torch.Tensor:
+        """This forward's per-sample stop flags ``(B,)`` (made on first use, with
+        ``_stopped_at``, the iteration count of each stopped sample)."""
+        attrs = self.__dict__
+        stopped = attrs.get("_stopped")
+        if stopped is None:
+            stopped = attrs["_stopped"] = torch.zeros(y.shape[0], dtype=torch.bool, device=y.device)
+            attrs["_stopped_at"] = torch.zeros(y.shape[0], dtype=torch.long, device=y.device)
+        return stopped
 
     def _fused_loop_args(self) -> Optional[Tuple[Any, ...]]:
         """``quadratic_descent`` arguments for this forward, or None."""
@@ -275,7 +282,6 @@ class _QuadraticLoopModule(IterationLossModule):
         self.__dict__["_stopped"] = None
         _QuadraticLoopModule._run_loop(self, *args, **kwargs)
         attrs = self.__dict__
-        stopped = attrs.get("_stopped")
         stats = attrs.get("iteration_stats")
         if stats is not None and attrs.get("divergence", "warn") != "ignore":
             # For the step-size hint, read only if the loop diverged (A is
@@ -285,11 +291,8 @@ class _QuadraticLoopModule(IterationLossModule):
             # Per-sample stops on the per-iteration path: counts per sample
             # (the changes stay batch-wide there).
             state = self._state()
-            ran = stats.iterations.to(state.device)
-            if stopped is None:
-                stopped = torch.zeros(state.shape[0], dtype=torch.bool, device=state.device)
-                attrs["_stopped_at"] = torch.zeros(state.shape[0], dtype=torch.long, device=state.device)
-            stats.iterations = torch.where(stopped, attrs["_stopped_at"], ran)
+            stopped = self._per_sample_flags(state)
+            stats.iterations = torch.where(stopped, attrs["_stopped_at"], stats.iterations.to(state.device))
             stats.converged = stopped.clone()
         attrs["_stopped"] = None
 
