@@ -5,6 +5,7 @@ returns the training loss. Two processes, each on half of the batch, must
 train to the parameters one process reaches on the whole batch.
 """
 
+import gc
 import os
 import sys
 
@@ -46,6 +47,14 @@ def _train(module: nn.Module, x: torch.Tensor) -> None:
         opt.step()
 
 
+def _quiesce() -> None:
+    # Gloo can abort a process ("terminate called without an active exception") when one rank
+    # tears its process group down while the other still has work or a DDP reducer bound to it:
+    # callers drop their DDP module first, and both ranks meet here before destroy_process_group.
+    gc.collect()
+    dist.barrier()
+
+
 def _worker(rank: int, init_file: str, kind: str, broadcast_buffers: bool, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
@@ -55,6 +64,8 @@ def _worker(rank: int, init_file: str, kind: str, broadcast_buffers: bool, out: 
         _train(ddp, _data().chunk(WORLD)[rank])
         if rank == 0:
             torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, out)
+        del ddp
+        _quiesce()
     finally:
         dist.destroy_process_group()
 
@@ -74,6 +85,8 @@ def _worker_loss_outside(rank: int, init_file: str, out: str) -> None:
         if rank == 0:
             with open(out, "w") as f:
                 f.write(message)
+        del ddp
+        _quiesce()
     finally:
         dist.destroy_process_group()
 
