@@ -381,3 +381,35 @@ def test_diverging_broadcasts_per_sample_counts_over_batch_wide_changes():
         loss=torch.tensor(1.0),
     )
     assert stats.diverging.tolist() == [False, True, True]
+
+
+_EDGE = [0.0, -0.0, 1e-30, 0.5, 1.0, 1.001, float(torch.tensor(1.001, dtype=torch.float32)), 1.0011, 2.0, 1e30,
+         float("inf"), float("-inf"), float("nan")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16], ids=str)
+def test_scalar_divergence_test_equals_the_tensor_one(dtype):
+    # check_divergence reads CPU scalars as Python floats; it must agree with
+    # the `diverging` tensor on every edge: NaN, infinities, the growth limit
+    # itself and its float32 rounding, zero changes.
+    gen = torch.Generator().manual_seed(0)
+    pick = lambda: _EDGE[int(torch.randint(len(_EDGE), (), generator=gen))]  # noqa: E731
+    mismatches = []
+    for i in range(3000):
+        t = lambda v: torch.tensor(v, dtype=dtype)  # noqa: E731
+        optional = int(torch.randint(4, (), generator=gen))
+        stats = IterationStats(
+            torch.tensor(7),
+            torch.tensor(bool(torch.randint(2, (), generator=gen))),
+            t(pick()),
+            t(pick()),
+            t(abs(pick())),
+            late_growth=t(pick()) if optional & 1 else None,
+            reversal=torch.tensor(bool(torch.randint(2, (), generator=gen))) if optional & 2 else None,
+            growth_limit=[1.0, 2.0, float("inf")][i % 3],
+            loss=t(pick()) if i % 5 == 0 else None,
+            loss_trace=torch.tensor([1.0, pick()], dtype=dtype) if i % 7 == 0 else None,
+        )
+        if stats._any_diverging() != bool(stats.diverging.any()):
+            mismatches.append(stats.to_dict())
+    assert not mismatches, mismatches[:3]

@@ -149,9 +149,11 @@ def _busy_threads(fn, calls):
 @pytest.mark.parametrize("op", ["sgd_step_ (one large tensor)", "sgd_step_ (many small tensors)", "quadratic_descent"])
 def test_every_thread_does_work(op, restore_threads):
     # Not a timing test: it counts the threads whose CPU time grew while only
-    # the op ran. Each of the 4 threads gets a fixed quarter of the work, over
-    # a hundred milliseconds of CPU time over the calls: /proc charges CPU
-    # time in 10 ms ticks, and with much less a busy thread can go uncounted.
+    # the op ran. Each of the 4 threads gets about a quarter of the work (sgd_step_:
+    # a fixed quarter; quadratic_descent: tiles taken from a shared counter,
+    # hundreds of them per call), over a hundred milliseconds of
+    # CPU time over the calls: /proc charges CPU time in 10 ms ticks, and
+    # with much less a busy thread can go uncounted.
     torch.set_num_threads(4)
     if op.startswith("sgd_step_"):
         sizes = [8_000_000] if "large" in op else [1000] * 8000

@@ -72,7 +72,9 @@ def _noise(y: torch.Tensor) -> torch.Tensor:
     """A change below this is float rounding of ``y`` (0-dim, on ``y``'s device)."""
     if y.numel() == 0:
         return torch.zeros((), dtype=y.dtype, device=y.device)
-    return y.abs().amax().clamp(min=1.0) * (_stats.NOISE_ULPS * torch.finfo(y.dtype).eps)
+    # One reading pass, no |y| temporary (for a conv layer's state that
+    # temporary costs more than the rest of the forward's bookkeeping).
+    return torch.linalg.vector_norm(y, math.inf).clamp_(min=1.0).mul_(_stats.NOISE_ULPS * torch.finfo(y.dtype).eps)
 
 
 class _ScaleGrad:
@@ -318,7 +320,7 @@ class _QuadraticLoopModule(IterationLossModule):
             lr = None
         y = r[0]
         # Reading a count waits for the device, so only when it is not known.
-        count = K if tol <= 0 else int(r[1].max()) if r[1].numel() else K
+        count = K if tol <= 0 else int(r[1]) if r[1].dim() == 0 else int(r[1].max()) if r[1].numel() else K
         if snapshot is not None and count < K:
             self._rewind_scheduler(snapshot, count)
         with torch.no_grad():

@@ -96,8 +96,9 @@ QuadraticDescentResult make_ex_result(
     const at::Tensor& first_change, const at::Tensor& last_change,
     at::Tensor change_trace, bool per_sample);
 
-// make_ex_result from host vectors (the CPU kernel's; the changes as
-// doubles, exact for float and double), out of the ISA-specific files.
+// What make_ex_result gives, from host vectors (the CPU kernel's; y on the
+// CPU; the changes as doubles, exact for float and double), written
+// directly into the result tensors; out of the ISA-specific files.
 QuadraticDescentResult make_ex_result_host(
     at::Tensor y, const std::vector<int64_t>& iterations,
     const std::vector<uint8_t>& converged, const std::vector<double>& first_change,

@@ -11,6 +11,8 @@
 // per-element arithmetic, so the chunks change no result.
 #include "ops.h"
 
+#include <ATen/Dispatch.h>
+
 #include <algorithm>
 #include <limits>
 #include <numeric>
@@ -41,14 +43,39 @@ QuadraticDescentResult make_ex_result_host(
     const std::vector<uint8_t>& converged, const std::vector<double>& first_change,
     const std::vector<double>& last_change, const std::vector<double>& change_trace,
     bool per_sample) {
-  const auto host = at::TensorOptions().dtype(at::kDouble);
-  const auto dtype = y.scalar_type();
-  const std::vector<int64_t> conv(converged.begin(), converged.end());
-  return make_ex_result(
-      y, at::tensor(iterations, y.options().dtype(at::kLong)),
-      at::tensor(conv, y.options().dtype(at::kLong)).to(at::kBool),
-      at::tensor(first_change, host).to(dtype), at::tensor(last_change, host).to(dtype),
-      at::tensor(change_trace, host).to(dtype), per_sample);
+  // The CPU kernel's statistics written straight into their tensors: for the
+  // small loops this op serves, the dozen ATen ops of make_ex_result (and the
+  // conversions from host vectors) cost as much as the loop. Same values:
+  // changes rounded to y's dtype, growth divided in that dtype.
+  TORCH_INTERNAL_ASSERT(y.device().is_cpu(), "make_ex_result_host: y must be on the CPU");
+  const auto n = static_cast<int64_t>(iterations.size());
+  const std::vector<int64_t> shape = per_sample ? std::vector<int64_t>{n} : std::vector<int64_t>{};
+  TORCH_INTERNAL_ASSERT(per_sample || n == 1);
+  const auto opts = y.options();
+  at::Tensor it = at::empty(shape, opts.dtype(at::kLong));
+  at::Tensor cv = at::empty(shape, opts.dtype(at::kBool));
+  at::Tensor change = at::empty(shape, opts);
+  at::Tensor growth = at::empty(shape, opts);
+  at::Tensor trace = at::empty({static_cast<int64_t>(change_trace.size())}, opts);
+  std::copy(iterations.begin(), iterations.end(), it.data_ptr<int64_t>());
+  bool* cv_out = cv.data_ptr<bool>();
+  for (int64_t i = 0; i < n; ++i) {
+    cv_out[i] = converged[static_cast<size_t>(i)] != 0;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "make_ex_result_host", [&] {
+    scalar_t* ch = change.data_ptr<scalar_t>();
+    scalar_t* gr = growth.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < n; ++i) {
+      const auto first = static_cast<scalar_t>(first_change[static_cast<size_t>(i)]);
+      const auto last = static_cast<scalar_t>(last_change[static_cast<size_t>(i)]);
+      ch[i] = last;
+      // 0/0 (no change at all) is 0; x/0 is inf and NaN stays NaN.
+      gr[i] = first == scalar_t(0) && last == scalar_t(0) ? scalar_t(0) : static_cast<scalar_t>(last / first);
+    }
+    std::transform(change_trace.begin(), change_trace.end(), trace.data_ptr<scalar_t>(),
+                   [](double v) { return static_cast<scalar_t>(v); });
+  });
+  return {std::move(y), it, cv, change, growth, trace};
 }
 
 at::Tensor prefix_view(const at::Tensor& base, at::IntArrayRef sizes) {

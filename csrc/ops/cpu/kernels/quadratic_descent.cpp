@@ -26,6 +26,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <numeric>
@@ -283,6 +284,20 @@ at::Tensor to_working(const at::Tensor& t, const WorkingLayout& L) {
   const int64_t B = L.batch, C = L.channels, S = L.spatial, ld = L.padded_positions;
   at::Tensor out = at::empty({L.groups, C, ld}, t.options().memory_format(at::MemoryFormat::Contiguous));
   T* dst = out.data_ptr<T>();
+  if (L.batch_folded && S == 1) {
+    // (B, C) -> (C, B): each sample's C values read in order, one store to
+    // each row (a loop over a length-1 spatial dim per element would cost
+    // several times the copy itself).
+    for (int64_t bb = 0; bb < B; ++bb) {
+      for (int64_t c = 0; c < C; ++c) {
+        dst[c * ld + bb] = src[bb * C + c];
+      }
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      std::fill(dst + c * ld + L.positions, dst + (c + 1) * ld, T(0));
+    }
+    return out;
+  }
   for (int64_t g = 0; g < L.groups; ++g) {
     for (int64_t c = 0; c < C; ++c) {
       T* row = dst + (g * C + c) * ld;
@@ -309,6 +324,14 @@ at::Tensor from_working(const at::Tensor& Y, const WorkingLayout& L, const at::T
   const T* src = Y.const_data_ptr<T>();
   T* dst = out.data_ptr<T>();
   const int64_t B = L.batch, C = L.channels, S = L.spatial, ld = L.padded_positions;
+  if (L.batch_folded && S == 1) {
+    for (int64_t bb = 0; bb < B; ++bb) {
+      for (int64_t c = 0; c < C; ++c) {
+        dst[bb * C + c] = src[c * ld + bb];
+      }
+    }
+    return out;
+  }
   for (int64_t g = 0; g < L.groups; ++g) {
     for (int64_t c = 0; c < C; ++c) {
       const T* row = src + (g * C + c) * ld;
@@ -435,12 +458,20 @@ void run_blocked(
   const int64_t ld = io.row_stride;
   std::vector<T> first_max(stats ? static_cast<size_t>(tiles.count) : 0);
   std::vector<T> last_max(first_max.size());
-  at::parallel_for(0, tiles.count, std::max<int64_t>(1, tiles.grain / std::max<int64_t>(K, 1)), [&](int64_t t0, int64_t t1) {
+  // Threads take `per_grab` tiles at a time from a shared counter instead of
+  // a fixed half each: a core slowed by other work (another process, a
+  // neighbouring VM) then does fewer tiles rather than holding the other
+  // back at the end. Which tiles a thread gets never changes what a tile
+  // computes, so results stay bitwise the same.
+  const int64_t per_grab = std::max<int64_t>(1, tiles.grain / std::max<int64_t>(K, 1));
+  const int64_t grabs = (tiles.count + per_grab - 1) / per_grab;
+  std::atomic<int64_t> next_tile{0};
+  const auto worker = [&](int64_t, int64_t) {
     std::vector<T> local(static_cast<size_t>(3 * C * T_w));
     T* cur = local.data();
     T* nxt = cur + C * T_w;
     T* bl = nxt + C * T_w;
-    for (int64_t t = t0; t < t1; ++t) {
+    const auto run_tile = [&](int64_t t) {
       int64_t unused, n, valid;
       tiles.bounds(t, unused, n, valid);
       const int64_t off = t / tiles.per_group * io.group_stride + t % tiles.per_group * T_w;
@@ -470,8 +501,18 @@ void run_blocked(
       for (int64_t c = 0; c < C; ++c) {
         std::copy_n(src + c * T_w, valid, io.out + off + c * ld);
       }
+    };
+    for (int64_t t0; (t0 = next_tile.fetch_add(per_grab, std::memory_order_relaxed)) < tiles.count;) {
+      for (int64_t t = t0; t < std::min(tiles.count, t0 + per_grab); ++t) {
+        run_tile(t);
+      }
     }
-  });
+  };
+  if (grabs > 1) {
+    at::parallel_for(0, grabs, 1, worker);
+  } else {
+    worker(0, grabs);  // small problems stay on the calling thread
+  }
   if (stats) {
     stats->measured(0, 0, nan_max_of(first_max));
     stats->measured(0, K - 1, nan_max_of(last_max));
