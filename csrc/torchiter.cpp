@@ -85,23 +85,18 @@ TORCH_LIBRARY(torchiter, m) {
       "Tensor? lrs=None, float shrink=0., float? min=None, "
       "float? max=None) -> (Tensor, Tensor)");
   // The same loop with its statistics (ops.h, QuadraticDescentResult) and,
-  // optionally, a stop test per sample.
-  m.def(
-      "quadratic_descent_ex(Tensor y0, Tensor A, Tensor b, float lr, "
-      "int max_iterations, float tol=0., int check_every=1, "
-      "Tensor? lrs=None, float shrink=0., float? min=None, "
-      "float? max=None, bool per_sample=False, bool trace=False) -> "
-      "(Tensor y, Tensor iterations, Tensor converged, Tensor change, "
-      "Tensor growth, Tensor change_trace)");
-  // quadratic_descent_ex through the device-generic driver (the CUDA path),
-  // on the CPU: for tests.
-  m.def(
-      "_quadratic_descent_ex_generic(Tensor y0, Tensor A, Tensor b, float lr, "
-      "int max_iterations, float tol=0., int check_every=1, "
-      "Tensor? lrs=None, float shrink=0., float? min=None, "
-      "float? max=None, bool per_sample=False, bool trace=False) -> "
-      "(Tensor y, Tensor iterations, Tensor converged, Tensor change, "
-      "Tensor growth, Tensor change_trace)");
+  // optionally, a stop test per sample; and, with the same schema, the same
+  // op through the device-generic driver (the CUDA path) on the CPU, for tests.
+#define TORCHITER_QUADRATIC_DESCENT_EX_SCHEMA                            \
+  "(Tensor y0, Tensor A, Tensor b, float lr, "                           \
+  "int max_iterations, float tol=0., int check_every=1, "                \
+  "Tensor? lrs=None, float shrink=0., float? min=None, "                 \
+  "float? max=None, bool per_sample=False, bool trace=False) -> "        \
+  "(Tensor y, Tensor iterations, Tensor converged, Tensor change, "      \
+  "Tensor growth, Tensor change_trace)"
+  m.def("quadratic_descent_ex" TORCHITER_QUADRATIC_DESCENT_EX_SCHEMA);
+  m.def("_quadratic_descent_ex_generic" TORCHITER_QUADRATIC_DESCENT_EX_SCHEMA);
+#undef TORCHITER_QUADRATIC_DESCENT_EX_SCHEMA
   // Gradients of quadratic_descent's y with respect to A and b at its fixed
   // point (csrc/ops/autograd/quadratic_descent.cpp has the derivation).
   m.def(

@@ -123,3 +123,26 @@ def test_step_above_two_over_L_warns_and_strict_mode_raises():
         warnings.simplefilter("error")
         nsm(0.0, lr=3.0, relu=False, divergence="ignore")(x)
         nsm(0.0, lr=0.2)(x)  # converging: no warning
+
+
+@pytest.mark.parametrize("numel", [7, 1 << 16, (1 << 16) + 3], ids=["small", "at-switch", "large"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_noise_floor_is_max_abs_of_the_state(numel, dtype):
+    # Large states take max|y| from amax/amin (no |y| temporary); both ways
+    # must give 16 eps max(1, max|y|) exactly, and NaN.
+    from torchiter.models import _noise
+    from torchiter.stats import NOISE_ULPS
+
+    gen = torch.Generator().manual_seed(numel)
+    eps = torch.finfo(dtype).eps
+    for scale, where in [(5.0, "neg"), (5.0, "pos"), (0.1, "pos")]:
+        y = torch.rand(numel, generator=gen, dtype=dtype) * scale
+        if where == "neg":
+            y[numel // 2] = -3 * scale
+        expected = max(1.0, float(y.abs().max())) * NOISE_ULPS * eps
+        got = _noise(y.view(1, -1))
+        assert got.dtype == dtype and got.dim() == 0
+        assert float(got) == pytest.approx(expected, rel=1e-12), (scale, where)
+    y = torch.rand(numel, generator=gen, dtype=dtype)
+    y[numel - 1] = float("nan")
+    assert torch.isnan(_noise(y.view(1, -1)))

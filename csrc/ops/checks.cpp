@@ -479,4 +479,40 @@ bool same_dense_layout(
   return g.strides() == p.strides() && (!buf || buf->strides() == p.strides());
 }
 
+constexpr const char* kQuadraticDescentBackward = "torchiter.quadratic_descent_backward";
+
+void check_quadratic_descent_backward(
+    const at::Tensor& grad_y, const at::Tensor& y, const at::Tensor& A,
+    double shrink, std::optional<double> min, std::optional<double> max) {
+  TORCH_CHECK(
+      grad_y.defined() && y.defined() && A.defined(), kQuadraticDescentBackward,
+      ": grad_y, y and A must be defined tensors");
+  TORCH_CHECK(
+      y.dim() >= 2, kQuadraticDescentBackward,
+      ": y must have shape (B, C, *spatial), got shape ", y.sym_sizes());
+  TORCH_CHECK(
+      y.scalar_type() == at::kFloat || y.scalar_type() == at::kDouble,
+      kQuadraticDescentBackward, ": y must be float32 or float64, got ", y.scalar_type());
+  TORCH_CHECK(
+      grad_y.scalar_type() == y.scalar_type() &&
+          A.scalar_type() == y.scalar_type(),
+      kQuadraticDescentBackward, ": grad_y, y and A must share one dtype, got grad_y ",
+      grad_y.scalar_type(), ", y ", y.scalar_type(), ", A ", A.scalar_type());
+  TORCH_CHECK(
+      grad_y.device() == y.device() && A.device() == y.device(), kQuadraticDescentBackward,
+      ": grad_y, y and A must live on one device, got grad_y on ",
+      grad_y.device(), ", y on ", y.device(), ", A on ", A.device());
+  TORCH_CHECK(
+      grad_y.sym_sizes() == y.sym_sizes(), kQuadraticDescentBackward, ": grad_y has shape ",
+      grad_y.sym_sizes(), " but y has shape ", y.sym_sizes());
+  const c10::SymInt& C = y.sym_size(1);
+  TORCH_CHECK(
+      A.dim() == 2 && A.sym_size(0) == C && A.sym_size(1) == C, kQuadraticDescentBackward,
+      ": A must have shape (C, C) = [", C, ", ", C,
+      "] where C = y.size(1), got shape ", A.sym_sizes());
+  TORCH_CHECK(
+      !std::isnan(shrink) && shrink >= 0, kQuadraticDescentBackward,
+      ": shrink must be >= 0, got ", shrink);
+}
+
 } // namespace torchiter

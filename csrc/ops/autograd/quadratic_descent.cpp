@@ -93,44 +93,6 @@ void check_info(const at::Tensor& info, int64_t first_row) {
       where, "); the fixed point is not differentiable there");
 }
 
-} // namespace
-
-void check_quadratic_descent_backward(
-    const at::Tensor& grad_y, const at::Tensor& y, const at::Tensor& A,
-    double shrink, std::optional<double> min, std::optional<double> max) {
-  TORCH_CHECK(
-      grad_y.defined() && y.defined() && A.defined(), kBackwardOp,
-      ": grad_y, y and A must be defined tensors");
-  TORCH_CHECK(
-      y.dim() >= 2, kBackwardOp,
-      ": y must have shape (B, C, *spatial), got shape ", y.sym_sizes());
-  TORCH_CHECK(
-      y.scalar_type() == at::kFloat || y.scalar_type() == at::kDouble,
-      kBackwardOp, ": y must be float32 or float64, got ", y.scalar_type());
-  TORCH_CHECK(
-      grad_y.scalar_type() == y.scalar_type() &&
-          A.scalar_type() == y.scalar_type(),
-      kBackwardOp, ": grad_y, y and A must share one dtype, got grad_y ",
-      grad_y.scalar_type(), ", y ", y.scalar_type(), ", A ", A.scalar_type());
-  TORCH_CHECK(
-      grad_y.device() == y.device() && A.device() == y.device(), kBackwardOp,
-      ": grad_y, y and A must live on one device, got grad_y on ",
-      grad_y.device(), ", y on ", y.device(), ", A on ", A.device());
-  TORCH_CHECK(
-      grad_y.sym_sizes() == y.sym_sizes(), kBackwardOp, ": grad_y has shape ",
-      grad_y.sym_sizes(), " but y has shape ", y.sym_sizes());
-  const c10::SymInt& C = y.sym_size(1);
-  TORCH_CHECK(
-      A.dim() == 2 && A.sym_size(0) == C && A.sym_size(1) == C, kBackwardOp,
-      ": A must have shape (C, C) = [", C, ", ", C,
-      "] where C = y.size(1), got shape ", A.sym_sizes());
-  TORCH_CHECK(
-      !std::isnan(shrink) && shrink >= 0, kBackwardOp,
-      ": shrink must be >= 0, got ", shrink);
-}
-
-namespace {
-
 // The backward kernel, built from ATen ops so the same code runs on every
 // device: no host synchronisation on CUDA, batched solves, no per-sample loop.
 std::tuple<at::Tensor, at::Tensor> quadratic_descent_backward_kernel(
