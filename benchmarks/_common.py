@@ -41,6 +41,12 @@ def machine_header(device: str = "cpu") -> str:
     )
 
 
+def median(xs):
+    """The middle value (the upper one of an even count): of per-round times or ratios."""
+    xs = sorted(xs)
+    return xs[len(xs) // 2]
+
+
 def median_seconds(stmt, globals_, label: str, sub_label: str, description: str, min_run_time: float = 1.0):
     """Times `stmt` with torch.utils.benchmark at the current torch thread count; returns (median seconds, Measurement)."""
     # Timer runs its statement at num_threads (default 1), not at the caller's count.
