@@ -28,8 +28,12 @@ def machine_header(device: str = "cpu") -> str:
     cmd = " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable)] + sys.argv)
     import torchiter
 
-    forced = os.environ.get("TORCHITER_CPU_CAPABILITY")
-    isa = f"torchiter CPU kernels {torchiter.cpu_capability()}" + (f" (TORCHITER_CPU_CAPABILITY={forced})" if forced else "")
+    isa = f"torchiter CPU kernels {torchiter.cpu_capability()}"
+    # Variables that narrow torchiter's, ATen's or MKL's instruction set are
+    # part of the command that ran.
+    forced = [f"{k}={os.environ[k]}" for k in ("TORCHITER_CPU_CAPABILITY", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS") if k in os.environ]
+    if forced:
+        isa += f" ({', '.join(forced)})"
     load = ""
     if hasattr(os, "getloadavg"):
         # Other processes competing for the cores skew every figure: say so.
