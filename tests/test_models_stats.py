@@ -146,3 +146,28 @@ def test_noise_floor_is_max_abs_of_the_state(numel, dtype):
     y = torch.rand(numel, generator=gen, dtype=dtype)
     y[numel - 1] = float("nan")
     assert torch.isnan(_noise(y.view(1, -1)))
+
+
+@pytest.mark.parametrize("B", [13, 20000], ids=["small-state", "large-state"])
+def test_model_noise_is_the_floor_of_the_returned_state(B):
+    # Small CPU states get their noise floor when it is first read; it must
+    # be that of the loop's result even after the caller changes the
+    # returned tensor in place, and a diverging loop must still be reported.
+    from torchiter.stats import NOISE_ULPS
+
+    torch.manual_seed(2)
+    x = torch.randn(B, 7, dtype=torch.float64) * 3
+    model = nsm(1e-9)
+    y = model(x)
+    expected = max(1.0, float(y.abs().max())) * NOISE_ULPS * torch.finfo(torch.float64).eps
+    y.mul_(1000.0)
+    noise = model.iteration_stats.noise
+    assert noise.dtype == torch.float64 and noise.dim() == 0
+    assert float(noise) == pytest.approx(expected, rel=1e-12)
+    assert model.iteration_stats.to_dict()["noise"] == float(noise)
+    copied = copy.deepcopy(model)
+    assert float(copied.iteration_stats.noise) == float(noise)
+    diverging = nsm(0.0, lr=3.0, relu=False)
+    with pytest.warns(torchiter.DivergenceWarning):
+        diverging(x)
+    assert bool(diverging.iteration_stats.diverging)

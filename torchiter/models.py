@@ -16,6 +16,7 @@ backward at the fixed point (or through the last iterations, unrolled).
 See ``docs/models.md`` for the definitions.
 """
 
+import functools
 import math
 import warnings
 import weakref
@@ -68,6 +69,12 @@ def _check_nonempty(owner: str, y: torch.Tensor) -> None:
         raise ValueError(f"{owner}: the batch is empty (y has shape {tuple(y.shape)}); the loss of no samples is undefined")
 
 
+# Up to this many elements the statistics keep the loop's result to compute
+# its noise floor when read (256 KiB in float32); larger ones compute it at
+# once, which costs little next to their loop and holds no second copy.
+_LAZY_NOISE_NUMEL = 1 << 16
+
+
 def _noise(y: torch.Tensor) -> torch.Tensor:
     """A change below this is float rounding of ``y`` (0-dim, on ``y``'s device)."""
     if y.numel() == 0:
@@ -95,6 +102,10 @@ class _ScaleGrad:
     def __call__(self, grad: torch.Tensor) -> torch.Tensor:
         model = self.model()
         return grad if model is None else grad * (-1.0 / model.tau)
+
+
+# Where the loop methods the fused loop reproduces are defined.
+_LOOP_MODULES = (__name__, IterationLossModule.__module__)
 
 
 class _QuadraticLoopModule(IterationLossModule):
@@ -174,10 +185,9 @@ class _QuadraticLoopModule(IterationLossModule):
             return False
         # The loop methods must be this file's (or the base class'): a user's
         # override of any of them is honoured by running the generic path.
-        mro = type(self).__mro__
+        cls = type(self)
         for name in ("iteration", "iteration_set_gradients", "converged"):
-            owner = next(k for k in mro if name in k.__dict__)
-            if owner.__module__ not in (__name__, IterationLossModule.__module__):
+            if getattr(getattr(cls, name), "__module__", None) not in _LOOP_MODULES:
                 return False
         if self.it_construct_optim not in _SGD_TYPES:
             return False
@@ -254,6 +264,8 @@ class _QuadraticLoopModule(IterationLossModule):
         if group["momentum"] != 0 or group.get("differentiable", False):
             return None
         A, b = self._quadratic()
+        # For the step-size hint of a diverged loop (see _run_iterations).
+        self.__dict__["_it_curvature"] = A
         # SGD's own transformations of the gradient A·y − b, folded into A, b.
         if group["maximize"]:
             A, b = -A, -b
@@ -286,14 +298,16 @@ class _QuadraticLoopModule(IterationLossModule):
         self._step_scheduler(steps)
 
     def _run_iterations(self, *args: Any, **kwargs: Any) -> None:
-        self.__dict__["_stopped"] = None
-        _QuadraticLoopModule._run_loop(self, *args, **kwargs)
         attrs = self.__dict__
+        attrs["_stopped"] = None
+        attrs["_it_curvature"] = None
+        _QuadraticLoopModule._run_loop(self, *args, **kwargs)
         stats = attrs.get("iteration_stats")
+        curvature = attrs.pop("_it_curvature", None)
         if stats is not None and attrs.get("divergence", "warn") != "ignore":
             # For the step-size hint, read only if the loop diverged (A is
             # released at post_iteration).
-            stats._curvature = self._quadratic()[0].detach()
+            stats._curvature = (curvature if curvature is not None else self._quadratic()[0]).detach()
         if self.per_sample_stopping and stats is not None and stats.iterations.dim() == 0:
             # Per-sample stops on the per-iteration path: counts per sample
             # (the changes stay batch-wide there).
@@ -331,8 +345,11 @@ class _QuadraticLoopModule(IterationLossModule):
         with torch.no_grad():
             state.copy_(y)
         self.__dict__["iteration_idx"] = count - 1
+        # y is the op's own output (the state holds a copy), so a small CPU
+        # one can be kept for a noise floor computed on first read.
+        noise = functools.partial(_noise, y) if y.device.type == "cpu" and y.numel() <= _LAZY_NOISE_NUMEL else _noise(y)
         self.__dict__["iteration_stats"] = _stats.IterationStats(
-            r[1], r[2], r[3], r[4], _noise(y),
+            r[1], r[2], r[3], r[4], noise,
             change_trace=r[5][:count] if trace else None,
             lr=lr,
         )

@@ -135,7 +135,7 @@ class IterationStats:
         converged: torch.Tensor,
         change: torch.Tensor,
         growth: torch.Tensor,
-        noise: torch.Tensor,
+        noise: Union[torch.Tensor, Callable[[], torch.Tensor]],
         *,
         late_growth: Optional[torch.Tensor] = None,
         reversal: Optional[torch.Tensor] = None,
@@ -156,12 +156,31 @@ class IterationStats:
         self.change_trace = change_trace
         self.loss_trace = loss_trace
         self.loss = loss
-        self.noise = noise
+        # A callable is evaluated on first read (see the noise property).
+        self._noise = noise
         self.lr = lr
         self.per_call = per_call
         # The state before the first iteration, kept by the module until its
         # divergence check (to estimate the curvature there); then dropped.
         self._initial: Optional[List[torch.Tensor]] = None
+
+    @property
+    def noise(self) -> torch.Tensor:
+        """Floating 0-dim tensor: a change below it is float rounding.
+
+        A loop may hand a CPU callable instead of the tensor: the reduction
+        over the state then runs only when something reads it (the
+        divergence check reads it only for a change that grew), not in
+        every forward of a small problem, where it would be a visible share
+        of the time."""
+        noise = self._noise
+        if not isinstance(noise, torch.Tensor):
+            noise = self._noise = noise()
+        return noise
+
+    @noise.setter
+    def noise(self, value: torch.Tensor) -> None:
+        self._noise = value
 
     @property
     def diverging(self) -> torch.Tensor:
@@ -190,7 +209,10 @@ class IterationStats:
         common case: batch-wide statistics of a CPU loop) the same test runs
         on Python floats, a few microseconds instead of a dozen small tensor
         ops per forward."""
-        fields = (self.change, self.growth, self.converged, self.noise, self.late_growth, self.reversal)
+        # A noise not computed yet is a CPU scalar (the contract of a callable
+        # noise): only the fields already there decide the path.
+        noise = self._noise if isinstance(self._noise, torch.Tensor) else None
+        fields = (self.change, self.growth, self.converged, noise, self.late_growth, self.reversal)
         losses = self.loss_trace if self.loss_trace is not None else self.loss
         scalars = all(
             t is None or (t.dim() == 0 and t.device.type == "cpu") for t in fields

@@ -31,6 +31,7 @@
 #include <limits>
 #include <numeric>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 namespace torchiter::cpu::CPU_CAPABILITY {
@@ -60,12 +61,25 @@ inline Vectorized<T> masked_delta(const Vectorized<T>& nv, const Vectorized<T>& 
   return lanes > 0 ? Vec::set(Vec(static_cast<T>(0)), d, lanes) : Vec(static_cast<T>(0));
 }
 
+// Loops over the register block (R rows x NV vectors) must be unrolled: an
+// accumulator array indexed by a loop variable lives on the stack, and every
+// column step then stores, reloads and re-zeroes all R x NV accumulators.
+#if defined(__clang__)
+#define TORCHITER_UNROLL _Pragma("unroll")
+#elif defined(__GNUC__)
+#define TORCHITER_UNROLL _Pragma("GCC unroll 16")
+#else
+#define TORCHITER_UNROLL
+#endif
+
 // Updates rows [i, i + R) of the NV * W positions at column s. With DELTA,
 // returns max |new - old| over the first `valid` of those positions (NaN if
 // any is NaN). R x NV accumulators share each broadcast of A and each load of
 // y (a register-blocked GEMM). Deltas are returned by value, not folded
 // through a pointer: the stores to yn could alias it, which would serialise
-// the maxima through memory.
+// the maxima through memory. For the same reason the projection's constants
+// are copied into locals: read through pn.project they would be reloaded
+// after every store.
 template <typename T, int R, int NV, bool DELTA>
 inline Vectorized<T> rows_step(
     const ChannelMixing<T>& pn, int64_t i, const T* y, const T* b, T* yn,
@@ -74,7 +88,9 @@ inline Vectorized<T> rows_step(
   constexpr int64_t W = Vec::size();
   const int64_t C = pn.C;
   Vec acc[R][NV];
+  TORCHITER_UNROLL
   for (int r = 0; r < R; ++r) {
+    TORCHITER_UNROLL
     for (int v = 0; v < NV; ++v) {
       acc[r][v] = Vec(static_cast<T>(0));
     }
@@ -82,30 +98,39 @@ inline Vectorized<T> rows_step(
   const T* Ai = pn.A + i * C;
   for (int64_t j = 0; j < C; ++j) {
     Vec yj[NV];
+    TORCHITER_UNROLL
     for (int v = 0; v < NV; ++v) {
       yj[v] = Vec::loadu(y + j * ld + s + v * W);
     }
+    TORCHITER_UNROLL
     for (int r = 0; r < R; ++r) {
       const Vec a(Ai[r * C + j]);
+      TORCHITER_UNROLL
       for (int v = 0; v < NV; ++v) {
         acc[r][v] = at::vec::fmadd(a, yj[v], acc[r][v]);
       }
     }
   }
-  Vec dmax(static_cast<T>(0));
-  for (int r = 0; r < R; ++r) {
-    for (int v = 0; v < NV; ++v) {
-      const int64_t off = (i + r) * ld + s + v * W;
-      const Vec old = Vec::loadu(y + off);
-      const Vec grad = acc[r][v] - Vec::loadu(b + off);
-      const Vec nv = (*pn.project)(at::vec::fmadd(grad, neg_lr, old));
-      nv.store(yn + off);
-      if constexpr (DELTA) {
-        dmax = at::vec::maximum(dmax, masked_delta(nv, old, valid - v * W));
+  const VecProjection<T> project = *pn.project;
+  const auto finish = [&](auto shrink) {
+    Vec dmax(static_cast<T>(0));
+    TORCHITER_UNROLL
+    for (int r = 0; r < R; ++r) {
+      TORCHITER_UNROLL
+      for (int v = 0; v < NV; ++v) {
+        const int64_t off = (i + r) * ld + s + v * W;
+        const Vec old = Vec::loadu(y + off);
+        const Vec grad = acc[r][v] - Vec::loadu(b + off);
+        const Vec nv = project.template apply<decltype(shrink)::value>(at::vec::fmadd(grad, neg_lr, old));
+        nv.store(yn + off);
+        if constexpr (DELTA) {
+          dmax = at::vec::maximum(dmax, masked_delta(nv, old, valid - v * W));
+        }
       }
     }
-  }
-  return dmax;
+    return dmax;
+  };
+  return project.use_shrink ? finish(std::true_type{}) : finish(std::false_type{});
 }
 
 // Register blocking: rows_step keeps R x NV accumulators, NV loads of y and
