@@ -47,6 +47,17 @@ struct ChannelMixing {
   const T* A;
   int64_t C;
   const VecProjection<T>* project;
+  // How column_step cuts the C rows into register blocks: `blocks` blocks of
+  // `height` rows, the first `taller` of them one row taller. Fixed per call:
+  // worked out per column step, its two integer divisions cost as much as
+  // the whole step does for a handful of channels.
+  int64_t blocks, height, taller;
+
+  ChannelMixing(const T* A_, int64_t C_, const VecProjection<T>* project_, int64_t max_rows)
+      : A(A_), C(C_), project(project_),
+        blocks((C_ + max_rows - 1) / max_rows),
+        height(blocks > 0 ? C_ / blocks : 0),
+        taller(blocks > 0 ? C_ % blocks : 0) {}
 };
 
 // |new - old|, with lanes at or past `lanes` (padding) zeroed: they must not
@@ -152,13 +163,10 @@ inline Vectorized<T> column_step(
     const ChannelMixing<T>& pn, const T* y, const T* b, T* yn, int64_t ld, int64_t s,
     const Vectorized<T>& neg_lr, int64_t valid) {
   static_assert(kMaxRows == 5, "the switch below covers block heights 1..kMaxRows");
-  const int64_t blocks = (pn.C + kMaxRows - 1) / kMaxRows;
-  const int64_t height = pn.C / blocks;
-  const int64_t taller = pn.C % blocks;  // blocks of height + 1 rows
   Vectorized<T> dmax(static_cast<T>(0));
   int64_t i = 0;
-  for (int64_t k = 0; k < blocks; ++k) {
-    const int64_t rows = height + (k < taller ? 1 : 0);
+  for (int64_t k = 0; k < pn.blocks; ++k) {
+    const int64_t rows = pn.height + (k < pn.taller ? 1 : 0);
     Vectorized<T> d;
     switch (rows) {
       case 5: d = rows_step<T, 5, NV, DELTA>(pn, i, y, b, yn, ld, s, neg_lr, valid); break;
@@ -890,11 +898,11 @@ QuadraticDescentResult run(
   int64_t iterations = args.max_iterations;
   if (args.per_sample) {
     y = at::empty(y0.sizes(), y0.options().memory_format(at::MemoryFormat::Contiguous));
-    const ChannelMixing<T> mix{A.const_data_ptr<T>(), y0.size(1), &proj};
+    const ChannelMixing<T> mix(A.const_data_ptr<T>(), y0.size(1), &proj, kMaxRows);
     run_per_sample<T>(y0, b_in, A, mix, gemm, args, lrs, y, *stats);
   } else {
     const WorkingLayout L = working_layout<T>(y0, gemm);
-    const ChannelMixing<T> mix{A.const_data_ptr<T>(), L.channels, &proj};
+    const ChannelMixing<T> mix(A.const_data_ptr<T>(), L.channels, &proj, kMaxRows);
     const Tiles tiles = make_tiles<T>(L, gemm);
     LoopStats<T>* st = stats ? &*stats : nullptr;
     const bool blocked = !(args.tol > 0 || gemm || args.trace);
