@@ -250,6 +250,16 @@ void check_writable(const char* op, const char* list, size_t i, const at::Tensor
       "optimizers do");
 }
 
+// A is (C, C) with C = y.size(1); `y_name` is how the op calls its y.
+// Sym sizes: the Meta kernels run these checks under dynamic shapes too.
+void check_channel_matrix(const char* op, const at::Tensor& A, const at::Tensor& y, const char* y_name) {
+  const c10::SymInt& C = y.sym_size(1);
+  TORCH_CHECK(
+      A.dim() == 2 && A.sym_size(0) == C && A.sym_size(1) == C, op,
+      ": A must have shape (C, C) = [", C, ", ", C,
+      "] where C = ", y_name, ".size(1), got shape ", A.sym_sizes());
+}
+
 } // namespace
 
 void check_sgd_step(
@@ -384,12 +394,7 @@ void check_quadratic_descent(
       A.device() == y0.device() && b.device() == y0.device(), op,
       ": y0, A and b must live on one device, got y0 on ", y0.device(),
       ", A on ", A.device(), ", b on ", b.device());
-  // Sym sizes: the Meta kernel runs these checks under dynamic shapes too.
-  const c10::SymInt& C = y0.sym_size(1);
-  TORCH_CHECK(
-      A.dim() == 2 && A.sym_size(0) == C && A.sym_size(1) == C, op,
-      ": A must have shape (C, C) = [", C, ", ", C,
-      "] where C = y0.size(1), got shape ", A.sym_sizes());
+  check_channel_matrix(op, A, y0, "y0");
   TORCH_CHECK(
       b.sym_sizes() == y0.sym_sizes(), op, ": b has shape ", b.sym_sizes(),
       " but y0 has shape ", y0.sym_sizes());
@@ -505,11 +510,7 @@ void check_quadratic_descent_backward(
   TORCH_CHECK(
       grad_y.sym_sizes() == y.sym_sizes(), kQuadraticDescentBackward, ": grad_y has shape ",
       grad_y.sym_sizes(), " but y has shape ", y.sym_sizes());
-  const c10::SymInt& C = y.sym_size(1);
-  TORCH_CHECK(
-      A.dim() == 2 && A.sym_size(0) == C && A.sym_size(1) == C, kQuadraticDescentBackward,
-      ": A must have shape (C, C) = [", C, ", ", C,
-      "] where C = y.size(1), got shape ", A.sym_sizes());
+  check_channel_matrix(kQuadraticDescentBackward, A, y, "y");
   TORCH_CHECK(
       !std::isnan(shrink) && shrink >= 0, kQuadraticDescentBackward,
       ": shrink must be >= 0, got ", shrink);

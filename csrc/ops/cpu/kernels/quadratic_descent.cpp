@@ -39,6 +39,9 @@ namespace {
 
 using at::vec::Vectorized;
 
+// Tallest register block of rows (see "Register blocking" below rows_step).
+constexpr int kMaxRows = 5;
+
 // What one iteration applies to a block of positions: the (C, C) channel
 // mixing matrix A (row-major) and the projection. The blocks it works on are
 // C rows of positions with a row stride `ld` (a multiple of the width).
@@ -53,9 +56,9 @@ struct ChannelMixing {
   // the whole step does for a handful of channels.
   int64_t blocks, height, taller;
 
-  ChannelMixing(const T* A_, int64_t C_, const VecProjection<T>* project_, int64_t max_rows)
+  ChannelMixing(const T* A_, int64_t C_, const VecProjection<T>* project_)
       : A(A_), C(C_), project(project_),
-        blocks((C_ + max_rows - 1) / max_rows),
+        blocks((C_ + kMaxRows - 1) / kMaxRows),
         height(blocks > 0 ? C_ / blocks : 0),
         taller(blocks > 0 ? C_ % blocks : 0) {}
 };
@@ -151,7 +154,6 @@ inline Vectorized<T> rows_step(
 // (20 + 4 + 1 registers) with 64-byte vectors, 5 x 2 (10 + 2 + 1) otherwise.
 // The blocking only decides which positions share a load: each position's
 // arithmetic is the same, so every variant gives the same bits.
-constexpr int kMaxRows = 5;
 template <typename T>
 constexpr int kColumnVectors = sizeof(Vectorized<T>) >= 64 ? 4 : 2;
 
@@ -898,11 +900,11 @@ QuadraticDescentResult run(
   int64_t iterations = args.max_iterations;
   if (args.per_sample) {
     y = at::empty(y0.sizes(), y0.options().memory_format(at::MemoryFormat::Contiguous));
-    const ChannelMixing<T> mix(A.const_data_ptr<T>(), y0.size(1), &proj, kMaxRows);
+    const ChannelMixing<T> mix(A.const_data_ptr<T>(), y0.size(1), &proj);
     run_per_sample<T>(y0, b_in, A, mix, gemm, args, lrs, y, *stats);
   } else {
     const WorkingLayout L = working_layout<T>(y0, gemm);
-    const ChannelMixing<T> mix(A.const_data_ptr<T>(), L.channels, &proj, kMaxRows);
+    const ChannelMixing<T> mix(A.const_data_ptr<T>(), L.channels, &proj);
     const Tiles tiles = make_tiles<T>(L, gemm);
     LoopStats<T>* st = stats ? &*stats : nullptr;
     const bool blocked = !(args.tol > 0 || gemm || args.trace);
