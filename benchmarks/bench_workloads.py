@@ -1,6 +1,7 @@
 """The similarity-matching workloads of docs/models.md, side by side.
 
-For each workload (pca, clustering, conv) one run times, on the same inputs and
+For each workload (pca, clustering, conv, and conv as constructed, whose
+competitor is still the identity) one run times, on the same inputs and
 weights: torchiter's ``SimilarityMatching`` forward (its inner loop is one
 ``quadratic_descent`` call), and the per-iteration loop as the original library
 runs it (einsum gradient, ``torch.optim.SGD`` step, projection by reassigning
@@ -22,11 +23,14 @@ from _common import machine_header, median, median_seconds
 from torchiter.models import SimilarityMatching
 from torchiter.reference import original_nsm_loop
 
-# name: (input shape, encoder factory, channels, iterations, lr, tol, projection)
+# name: (input shape, encoder factory, channels, iterations, lr, tol, projection, trained competitor)
 WORKLOADS = {
-    "pca": ((1000, 10), lambda: nn.Linear(10, 3, bias=False), 3, 100, 0.1, 1e-5, None),
-    "clustering": ((100, 2), lambda: nn.Linear(2, 10), 10, 200, 0.05, 1e-4, "relu"),
-    "conv": ((100, 1, 28, 28), lambda: nn.Conv2d(1, 50, 6, bias=False), 50, 40, 1.0, 0.0, "relu"),
+    "pca": ((1000, 10), lambda: nn.Linear(10, 3, bias=False), 3, 100, 0.1, 1e-5, None, True),
+    "clustering": ((100, 2), lambda: nn.Linear(2, 10), 10, 200, 0.05, 1e-4, "relu", True),
+    "conv": ((100, 1, 28, 28), lambda: nn.Conv2d(1, 50, 6, bias=False), 50, 40, 1.0, 0.0, "relu", True),
+    # The same layer as constructed (M = I), as in every model's first
+    # forward: the op recognises a diagonal A and mixes no channels.
+    "conv, M = I": ((100, 1, 28, 28), lambda: nn.Conv2d(1, 50, 6, bias=False), 50, 40, 1.0, 0.0, "relu", False),
 }
 
 
@@ -47,17 +51,18 @@ class OriginalLoop:
 
 
 def build(name, device):
-    shape, make_encoder, C, iters, lr, tol, proj = WORKLOADS[name]
+    shape, make_encoder, C, iters, lr, tol, proj, trained = WORKLOADS[name]
     torch.manual_seed(0)
     x = torch.randn(shape, device=device)
     model = SimilarityMatching(
         make_encoder(), C, tau=0.5, max_iterations=iters, tol=tol, iteration_lr=lr,
         iteration_projection=nn.ReLU() if proj == "relu" else None,
     ).to(device)
-    with torch.no_grad():
-        # A trained competitor is not the identity: perturb it symmetrically.
-        P = 0.05 * torch.randn(C, C, device=device)
-        model.competitor.weight.add_(P + P.T)
+    if trained:
+        with torch.no_grad():
+            # A trained competitor is not the identity: perturb it symmetrically.
+            P = 0.05 * torch.randn(C, C, device=device)
+            model.competitor.weight.add_(P + P.T)
     original = OriginalLoop(model.encoder, model.competitor.weight.detach(), iters, lr, tol, proj == "relu")
     return x, model, original
 

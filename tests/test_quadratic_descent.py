@@ -112,8 +112,11 @@ def test_bitwise_stable_across_thread_counts_and_modes():
     old = torch.get_num_threads()
     outs = []
     try:
-        for shape in [(3, 50, 23, 23), (4000, 3), (300, 160)]:
-            y0, A, b = problem(shape, dtype=torch.float32)
+        for shape in [(3, 50, 23, 23), (4000, 3), (300, 160), ("diagonal", 3, 50, 23, 23)]:
+            if shape[0] == "diagonal":
+                y0, A, _, b = diagonal_problem(shape[1:], dtype=torch.float32)
+            else:
+                y0, A, b = problem(shape, dtype=torch.float32)
             for threads in (1, 2, 3):
                 torch.set_num_threads(threads)
                 # tol=0 runs the cache-blocked path; a tiny tol that never
@@ -128,6 +131,76 @@ def test_bitwise_stable_across_thread_counts_and_modes():
         group = [o for o in outs if o[0] == shape]
         for _, a, s in group:
             assert torch.equal(a, group[0][1]) and torch.equal(s, group[0][1])
+
+
+def diagonal_problem(shape, dtype=torch.float64, device="cpu"):
+    """A diagonal A, and a dense A that acts the same way: its last channel
+    starts and stays at exactly 0 (y0 = b = 0 there) and is the only one
+    coupled to the others (off-diagonal entries in its column only), so every
+    coupling term is an exact zero and the dense path must give the same
+    bits as the diagonal one."""
+    C = shape[1]
+    y0 = torch.randn(shape, dtype=torch.float64)
+    b = torch.randn(shape, dtype=torch.float64)
+    y0[:, -1] = 0
+    b[:, -1] = 0
+    A = torch.diag(torch.rand(C, dtype=torch.float64) + 0.5)
+    dense = A.clone()
+    dense[:-1, -1] = torch.randn(C - 1, dtype=torch.float64)
+    return tuple(t.to(dtype=dtype, device=device) for t in (y0, A, dense, b))
+
+
+# (B, C, *spatial) around the vector and register-run widths (8 vectors of 8
+# or 16 float32 lanes), per-sample and folded layouts, the GEMM threshold.
+DIAGONAL_SHAPES = [(1000, 3), (100, 10), (7, 2), (5, 70), (3, 50, 23, 23), (2, 6, 129), (2, 5, 127), (4, 3, 40), (2, 7, 5, 14), (37, 130), (2, 150, 3, 5)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", DIAGONAL_SHAPES, ids=str)
+@pytest.mark.parametrize("proj", PROJECTIONS, ids=str)
+@pytest.mark.parametrize("tol", [0.0, 1e-30], ids=["no_test", "stop_test"])
+def test_diagonal_A_gives_the_dense_paths_bits(device, dtype, shape, proj, tol):
+    y0, A, dense, b = diagonal_problem(shape, dtype, device)
+    kw = dict(tol=tol, **PROJECTIONS[proj])
+    y, n = OP(y0, A, b, 0.4, 23, **kw)
+    yd, nd = OP(y0, dense, b, 0.4, 23, **kw)
+    # A relu-clamped float32 state can stop changing at all, which even a
+    # 1e-30 tolerance sees.
+    assert int(n) == int(nd) and (tol == 0 or int(n) > 1)
+    assert not torch.isnan(y).any()
+    assert torch.equal(y, yd)
+    if dtype == torch.float64:
+        yr, nr = quadratic_descent_reference(y0, A, b, 0.4, 23, **kw)
+        assert nr == int(n)
+        torch.testing.assert_close(y, yr, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(64, 5), (3, 4, 70)], ids=str)
+def test_diagonal_A_with_scheduled_rates_and_early_stop(device, shape):
+    y0, A, dense, b = diagonal_problem(shape, device=device)
+    lrs = torch.linspace(0.9, 0.2, 300, dtype=torch.float64)
+    for tol in (0.0, 1e-7):
+        y, n = OP(y0, A, b, 0.0, 300, tol=tol, lrs=lrs, min=-0.5)
+        yd, nd = OP(y0, dense, b, 0.0, 300, tol=tol, lrs=lrs, min=-0.5)
+        yr, nr = quadratic_descent_reference(y0, A, b, 0.0, 300, tol=tol, lrs=lrs, min=-0.5)
+        assert int(n) == int(nd) == nr and (tol == 0 or nr < 300)
+        assert torch.equal(y, yd)
+        torch.testing.assert_close(y, yr, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(16, 5), (2, 5, 70)], ids=str)
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")], ids=str)
+def test_diagonal_A_spreads_a_non_finite_value_as_the_dense_path_does(device, shape, bad):
+    # In A y, 0 * inf = NaN reaches every channel of the position: a diagonal
+    # A must not hide that.
+    y0, A, dense, b = diagonal_problem(shape, device=device)
+    b[1, 2] = bad
+    for tol in (0.0, 1e-6):
+        y, n = OP(y0, A, b, 0.3, 9, tol=tol)
+        yd, nd = OP(y0, dense, b, 0.3, 9, tol=tol)
+        assert int(n) == int(nd) == 9
+        assert torch.isnan(y[1, :-1]).all()
+        assert torch.equal(bits(y), bits(yd))
 
 
 BAD = [

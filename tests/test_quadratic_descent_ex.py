@@ -9,7 +9,7 @@ import torch
 
 import torchiter
 from _util import bits
-from test_quadratic_descent import PROJECTIONS, problem, spd
+from test_quadratic_descent import PROJECTIONS, diagonal_problem, problem, spd
 from torchiter.ops import quadratic_descent_ex
 from torchiter.reference import quadratic_descent_ex_reference
 
@@ -117,6 +117,26 @@ def test_generic_driver_equals_cpu_kernel(shape, tol, check_every, per_sample, t
             else:
                 assert x.shape == z.shape and x.dtype == z.dtype, name
                 assert torch.equal(x.nan_to_num(7.0), z.nan_to_num(7.0)), name
+
+
+@pytest.mark.parametrize("shape", [(37, 5), (9, 3, 7), (4, 6, 9, 11), (3, 10, 140), (6, 130)], ids=str)
+@pytest.mark.parametrize("tol,check_every", TESTS, ids=str)
+@pytest.mark.parametrize("per_sample", [False, True], ids=["batch", "per_sample"])
+@pytest.mark.parametrize("trace", [False, True], ids=["no_trace", "trace"])
+def test_diagonal_A_statistics_are_the_dense_paths(shape, tol, check_every, per_sample, trace):
+    # The diagonal path measures its changes itself: every statistic must be
+    # the one the dense path reports for the same (decoupled) problem.
+    y0, A, dense, b = diagonal_problem(shape)
+    b = b * torch.rand((shape[0],) + (1,) * (len(shape) - 1), dtype=b.dtype) * 3
+    for dtype in (torch.float64, torch.float32):
+        args = (0.45, 60, tol, check_every, None, 0.0, 0.0, None, per_sample, trace)
+        r = OP(y0.to(dtype), A.to(dtype), b.to(dtype), *args)
+        d = OP(y0.to(dtype), dense.to(dtype), b.to(dtype), *args)
+        for x, z, name in zip(r, d, torchiter.ops.QuadraticDescentResult._fields):
+            assert x.shape == z.shape and x.dtype == z.dtype, name
+            assert torch.equal(x.nan_to_num(7.0), z.nan_to_num(7.0)), name
+        if tol > 0:
+            assert bool(r[2].all()), "the case must stop early to test the stop"
 
 
 def test_scheduled_rates_and_projection_statistics():

@@ -55,12 +55,18 @@ struct ChannelMixing {
   // worked out per column step, its two integer divisions cost as much as
   // the whole step does for a handful of channels.
   int64_t blocks, height, taller;
+  // A has no non-zero entry off its diagonal (a model's competitor at
+  // initialisation, an orthonormal dictionary's D^T D): each channel then
+  // needs one FMA per position instead of C, with the same bits, since the
+  // dense chain adds only exact zeros to A_ii y_i (see diagonal_step).
+  bool diagonal;
 
-  ChannelMixing(const T* A_, int64_t C_, const VecProjection<T>* project_)
+  ChannelMixing(const T* A_, int64_t C_, const VecProjection<T>* project_, bool diagonal_)
       : A(A_), C(C_), project(project_),
         blocks((C_ + kMaxRows - 1) / kMaxRows),
         height(blocks > 0 ? C_ / blocks : 0),
-        taller(blocks > 0 ? C_ % blocks : 0) {}
+        taller(blocks > 0 ? C_ % blocks : 0),
+        diagonal(diagonal_) {}
 };
 
 // |new - old|, with lanes at or past `lanes` (padding) zeroed: they must not
@@ -157,6 +163,42 @@ inline Vectorized<T> rows_step(
 template <typename T>
 constexpr int kColumnVectors = sizeof(Vectorized<T>) >= 64 ? 4 : 2;
 
+// column_step for a diagonal A. The dense chain starts from +0 and adds
+// A_ij y_j for every j: off the diagonal those products are exact zeros
+// (for finite y), which leave a non-zero sum unchanged, so it ends at
+// fma(A_ii, y_i, +0), which is what this computes (a zero may differ in its
+// sign, which no later step turns into a different non-zero value). A
+// non-finite y_j would make the dense sum NaN in every channel; run() redoes
+// a loop whose result is not finite on the dense path.
+template <typename T, int NV, bool DELTA>
+inline Vectorized<T> diagonal_step(
+    const ChannelMixing<T>& pn, const T* y, const T* b, T* yn, int64_t ld, int64_t s,
+    const Vectorized<T>& neg_lr, int64_t valid) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  const VecProjection<T> project = *pn.project;
+  const Vec zero(static_cast<T>(0));
+  const auto run = [&](auto shrink) {
+    Vec dmax(static_cast<T>(0));
+    for (int64_t i = 0; i < pn.C; ++i) {
+      const Vec a(pn.A[i * pn.C + i]);
+      TORCHITER_UNROLL
+      for (int v = 0; v < NV; ++v) {
+        const int64_t off = i * ld + s + v * W;
+        const Vec old = Vec::loadu(y + off);
+        const Vec grad = at::vec::fmadd(a, old, zero) - Vec::loadu(b + off);
+        const Vec nv = project.template apply<decltype(shrink)::value>(at::vec::fmadd(grad, neg_lr, old));
+        nv.store(yn + off);
+        if constexpr (DELTA) {
+          dmax = at::vec::maximum(dmax, masked_delta(nv, old, valid - v * W));
+        }
+      }
+    }
+    return dmax;
+  };
+  return project.use_shrink ? run(std::true_type{}) : run(std::false_type{});
+}
+
 // Rows [0, C) in ceil(C / kMaxRows) blocks of near-equal height (e.g. C = 50:
 // ten blocks of 5; C = 64: twelve of 5 and one of 4) instead of full blocks
 // and a short remainder: a block of 1-2 rows does few FMAs per load.
@@ -165,6 +207,9 @@ inline Vectorized<T> column_step(
     const ChannelMixing<T>& pn, const T* y, const T* b, T* yn, int64_t ld, int64_t s,
     const Vectorized<T>& neg_lr, int64_t valid) {
   static_assert(kMaxRows == 5, "the switch below covers block heights 1..kMaxRows");
+  if (pn.diagonal) {
+    return diagonal_step<T, NV, DELTA>(pn, y, b, yn, ld, s, neg_lr, valid);
+  }
   Vectorized<T> dmax(static_cast<T>(0));
   int64_t i = 0;
   for (int64_t k = 0; k < pn.blocks; ++k) {
@@ -407,14 +452,14 @@ struct Tiles {
 };
 
 template <typename T>
-Tiles make_tiles(const WorkingLayout& L, bool gemm) {
+Tiles make_tiles(const WorkingLayout& L, bool gemm, bool diagonal) {
   constexpr int64_t W = Vectorized<T>::size();
   const int64_t C = L.channels;
   Tiles tl;
   tl.width = gemm ? 64 * W : tile_width<T>(C);
   tl.per_group = (L.padded_positions + tl.width - 1) / tl.width;
   tl.count = L.groups * tl.per_group;
-  const int64_t work_per_tile = gemm ? C * tl.width : C * C * tl.width;
+  const int64_t work_per_tile = gemm || diagonal ? C * tl.width : C * C * tl.width;
   tl.grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, work_per_tile));
   tl.L = &L;
   return tl;
@@ -548,6 +593,95 @@ void run_blocked(
   } else {
     worker(0, grabs);  // small problems stay on the calling thread
   }
+  if (stats) {
+    stats->measured(0, 0, nan_max_of(first_max));
+    stats->measured(0, K - 1, nan_max_of(last_max));
+    stats->iterations[0] = K;
+  }
+}
+
+// No stop test and a diagonal A: every element follows its own scalar
+// recurrence y <- project(y - lr_k (A_cc y - b)), so each run of
+// kDiagonalVectors vectors of a channel row goes through all K iterations in
+// registers, one read and one write of y in total, with no tiles and no
+// copies. The operations are diagonal_step's, element for element, so the
+// results are those of the tiled path. `rows_per_group` rows of `positions`
+// elements per group (io's strides); with `stats` the first and the last
+// iteration measure their change.
+constexpr int kDiagonalVectors = 8;
+
+template <typename T>
+void run_diagonal(
+    const BlockedIO<T>& io, const ChannelMixing<T>& mix, int64_t groups, int64_t positions,
+    int64_t K, LearningRates& lrs, LoopStats<T>* stats) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  constexpr int64_t kRun = kDiagonalVectors * W;
+  const int64_t C = mix.C;
+  std::vector<T> neg_rates(static_cast<size_t>(K));
+  for (int64_t k = 0; k < K; ++k) {
+    neg_rates[static_cast<size_t>(k)] = static_cast<T>(-lrs.at(k));
+  }
+  const int64_t rows = groups * C;
+  std::vector<T> first_max(stats ? static_cast<size_t>(rows) : 0);
+  std::vector<T> last_max(first_max.size());
+  const VecProjection<T> project = *mix.project;
+  const Vec zero(static_cast<T>(0));
+  const int64_t grain =
+      std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, positions * K));
+  const auto run_rows = [&](int64_t r0, int64_t r1, auto shrink) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t off = r / C * io.group_stride + r % C * io.row_stride;
+      const Vec a(mix.A[(r % C) * (C + 1)]);
+      Vec d_first(static_cast<T>(0)), d_last(static_cast<T>(0));
+      for (int64_t s = 0; s < positions; s += kRun) {
+        const int64_t n = std::min(kRun, positions - s);
+        Vec y[kDiagonalVectors], b[kDiagonalVectors];
+        TORCHITER_UNROLL
+        for (int v = 0; v < kDiagonalVectors; ++v) {
+          // Lanes past n load as zeros; they are never stored.
+          const int64_t lanes = std::clamp<int64_t>(n - v * W, 0, W);
+          y[v] = lanes == W ? Vec::loadu(io.y + off + s + v * W) : Vec::loadu(io.y + off + s + v * W, lanes);
+          b[v] = lanes == W ? Vec::loadu(io.b + off + s + v * W) : Vec::loadu(io.b + off + s + v * W, lanes);
+        }
+        for (int64_t k = 0; k < K; ++k) {
+          const Vec neg_lr(neg_rates[static_cast<size_t>(k)]);
+          const bool measure = stats && (k == 0 || k == K - 1);
+          TORCHITER_UNROLL
+          for (int v = 0; v < kDiagonalVectors; ++v) {
+            const Vec old = y[v];
+            const Vec grad = at::vec::fmadd(a, old, zero) - b[v];
+            y[v] = project.template apply<decltype(shrink)::value>(at::vec::fmadd(grad, neg_lr, old));
+            if (measure) {
+              const Vec d = masked_delta(y[v], old, n - v * W);
+              if (k == 0) {
+                d_first = at::vec::maximum(d_first, d);
+              }
+              if (k == K - 1) {
+                d_last = at::vec::maximum(d_last, d);
+              }
+            }
+          }
+        }
+        TORCHITER_UNROLL
+        for (int v = 0; v < kDiagonalVectors; ++v) {
+          const int64_t lanes = std::clamp<int64_t>(n - v * W, 0, W);
+          if (lanes == W) {
+            y[v].store(io.out + off + s + v * W);
+          } else if (lanes > 0) {
+            y[v].store(io.out + off + s + v * W, static_cast<int>(lanes));
+          }
+        }
+      }
+      if (stats) {
+        first_max[static_cast<size_t>(r)] = lane_max(d_first);
+        last_max[static_cast<size_t>(r)] = lane_max(d_last);
+      }
+    }
+  };
+  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+    project.use_shrink ? run_rows(r0, r1, std::true_type{}) : run_rows(r0, r1, std::false_type{});
+  });
   if (stats) {
     stats->measured(0, 0, nan_max_of(first_max));
     stats->measured(0, K - 1, nan_max_of(last_max));
@@ -689,7 +823,7 @@ void run_per_sample(
   at::Tensor src_t = y_buf[0];
   at::Tensor dst_t = y_buf[1];
   at::Tensor Bw = b_buf[0];
-  Tiles tiles = make_tiles<T>(L, gemm);
+  Tiles tiles = make_tiles<T>(L, gemm, mix.diagonal);
   at::Tensor G_buf = gemm ? at::empty_like(src_t) : at::Tensor();
   at::Tensor G = gemm ? prefix_view(G_buf, {C, L.padded_positions}) : at::Tensor();
   std::vector<T> position_max(static_cast<size_t>(L.padded_positions));
@@ -742,7 +876,7 @@ void run_per_sample(
     }
     present = std::move(next);
     L = N;
-    tiles = make_tiles<T>(L, gemm);
+    tiles = make_tiles<T>(L, gemm, mix.diagonal);
     if (gemm) {
       G = prefix_view(G_buf, {C, L.padded_positions});
     }
@@ -884,12 +1018,53 @@ void run_per_sample(
   write_out(src_t, stopped_now);
 }
 
+// True when every entry of the (C, C) row-major A off its diagonal is zero.
+template <typename T>
+bool is_diagonal(const T* A, int64_t C) {
+  for (int64_t i = 0; i < C; ++i) {
+    for (int64_t j = 0; j < C; ++j) {
+      if (i != j && A[i * C + j] != T(0)) {
+        return false;
+      }
+    }
+  }
+  return true;
+}
+
+// True when no element of t is infinite or NaN: x - x is 0 for every finite
+// x and NaN otherwise, and a NaN stays in the running sum.
+template <typename T>
+bool all_finite(const at::Tensor& t) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  const at::Tensor c = t.contiguous();
+  const T* p = c.const_data_ptr<T>();
+  const int64_t n = c.numel();
+  std::atomic<bool> finite{true};
+  at::parallel_for(0, n, int64_t{1} << 16, [&](int64_t i0, int64_t i1) {
+    Vec sum(static_cast<T>(0));
+    int64_t i = i0;
+    for (; i + W <= i1; i += W) {
+      const Vec x = Vec::loadu(p + i);
+      sum = sum + (x - x);
+    }
+    T tail = 0;
+    for (; i < i1; ++i) {
+      tail += p[i] - p[i];
+    }
+    if (!std::isfinite(lane_max(sum)) || std::isnan(tail)) {
+      finite.store(false, std::memory_order_relaxed);
+    }
+  });
+  return finite.load();
+}
+
 template <typename T>
 QuadraticDescentResult run(
-    const at::Tensor& y0, const at::Tensor& A_in, const at::Tensor& b_in,
-    const QuadraticDescentArgs& args, LearningRates& lrs) {
-  const bool gemm = y0.size(1) >= kGemmMinChannels;
-  const at::Tensor A = A_in.contiguous();
+    const at::Tensor& y0, const at::Tensor& A, const at::Tensor& b_in,
+    const QuadraticDescentArgs& args, LearningRates& lrs, bool diagonal) {
+  // A diagonal A needs no GEMM: the mixing is one FMA per element.
+  const bool gemm = y0.size(1) >= kGemmMinChannels && !diagonal;
   const VecProjection<T> proj(args.shrink, args.min, args.max);
   const int64_t B = y0.size(0);
   std::optional<LoopStats<T>> stats;
@@ -900,12 +1075,12 @@ QuadraticDescentResult run(
   int64_t iterations = args.max_iterations;
   if (args.per_sample) {
     y = at::empty(y0.sizes(), y0.options().memory_format(at::MemoryFormat::Contiguous));
-    const ChannelMixing<T> mix(A.const_data_ptr<T>(), y0.size(1), &proj);
+    const ChannelMixing<T> mix(A.const_data_ptr<T>(), y0.size(1), &proj, diagonal);
     run_per_sample<T>(y0, b_in, A, mix, gemm, args, lrs, y, *stats);
   } else {
     const WorkingLayout L = working_layout<T>(y0, gemm);
-    const ChannelMixing<T> mix(A.const_data_ptr<T>(), L.channels, &proj);
-    const Tiles tiles = make_tiles<T>(L, gemm);
+    const ChannelMixing<T> mix(A.const_data_ptr<T>(), L.channels, &proj, diagonal);
+    const Tiles tiles = make_tiles<T>(L, gemm, mix.diagonal);
     LoopStats<T>* st = stats ? &*stats : nullptr;
     const bool blocked = !(args.tol > 0 || gemm || args.trace);
     if (blocked && !L.batch_folded) {
@@ -915,15 +1090,23 @@ QuadraticDescentResult run(
       const at::Tensor bc = b_in.contiguous();
       y = at::empty(y0.sizes(), y0.options().memory_format(at::MemoryFormat::Contiguous));
       const int64_t S = L.spatial;
-      run_blocked<T>({yc.const_data_ptr<T>(), bc.const_data_ptr<T>(), y.data_ptr<T>(), S, L.channels * S},
-                     mix, tiles, args.max_iterations, lrs, st);
+      const BlockedIO<T> io{yc.const_data_ptr<T>(), bc.const_data_ptr<T>(), y.data_ptr<T>(), S, L.channels * S};
+      if (diagonal) {
+        run_diagonal<T>(io, mix, L.groups, L.positions, args.max_iterations, lrs, st);
+      } else {
+        run_blocked<T>(io, mix, tiles, args.max_iterations, lrs, st);
+      }
     } else {
       at::Tensor Y = to_working<T>(y0, L);
       const at::Tensor Bw = to_working<T>(b_in, L);
       if (blocked) {
         const int64_t ld = L.padded_positions;
-        run_blocked<T>({Y.const_data_ptr<T>(), Bw.const_data_ptr<T>(), Y.data_ptr<T>(), ld, L.channels * ld},
-                       mix, tiles, args.max_iterations, lrs, st);
+        const BlockedIO<T> io{Y.const_data_ptr<T>(), Bw.const_data_ptr<T>(), Y.data_ptr<T>(), ld, L.channels * ld};
+        if (diagonal) {
+          run_diagonal<T>(io, mix, L.groups, L.positions, args.max_iterations, lrs, st);
+        } else {
+          run_blocked<T>(io, mix, tiles, args.max_iterations, lrs, st);
+        }
       } else {
         iterations = run_sweeps<T>(Y, Bw, A, mix, tiles, gemm, args, lrs, st);
       }
@@ -948,7 +1131,18 @@ QuadraticDescentResult quadratic_descent_kernel(
     const QuadraticDescentArgs& args,
     LearningRates& lrs) {
   return AT_DISPATCH_FLOATING_TYPES(y0.scalar_type(), "torchiter.quadratic_descent", [&] {
-    return run<scalar_t>(y0, A, b, args, lrs);
+    const at::Tensor Ac = A.contiguous();
+    if (is_diagonal(Ac.const_data_ptr<scalar_t>(), y0.size(1))) {
+      QuadraticDescentResult r = run<scalar_t>(y0, Ac, b, args, lrs, /*diagonal=*/true);
+      // Where the loop met an infinity or a NaN, the dense chain's
+      // 0 * inf = NaN would have spread it to every channel of the position:
+      // such a loop is run again the dense way, so that results never
+      // depend on the shape of A.
+      if (all_finite<scalar_t>(r.y)) {
+        return r;
+      }
+    }
+    return run<scalar_t>(y0, Ac, b, args, lrs, /*diagonal=*/false);
   });
 }
 
