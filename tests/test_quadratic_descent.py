@@ -133,6 +133,18 @@ def test_bitwise_stable_across_thread_counts_and_modes():
             assert torch.equal(a, group[0][1]) and torch.equal(s, group[0][1])
 
 
+@pytest.mark.parametrize("C", range(1, 10))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_every_small_channel_count_without_spatial_dims(device, C, dtype):
+    # (B, C) batches are transposed into the working layout by code
+    # specialised per channel count up to 8; 9 takes the general loop.
+    y0, A, b = problem((37, C), device=device)
+    y, n = OP(y0.to(dtype), A.to(dtype), b.to(dtype), 0.4, 25, tol=1e-30, min=-0.4)
+    yr, nr = quadratic_descent_reference(y0, A, b, 0.4, 25, tol=1e-30, min=-0.4)
+    assert int(n) == nr and y.shape == (37, C) and y.dtype == dtype
+    torch.testing.assert_close(y.double(), yr, **({} if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)))
+
+
 def diagonal_problem(shape, dtype=torch.float64, device="cpu"):
     """A diagonal A, and a dense A that acts the same way: its last channel
     starts and stays at exactly 0 (y0 = b = 0 there) and is the only one

@@ -354,6 +354,48 @@ WorkingLayout working_layout(const at::Tensor& y0, bool gemm) {
   return L;
 }
 
+// The (B, C) <-> (C, ld) transposes of a batch without spatial dims. With C
+// a compile-time constant (the few channels of pca- or clustering-sized
+// problems) the compiler turns the interleaved accesses into vector
+// shuffles; a runtime C leaves one scalar load and store per element, which
+// for 1000 x 3 costs as much as a dozen iterations of the loop.
+template <typename T, int C>
+void rows_to_columns(const T* src, int64_t B, T* dst, int64_t ld) {
+  for (int64_t bb = 0; bb < B; ++bb) {
+    TORCHITER_UNROLL
+    for (int c = 0; c < C; ++c) {
+      dst[c * ld + bb] = src[bb * C + c];
+    }
+  }
+}
+
+template <typename T, int C>
+void columns_to_rows(const T* src, int64_t ld, int64_t B, T* dst) {
+  for (int64_t bb = 0; bb < B; ++bb) {
+    TORCHITER_UNROLL
+    for (int c = 0; c < C; ++c) {
+      dst[bb * C + c] = src[c * ld + bb];
+    }
+  }
+}
+
+// Calls f(std::integral_constant<int, C>) for C in 1..8, else f(0) (a
+// runtime C).
+template <typename F>
+void with_small_channels(int64_t C, F&& f) {
+  switch (C) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    case 8: f(std::integral_constant<int, 8>{}); break;
+    default: f(std::integral_constant<int, 0>{}); break;
+  }
+}
+
 // Copies a (batch, C, *spatial) tensor into the working layout. Plain loops:
 // for the small problems this op is for, ATen's reshape/permute/copy chain
 // would cost more than the whole loop.
@@ -368,11 +410,17 @@ at::Tensor to_working(const at::Tensor& t, const WorkingLayout& L) {
     // (B, C) -> (C, B): each sample's C values read in order, one store to
     // each row (a loop over a length-1 spatial dim per element would cost
     // several times the copy itself).
-    for (int64_t bb = 0; bb < B; ++bb) {
-      for (int64_t c = 0; c < C; ++c) {
-        dst[c * ld + bb] = src[bb * C + c];
+    with_small_channels(C, [&](auto small) {
+      if constexpr (decltype(small)::value > 0) {
+        rows_to_columns<T, decltype(small)::value>(src, B, dst, ld);
+      } else {
+        for (int64_t bb = 0; bb < B; ++bb) {
+          for (int64_t c = 0; c < C; ++c) {
+            dst[c * ld + bb] = src[bb * C + c];
+          }
+        }
       }
-    }
+    });
     for (int64_t c = 0; c < C; ++c) {
       std::fill(dst + c * ld + L.positions, dst + (c + 1) * ld, T(0));
     }
@@ -405,11 +453,17 @@ at::Tensor from_working(const at::Tensor& Y, const WorkingLayout& L, const at::T
   T* dst = out.data_ptr<T>();
   const int64_t B = L.batch, C = L.channels, S = L.spatial, ld = L.padded_positions;
   if (L.batch_folded && S == 1) {
-    for (int64_t bb = 0; bb < B; ++bb) {
-      for (int64_t c = 0; c < C; ++c) {
-        dst[bb * C + c] = src[c * ld + bb];
+    with_small_channels(C, [&](auto small) {
+      if constexpr (decltype(small)::value > 0) {
+        columns_to_rows<T, decltype(small)::value>(src, ld, B, dst);
+      } else {
+        for (int64_t bb = 0; bb < B; ++bb) {
+          for (int64_t c = 0; c < C; ++c) {
+            dst[bb * C + c] = src[c * ld + bb];
+          }
+        }
       }
-    }
+    });
     return out;
   }
   for (int64_t g = 0; g < L.groups; ++g) {
