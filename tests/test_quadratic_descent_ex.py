@@ -139,6 +139,19 @@ def test_diagonal_A_statistics_are_the_dense_paths(shape, tol, check_every, per_
             assert bool(r[2].all()), "the case must stop early to test the stop"
 
 
+@pytest.mark.parametrize("shape", [(16, 5), (2, 5, 70)], ids=str)
+@pytest.mark.parametrize("per_sample", [False, True], ids=["batch", "per_sample"])
+@pytest.mark.parametrize("tol", [0.0, 1e-6])
+def test_diagonal_A_with_an_infinity_reports_the_dense_paths_statistics(shape, per_sample, tol):
+    y0, A, dense, b = diagonal_problem(shape)
+    b[1, 2] = float("inf")
+    r = OP(y0, A, b, 0.3, 9, tol, 1, None, 0.0, None, None, per_sample, True)
+    d = OP(y0, dense, b, 0.3, 9, tol, 1, None, 0.0, None, None, per_sample, True)
+    assert torch.isnan(r[0][1, :-1]).all()
+    for x, z, name in zip(r, d, torchiter.ops.QuadraticDescentResult._fields):
+        assert torch.equal(bits(x.reshape(-1)), bits(z.reshape(-1))), name
+
+
 def test_scheduled_rates_and_projection_statistics():
     y0, A, b = scaled_problem((11, 4, 3), seed=4)
     lrs = torch.rand(80, dtype=torch.float64) * 0.3 + 0.2
