@@ -81,6 +81,30 @@ inline Vectorized<T> masked_delta(const Vectorized<T>& nv, const Vectorized<T>& 
   return lanes > 0 ? Vec::set(Vec(static_cast<T>(0)), d, lanes) : Vec(static_cast<T>(0));
 }
 
+// max(dmax, d) of two changes |new - old| (sign bits clear), NaN-propagating:
+// a NaN must never pass a stop test. Non-negative floats order like their
+// bit patterns read as signed integers, and a NaN with a clear sign bit
+// reads larger than +inf, so on x86 one integer max does what
+// at::vec::maximum does with a compare and a blend.
+template <typename T>
+inline Vectorized<T> max_change(const Vectorized<T>& dmax, const Vectorized<T>& d) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm512_castsi512_ps(_mm512_max_epi32(_mm512_castps_si512(dmax), _mm512_castps_si512(d)));
+  } else if constexpr (std::is_same_v<T, double>) {
+    return _mm512_castsi512_pd(_mm512_max_epi64(_mm512_castpd_si512(dmax), _mm512_castpd_si512(d)));
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm256_castsi256_ps(_mm256_max_epi32(_mm256_castps_si256(dmax), _mm256_castps_si256(d)));
+  } else if constexpr (std::is_same_v<T, double>) {
+    const __m256i a = _mm256_castpd_si256(dmax), b = _mm256_castpd_si256(d);
+    return _mm256_castsi256_pd(_mm256_blendv_epi8(a, b, _mm256_cmpgt_epi64(b, a)));
+  }
+#endif
+  return at::vec::maximum(dmax, d);
+}
+
 // Loops over the register block (R rows x NV vectors) must be unrolled: an
 // accumulator array indexed by a loop variable lives on the stack, and every
 // column step then stores, reloads and re-zeroes all R x NV accumulators.
@@ -144,7 +168,7 @@ inline Vectorized<T> rows_step(
         const Vec nv = project.template apply<decltype(shrink)::value>(at::vec::fmadd(grad, neg_lr, old));
         nv.store(yn + off);
         if constexpr (DELTA) {
-          dmax = at::vec::maximum(dmax, masked_delta(nv, old, valid - v * W));
+          dmax = max_change(dmax, masked_delta(nv, old, valid - v * W));
         }
       }
     }
@@ -190,7 +214,7 @@ inline Vectorized<T> diagonal_step(
         const Vec nv = project.template apply<decltype(shrink)::value>(at::vec::fmadd(grad, neg_lr, old));
         nv.store(yn + off);
         if constexpr (DELTA) {
-          dmax = at::vec::maximum(dmax, masked_delta(nv, old, valid - v * W));
+          dmax = max_change(dmax, masked_delta(nv, old, valid - v * W));
         }
       }
     }
@@ -223,7 +247,7 @@ inline Vectorized<T> column_step(
       default: d = rows_step<T, 1, NV, DELTA>(pn, i, y, b, yn, ld, s, neg_lr, valid); break;
     }
     if constexpr (DELTA) {
-      dmax = at::vec::maximum(dmax, d);
+      dmax = max_change(dmax, d);
     }
     i += rows;
   }
@@ -247,7 +271,7 @@ inline Vectorized<T> step_block(
   for (; s + NV * W <= n; s += NV * W) {
     const auto d = column_step<T, NV, DELTA>(pn, y, b, yn, ld, s, neg_lr, valid - s);
     if constexpr (DELTA) {
-      dmax = at::vec::maximum(dmax, d);
+      dmax = max_change(dmax, d);
     }
   }
   if constexpr (NV > 2) {
@@ -255,14 +279,14 @@ inline Vectorized<T> step_block(
     for (; s + 2 * W <= n; s += 2 * W) {
       const auto d = column_step<T, 2, DELTA>(pn, y, b, yn, ld, s, neg_lr, valid - s);
       if constexpr (DELTA) {
-        dmax = at::vec::maximum(dmax, d);
+        dmax = max_change(dmax, d);
       }
     }
   }
   for (; s < n; s += W) {
     const auto d = column_step<T, 1, DELTA>(pn, y, b, yn, ld, s, neg_lr, valid - s);
     if constexpr (DELTA) {
-      dmax = at::vec::maximum(dmax, d);
+      dmax = max_change(dmax, d);
     }
   }
   return dmax;
@@ -288,7 +312,7 @@ inline Vectorized<T> update_block(
       const Vec nv = project(at::vec::fmadd(grad, neg_lr, old));
       nv.store(yn + off);
       if (delta) {
-        dmax = at::vec::maximum(dmax, masked_delta(nv, old, valid - s));
+        dmax = max_change(dmax, masked_delta(nv, old, valid - s));
       }
     }
   }
@@ -709,10 +733,10 @@ void run_diagonal(
             if (measure) {
               const Vec d = masked_delta(y[v], old, n - v * W);
               if (k == 0) {
-                d_first = at::vec::maximum(d_first, d);
+                d_first = max_change(d_first, d);
               }
               if (k == K - 1) {
-                d_last = at::vec::maximum(d_last, d);
+                d_last = max_change(d_last, d);
               }
             }
           }
@@ -984,7 +1008,7 @@ void run_per_sample(
           Vectorized<T> m(static_cast<T>(0));
           for (int64_t c = 0; c < C; ++c) {
             const int64_t e = off + c * ld + s;
-            m = at::vec::maximum(m, (Vectorized<T>::loadu(dst + e) - Vectorized<T>::loadu(src + e)).abs());
+            m = max_change(m, (Vectorized<T>::loadu(dst + e) - Vectorized<T>::loadu(src + e)).abs());
           }
           m.store(pmax + off + s);
           const int64_t lanes = std::min<int64_t>(W, valid - s);
