@@ -105,6 +105,32 @@ inline Vectorized<T> max_change(const Vectorized<T>& dmax, const Vectorized<T>& 
   return at::vec::maximum(dmax, d);
 }
 
+// One iteration's new value of a vector of y: project(y - lr (mixed - b)),
+// mixed being (A y) at those positions. Every path (register-blocked,
+// diagonal, after a GEMM) computes it here, so the paths differ only in how
+// `mixed` is summed.
+template <bool SHRINK, typename T>
+inline Vectorized<T> next_value(
+    const VecProjection<T>& project, const Vectorized<T>& mixed, const Vectorized<T>& b,
+    const Vectorized<T>& y, const Vectorized<T>& neg_lr) {
+  return project.template apply<SHRINK>(at::vec::fmadd(mixed - b, neg_lr, y));
+}
+
+// next_value for the vector at y + off, stored to yn + off; with DELTA,
+// |new - old| (lanes at or past `lanes` zeroed) is folded into dmax.
+template <bool SHRINK, bool DELTA, typename T>
+inline void update_vector(
+    const VecProjection<T>& project, const Vectorized<T>& mixed, const T* y, const T* b,
+    T* yn, int64_t off, const Vectorized<T>& neg_lr, int64_t lanes, Vectorized<T>& dmax) {
+  using Vec = Vectorized<T>;
+  const Vec old = Vec::loadu(y + off);
+  const Vec nv = next_value<SHRINK>(project, mixed, Vec::loadu(b + off), old, neg_lr);
+  nv.store(yn + off);
+  if constexpr (DELTA) {
+    dmax = max_change(dmax, masked_delta(nv, old, lanes));
+  }
+}
+
 // Loops over the register block (R rows x NV vectors) must be unrolled: an
 // accumulator array indexed by a loop variable lives on the stack, and every
 // column step then stores, reloads and re-zeroes all R x NV accumulators.
@@ -162,14 +188,8 @@ inline Vectorized<T> rows_step(
     for (int r = 0; r < R; ++r) {
       TORCHITER_UNROLL
       for (int v = 0; v < NV; ++v) {
-        const int64_t off = (i + r) * ld + s + v * W;
-        const Vec old = Vec::loadu(y + off);
-        const Vec grad = acc[r][v] - Vec::loadu(b + off);
-        const Vec nv = project.template apply<decltype(shrink)::value>(at::vec::fmadd(grad, neg_lr, old));
-        nv.store(yn + off);
-        if constexpr (DELTA) {
-          dmax = max_change(dmax, masked_delta(nv, old, valid - v * W));
-        }
+        update_vector<decltype(shrink)::value, DELTA>(
+            project, acc[r][v], y, b, yn, (i + r) * ld + s + v * W, neg_lr, valid - v * W, dmax);
       }
     }
     return dmax;
@@ -209,13 +229,9 @@ inline Vectorized<T> diagonal_step(
       TORCHITER_UNROLL
       for (int v = 0; v < NV; ++v) {
         const int64_t off = i * ld + s + v * W;
-        const Vec old = Vec::loadu(y + off);
-        const Vec grad = at::vec::fmadd(a, old, zero) - Vec::loadu(b + off);
-        const Vec nv = project.template apply<decltype(shrink)::value>(at::vec::fmadd(grad, neg_lr, old));
-        nv.store(yn + off);
-        if constexpr (DELTA) {
-          dmax = max_change(dmax, masked_delta(nv, old, valid - v * W));
-        }
+        update_vector<decltype(shrink)::value, DELTA>(
+            project, at::vec::fmadd(a, Vec::loadu(y + off), zero), y, b, yn, off, neg_lr,
+            valid - v * W, dmax);
       }
     }
     return dmax;
@@ -304,18 +320,19 @@ inline Vectorized<T> update_block(
   constexpr int64_t W = Vec::size();
   const Vec neg_lr(-lr);
   Vec dmax(static_cast<T>(0));
-  for (int64_t i = 0; i < C; ++i) {
-    for (int64_t s = 0; s < n; s += W) {
-      const int64_t off = i * ld + s;
-      const Vec old = Vec::loadu(y + off);
-      const Vec grad = Vec::loadu(G + off) - Vec::loadu(b + off);
-      const Vec nv = project(at::vec::fmadd(grad, neg_lr, old));
-      nv.store(yn + off);
-      if (delta) {
-        dmax = max_change(dmax, masked_delta(nv, old, valid - s));
+  const auto sweep = [&](auto shrink, auto with_delta) {
+    for (int64_t i = 0; i < C; ++i) {
+      for (int64_t s = 0; s < n; s += W) {
+        const int64_t off = i * ld + s;
+        update_vector<decltype(shrink)::value, decltype(with_delta)::value>(
+            project, Vec::loadu(G + off), y, b, yn, off, neg_lr, valid - s, dmax);
       }
     }
-  }
+  };
+  const auto with_shrink = [&](auto with_delta) {
+    project.use_shrink ? sweep(std::true_type{}, with_delta) : sweep(std::false_type{}, with_delta);
+  };
+  delta ? with_shrink(std::true_type{}) : with_shrink(std::false_type{});
   return dmax;
 }
 
@@ -383,21 +400,24 @@ WorkingLayout working_layout(const at::Tensor& y0, bool gemm) {
 // problems) the compiler turns the interleaved accesses into vector
 // shuffles; a runtime C leaves one scalar load and store per element, which
 // for 1000 x 3 costs as much as a dozen iterations of the loop.
-template <typename T, int C>
-void rows_to_columns(const T* src, int64_t B, T* dst, int64_t ld) {
+// kC is C when it is a compile-time constant, else 0 and C is `channels`.
+template <typename T, int kC>
+void rows_to_columns(const T* src, int64_t B, int64_t channels, T* dst, int64_t ld) {
+  const int64_t C = kC > 0 ? kC : channels;
   for (int64_t bb = 0; bb < B; ++bb) {
     TORCHITER_UNROLL
-    for (int c = 0; c < C; ++c) {
+    for (int64_t c = 0; c < C; ++c) {
       dst[c * ld + bb] = src[bb * C + c];
     }
   }
 }
 
-template <typename T, int C>
-void columns_to_rows(const T* src, int64_t ld, int64_t B, T* dst) {
+template <typename T, int kC>
+void columns_to_rows(const T* src, int64_t ld, int64_t B, int64_t channels, T* dst) {
+  const int64_t C = kC > 0 ? kC : channels;
   for (int64_t bb = 0; bb < B; ++bb) {
     TORCHITER_UNROLL
-    for (int c = 0; c < C; ++c) {
+    for (int64_t c = 0; c < C; ++c) {
       dst[bb * C + c] = src[c * ld + bb];
     }
   }
@@ -435,15 +455,7 @@ at::Tensor to_working(const at::Tensor& t, const WorkingLayout& L) {
     // each row (a loop over a length-1 spatial dim per element would cost
     // several times the copy itself).
     with_small_channels(C, [&](auto small) {
-      if constexpr (decltype(small)::value > 0) {
-        rows_to_columns<T, decltype(small)::value>(src, B, dst, ld);
-      } else {
-        for (int64_t bb = 0; bb < B; ++bb) {
-          for (int64_t c = 0; c < C; ++c) {
-            dst[c * ld + bb] = src[bb * C + c];
-          }
-        }
-      }
+      rows_to_columns<T, decltype(small)::value>(src, B, C, dst, ld);
     });
     for (int64_t c = 0; c < C; ++c) {
       std::fill(dst + c * ld + L.positions, dst + (c + 1) * ld, T(0));
@@ -478,15 +490,7 @@ at::Tensor from_working(const at::Tensor& Y, const WorkingLayout& L, const at::T
   const int64_t B = L.batch, C = L.channels, S = L.spatial, ld = L.padded_positions;
   if (L.batch_folded && S == 1) {
     with_small_channels(C, [&](auto small) {
-      if constexpr (decltype(small)::value > 0) {
-        columns_to_rows<T, decltype(small)::value>(src, ld, B, dst);
-      } else {
-        for (int64_t bb = 0; bb < B; ++bb) {
-          for (int64_t c = 0; c < C; ++c) {
-            dst[bb * C + c] = src[c * ld + bb];
-          }
-        }
-      }
+      columns_to_rows<T, decltype(small)::value>(src, ld, B, C, dst);
     });
     return out;
   }
@@ -683,8 +687,8 @@ void run_blocked(
 // kDiagonalVectors vectors of a channel row goes through all K iterations in
 // registers, one read and one write of y in total, with no tiles and no
 // copies. The operations are diagonal_step's, element for element, so the
-// results are those of the tiled path. `rows_per_group` rows of `positions`
-// elements per group (io's strides); with `stats` the first and the last
+// results are those of the tiled path. `groups` groups of C rows of
+// `positions` elements (io's strides); with `stats` the first and the last
 // iteration measure their change.
 constexpr int kDiagonalVectors = 8;
 
@@ -728,8 +732,7 @@ void run_diagonal(
           TORCHITER_UNROLL
           for (int v = 0; v < kDiagonalVectors; ++v) {
             const Vec old = y[v];
-            const Vec grad = at::vec::fmadd(a, old, zero) - b[v];
-            y[v] = project.template apply<decltype(shrink)::value>(at::vec::fmadd(grad, neg_lr, old));
+            y[v] = next_value<decltype(shrink)::value>(project, at::vec::fmadd(a, old, zero), b[v], old, neg_lr);
             if (measure) {
               const Vec d = masked_delta(y[v], old, n - v * W);
               if (k == 0) {
@@ -1158,9 +1161,16 @@ QuadraticDescentResult run(
   } else {
     const WorkingLayout L = working_layout<T>(y0, gemm);
     const ChannelMixing<T> mix(A.const_data_ptr<T>(), L.channels, &proj, diagonal);
-    const Tiles tiles = make_tiles<T>(L, gemm, mix.diagonal);
+    const Tiles tiles = make_tiles<T>(L, gemm, diagonal);
     LoopStats<T>* st = stats ? &*stats : nullptr;
     const bool blocked = !(args.tol > 0 || gemm || args.trace);
+    const auto run_without_test = [&](const BlockedIO<T>& io) {
+      if (diagonal) {
+        run_diagonal<T>(io, mix, L.groups, L.positions, args.max_iterations, lrs, st);
+      } else {
+        run_blocked<T>(io, mix, tiles, args.max_iterations, lrs, st);
+      }
+    };
     if (blocked && !L.batch_folded) {
       // Tiles straight from the inputs into the output: no working copies
       // (for a large conv layer they cost as much as the loop's own time).
@@ -1168,23 +1178,13 @@ QuadraticDescentResult run(
       const at::Tensor bc = b_in.contiguous();
       y = at::empty(y0.sizes(), y0.options().memory_format(at::MemoryFormat::Contiguous));
       const int64_t S = L.spatial;
-      const BlockedIO<T> io{yc.const_data_ptr<T>(), bc.const_data_ptr<T>(), y.data_ptr<T>(), S, L.channels * S};
-      if (diagonal) {
-        run_diagonal<T>(io, mix, L.groups, L.positions, args.max_iterations, lrs, st);
-      } else {
-        run_blocked<T>(io, mix, tiles, args.max_iterations, lrs, st);
-      }
+      run_without_test({yc.const_data_ptr<T>(), bc.const_data_ptr<T>(), y.data_ptr<T>(), S, L.channels * S});
     } else {
       at::Tensor Y = to_working<T>(y0, L);
       const at::Tensor Bw = to_working<T>(b_in, L);
       if (blocked) {
         const int64_t ld = L.padded_positions;
-        const BlockedIO<T> io{Y.const_data_ptr<T>(), Bw.const_data_ptr<T>(), Y.data_ptr<T>(), ld, L.channels * ld};
-        if (diagonal) {
-          run_diagonal<T>(io, mix, L.groups, L.positions, args.max_iterations, lrs, st);
-        } else {
-          run_blocked<T>(io, mix, tiles, args.max_iterations, lrs, st);
-        }
+        run_without_test({Y.const_data_ptr<T>(), Bw.const_data_ptr<T>(), Y.data_ptr<T>(), ld, L.channels * ld});
       } else {
         iterations = run_sweeps<T>(Y, Bw, A, mix, tiles, gemm, args, lrs, st);
       }
