@@ -3,12 +3,14 @@
 // for the per-iteration hot path. Kept apart from the op sources so the C++
 // build (examples/cpp) links the ops without libpython.
 #include "ops/cpu/capability.h"
+#include "ops/interrupt.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/extension.h>
 
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace {
@@ -41,9 +43,31 @@ void sgd_step_no_momentum(
       shrink, min, max);
 }
 
+// Python runs signal handlers on its main thread only; the whole-loop ops
+// poll this from their calling thread (csrc/ops/interrupt.h).
+std::thread::id g_python_main_thread;
+
+// Runs the Python signal handlers that are due, as the interpreter would
+// between bytecodes: after Ctrl-C, the default SIGINT handler raises
+// KeyboardInterrupt, which travels out of the op as that Python exception.
+void check_python_signals() {
+  if (std::this_thread::get_id() != g_python_main_thread) {
+    return;
+  }
+  const pybind11::gil_scoped_acquire gil;
+  if (PyErr_CheckSignals() != 0) {
+    throw pybind11::error_already_set();
+  }
+}
+
 } // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  const auto threading = pybind11::module_::import("threading");
+  if (threading.attr("current_thread")().is(threading.attr("main_thread")())) {
+    g_python_main_thread = std::this_thread::get_id();
+    torchiter::set_interrupt_check(&check_python_signals);
+  }
   m.def(
       "cpu_capability",
       [] {

@@ -125,6 +125,24 @@ def test_every_op_and_overload_in_a_package_matches_eager(all_ops_package):
     assert eager.p3.abs().max() <= 0.5
 
 
+def test_model_with_default_settings_runs_as_a_package(tmp_path):
+    """A model as users build it (divergence check on, default tol): export,
+    package, load back, equal."""
+    from torchiter.models import SimilarityMatching
+
+    torch.manual_seed(0)
+    model = SimilarityMatching(
+        torch.nn.Conv2d(1, 6, 3, bias=False), 6, max_iterations=25, iteration_projection=torch.nn.ReLU()
+    )
+    x = torch.randn(4, 1, 9, 9)
+    program = torch.export.export(model, (x,))
+    path = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "sm.pt2"))
+    package = torch._inductor.aoti_load_package(path)
+    for seed in (1, 2):
+        x = torch.randn(4, 1, 9, 9, generator=torch.Generator().manual_seed(seed))
+        torch.testing.assert_close(package(x), model(x), rtol=1e-5, atol=1e-6)
+
+
 def test_package_rejects_bad_input_like_eager(all_ops_package):
     """The kernels' input checks run inside the package too."""
     _, package = all_ops_package

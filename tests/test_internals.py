@@ -170,3 +170,31 @@ def test_inductor_backend_compiles_and_errors_are_named():
     with pytest.raises(Exception) as info:
         h(x)
     assert _internals.compile_error_reason(info.value, Own) == "refused here"
+
+
+def test_values_readable_only_for_real_tensors_outside_tracing():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    t = torch.zeros(3)
+    assert _internals.values_readable(t)
+    assert not _internals.values_readable(torch.zeros(3, device="meta"))
+    with FakeTensorMode():
+        fake = torch.zeros(3)
+    assert not _internals.values_readable(fake)
+    seen = []
+
+    def f(x):
+        seen.append(_internals.values_readable(x))
+        return x + 1
+
+    torch.compile(f, backend="eager", fullgraph=True)(t)
+    assert seen == [False]
+    seen.clear()
+
+    class Plus(torch.nn.Module):
+        def forward(self, x):
+            seen.append(_internals.values_readable(x))
+            return x + 1
+
+    torch.export.export(Plus(), (t,))
+    assert seen and not any(seen)

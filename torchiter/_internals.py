@@ -8,6 +8,7 @@ upgrade that changes one of them is a change to this file alone.
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
+from torch._subclasses.fake_tensor import is_fake as _is_fake
 from torch.optim import optimizer as _optimizer_module
 
 
@@ -196,6 +197,20 @@ def is_view(t: torch.Tensor) -> bool:
 def tensor_backward_hooks(t: torch.Tensor) -> Dict[Any, Callable]:
     """The hooks registered with ``t.register_hook`` (``Tensor._backward_hooks``), possibly empty."""
     return t._backward_hooks or {}
+
+
+def values_readable(t: torch.Tensor) -> bool:
+    """Whether ``t``'s values can be read on the host now.
+
+    Not while ``torch.compile`` / ``torch.export`` / ``torch.jit.trace`` trace
+    the code (a read would be a data-dependent guard or a graph break), and
+    not for tensors without data: meta tensors and the fake tensors of a
+    ``FakeTensorMode`` (shape inference, deferred initialisation).
+    """
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or t.is_meta:
+        return False
+    # A plain tensor (the eager case, once per forward) needs no fake test.
+    return type(t) is torch.Tensor or not _is_fake(t)
 
 
 def has_kernel_for(op: str, dispatch_key: str) -> bool:

@@ -54,6 +54,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from . import stats as _stats
 from .projections import fused_projection_args
 from .reference import project
 
@@ -188,7 +189,7 @@ def _substitute(out: Any, states: Sequence[torch.Tensor], outputs: Sequence[torc
 def _sgd_step_options(module: nn.Module, need_plain: bool) -> Tuple[float, float, bool]:
     """(lr, weight_decay, maximize) of the iteration optimizer's single group."""
     opt = module.iteration_optimizer
-    groups = getattr(opt, "param_groups", None)
+    groups = _stats.param_groups(opt)
     name = type(module).__name__
     if not groups or len(groups) != 1:
         raise ValueError(f"{name}: fixed_point_gradient needs an iteration optimizer with one param group")

@@ -339,15 +339,22 @@ class _QuadraticLoopModule(IterationLossModule):
             lr = None
         y = r[0]
         # Reading a count waits for the device, so only when it is not known.
-        count = K if tol <= 0 else int(r[1]) if r[1].dim() == 0 else int(r[1].max()) if r[1].numel() else K
+        # Nor while a graph is traced (torch.compile, torch.export) or for meta
+        # tensors, which have no values: the graph returns the counts itself.
+        if tol <= 0 or not _internals.values_readable(r[1]):
+            count = K
+        else:
+            count = int(r[1]) if r[1].dim() == 0 else int(r[1].max()) if r[1].numel() else K
         if snapshot is not None and count < K:
             self._rewind_scheduler(snapshot, count)
         with torch.no_grad():
             state.copy_(y)
         self.__dict__["iteration_idx"] = count - 1
         # y is the op's own output (the state holds a copy), so a small CPU
-        # one can be kept for a noise floor computed on first read.
-        noise = functools.partial(_noise, y) if y.device.type == "cpu" and y.numel() <= _LAZY_NOISE_NUMEL else _noise(y)
+        # one can be kept for a noise floor computed on first read; so is a
+        # traced one, where testing its size would specialise the batch.
+        lazy = not _internals.values_readable(y) or (y.device.type == "cpu" and y.numel() <= _LAZY_NOISE_NUMEL)
+        noise = functools.partial(_noise, y) if lazy else _noise(y)
         self.__dict__["iteration_stats"] = _stats.IterationStats(
             r[1], r[2], r[3], r[4], noise,
             change_trace=r[5][:count] if trace else None,

@@ -6,7 +6,7 @@ library these modules come from (https://github.com/Shagesh/pytorch-NSM; see
 faster: no host-device synchronisation per iteration, gradients cleared
 without the optimizer's profiling wrapper, and, when the optimizer is SGD and
 the projection is one the kernel expresses, the step and the projection run
-as one ``torchiter.sgd_step_`` call.
+as one ``torchiter.ops.sgd_step_`` call.
 """
 
 import math
@@ -58,6 +58,13 @@ def _backward(loss: Any, module: nn.Module) -> None:
             "require grad): compute it from the tensors of iteration_parameters()"
         )
     loss.backward()
+
+
+def _without_graph(x: Any) -> Any:
+    """``x`` detached if it is a tensor with an autograd graph, else ``x``."""
+    if isinstance(x, torch.Tensor) and x.grad_fn is not None:
+        return x.detach()
+    return x
 
 
 def _normal_tensor(x: Any) -> Any:
@@ -316,7 +323,7 @@ class IterationLossModule(IterationModule):
     Fast path: when the optimizer is exactly ``torch.optim.SGD`` or
     :class:`torchiter.optim.SGD` and the projection is None, ``nn.ReLU()``,
     ``F.relu``, ``torch.relu`` or a :mod:`torchiter.projections` object, the
-    step and the projection run as one ``torchiter.sgd_step_`` call with the
+    step and the projection run as one ``torchiter.ops.sgd_step_`` call with the
     optimizer's current options and state. The results equal the generic
     path's to float rounding.
 
@@ -422,12 +429,19 @@ class IterationLossModule(IterationModule):
             DivergenceError: with ``divergence="error"``, when the loop diverged.
         """
         attrs = self.__dict__
-        if attrs.get("fixed_point_gradient") is None or not torch.is_grad_enabled():
-            out = super().forward(*args, **kwargs)
-        else:
-            from . import implicit
+        try:
+            if attrs.get("fixed_point_gradient") is None or not torch.is_grad_enabled():
+                out = super().forward(*args, **kwargs)
+            else:
+                from . import implicit
 
-            out = implicit.run_forward(self, super().forward, args, kwargs)
+                out = implicit.run_forward(self, super().forward, args, kwargs)
+        finally:
+            # The loop keeps the last loss as autograd returned it (detaching
+            # every iteration costs more than a microsecond); between forwards
+            # the module holds it without a graph, which would keep the loop's
+            # tensors alive and refuses deepcopy.
+            attrs["_last_iteration_loss"] = _without_graph(attrs.get("_last_iteration_loss"))
         stats = attrs.get("iteration_stats")
         if stats is not None:
             try:
@@ -440,6 +454,12 @@ class IterationLossModule(IterationModule):
             finally:
                 stats._initial = None
         return out
+
+    def __getstate__(self) -> Dict[str, Any]:
+        # A copy made during a forward (by a hook) gets the loss without its graph.
+        state = super().__getstate__()
+        state["_last_iteration_loss"] = _without_graph(state.get("_last_iteration_loss"))
+        return state
 
     def _divergence_hint(self, stats: "_stats.IterationStats", args: Tuple, kwargs: Dict[str, Any]) -> Optional[str]:
         """The likely cause of a divergence: the step size against ``2/L``.

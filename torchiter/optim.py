@@ -1,4 +1,4 @@
-"""SGD steps through the fused ``torchiter.sgd_step_`` kernel.
+"""SGD steps through the fused ``torchiter.ops.sgd_step_`` kernel.
 
 :func:`fused_sgd_step` runs one step of a ``torch.optim.SGD`` optimizer, plus
 a projection, in one pass over memory while keeping the optimizer's state
@@ -103,6 +103,16 @@ def fused_sgd_step(
                     break
             if complete:
                 shrink, lo, hi = projection_args
+                if torch.compiler.is_compiling():
+                    # TorchDynamo cannot trace the direct binding below (a
+                    # graph break per iteration); the op itself it can.
+                    with torch.no_grad():
+                        torch.ops.torchiter.sgd_step_(
+                            params, grads, [], lr, 0.0, 0.0, weight_decay, False, group["maximize"], False,
+                            shrink, lo, hi,
+                        )
+                    _internals.mark_optimizer_stepped(optimizer)
+                    return True
                 try:
                     # The op through a direct binding (same dispatcher path as
                     # torch.ops.torchiter.sgd_step_, without its ~2 us of

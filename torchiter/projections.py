@@ -2,7 +2,7 @@
 
 A projection is any callable ``tensor -> tensor`` that keeps shape and dtype.
 The objects here are plain callables, so every code path can use them, and
-they are also understood by the fused ``torchiter.sgd_step_`` kernel, so an
+they are also understood by the fused ``torchiter.ops.sgd_step_`` kernel, so an
 SGD step followed by one of them runs as a single pass over memory.
 
 :func:`fused_projection_args` tells which callables the kernel can express.
@@ -26,7 +26,7 @@ ProjectionArgs = Tuple[float, Optional[float], Optional[float]]
 class Projection:
     """Soft threshold by ``shrink`` followed by a clamp to ``[min, max]``.
 
-    Elementwise, in this order (the order of ``torchiter.sgd_step_``)::
+    Elementwise, in this order (the order of ``torchiter.ops.sgd_step_``)::
 
         v = sign(v) * max(|v| - shrink, 0)     (if shrink > 0)
         v = max(v, min); v = min(v, max)       (bounds that are given)
@@ -91,7 +91,7 @@ class Projection:
 
     @property
     def args(self) -> ProjectionArgs:
-        """``(shrink, min, max)``, as passed to ``torchiter.sgd_step_``."""
+        """``(shrink, min, max)``, as passed to ``torchiter.ops.sgd_step_``."""
         return (self._shrink, self._min, self._max)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

@@ -48,7 +48,7 @@ def sgd_step_reference(
     min: Optional[float] = None,
     max: Optional[float] = None,
 ) -> None:
-    """``torchiter.sgd_step_`` written with ordinary tensor ops, in place."""
+    """``torchiter.ops.sgd_step_`` written with ordinary tensor ops, in place."""
     for i, p in enumerate(params):
         g = -grads[i] if maximize else grads[i]
         if weight_decay != 0:

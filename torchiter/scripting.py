@@ -119,7 +119,7 @@ class ScriptableOnlineNSM(ScriptableNSM):
     """:class:`ScriptableNSM` whose forward also takes one Hebbian learning step.
 
     After computing ``y`` it updates the buffers in place with one
-    ``torchiter.sgd_step_`` call on ``[W, M]``::
+    ``torchiter.ops.sgd_step_`` call on ``[W, M]``::
 
         W ← W − η (W − yᵀx / B)        M ← M − η (M − yᵀy / B)
 

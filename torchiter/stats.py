@@ -27,6 +27,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 
+from . import _internals
+
 __all__ = [
     "IterationStats",
     "DivergenceError",
@@ -286,9 +288,22 @@ class IterationStats:
 # ----------------------------------------------------------------------------- recording
 
 
+def param_groups(optimizer: Any) -> Optional[List[Dict[str, Any]]]:
+    """``optimizer.param_groups`` when it is a list of dicts (torch.optim's), else None.
+
+    An iteration optimizer is anything with ``step()`` and ``zero_grad()`` (a
+    wrapper, a mock, one of the user's own); what needs a learning rate reads
+    it from here and does without it when there is none.
+    """
+    groups = getattr(optimizer, "param_groups", None)
+    if isinstance(groups, (list, tuple)) and all(isinstance(g, dict) for g in groups):
+        return list(groups)
+    return None
+
+
 def _lr_of(optimizer: Any) -> Optional[float]:
     """The first param group's learning rate as a float, without reading a tensor."""
-    groups = getattr(optimizer, "param_groups", None)
+    groups = param_groups(optimizer)
     if not groups:
         return None
     lr = groups[0].get("lr")
@@ -650,6 +665,12 @@ def check_divergence(
     """
     check_divergence_mode(owner or "check_divergence", mode)
     if mode == "ignore" or stats is None:
+        return False
+    if not _internals.values_readable(stats.change):
+        # Traced (torch.compile, torch.export) or shape-only (meta, fake)
+        # forwards have no values to test; the compiled or exported graph
+        # holds no check either (the README's "torch.export" section says
+        # what a compiled or exported model reports).
         return False
     if not stats._any_diverging():
         return False

@@ -20,6 +20,7 @@
 // quadratic_descent_ex's per-sample loop.
 #include "kernels.h"
 #include "vec_math.h"
+#include "../../interrupt.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -607,7 +608,8 @@ struct BlockedIO {
 template <typename T>
 void run_blocked(
     const BlockedIO<T>& io, const ChannelMixing<T>& mix,
-    const Tiles& tiles, int64_t K, LearningRates& lrs, LoopStats<T>* stats) {
+    const Tiles& tiles, int64_t K, LearningRates& lrs, LoopStats<T>* stats,
+    InterruptPoll& poll) {
   const int64_t C = mix.C;
   // All K iterations run and every tile needs every rate: a schedule's are
   // read once, up front.
@@ -646,6 +648,10 @@ void run_blocked(
       T* src = cur;
       T* dst = nxt;
       for (int64_t k = 0; k < K; ++k) {
+        // A tile of a wide layer can take seconds over all K iterations.
+        if ((k & 15) == 15 && poll.stop()) {
+          return;
+        }
         const T lr_k = scheduled.empty() ? lr : scheduled[static_cast<size_t>(k)];
         if (stats && (k == 0 || k == K - 1)) {
           const T m = lane_max(step_block<T, true>(mix, src, bl, dst, T_w, n, valid, lr_k));
@@ -665,6 +671,9 @@ void run_blocked(
       }
     };
     for (int64_t t0; (t0 = next_tile.fetch_add(per_grab, std::memory_order_relaxed)) < tiles.count;) {
+      if (poll.stop()) {
+        return;
+      }
       for (int64_t t = t0; t < std::min(tiles.count, t0 + per_grab); ++t) {
         run_tile(t);
       }
@@ -695,7 +704,7 @@ constexpr int kDiagonalVectors = 8;
 template <typename T>
 void run_diagonal(
     const BlockedIO<T>& io, const ChannelMixing<T>& mix, int64_t groups, int64_t positions,
-    int64_t K, LearningRates& lrs, LoopStats<T>* stats) {
+    int64_t K, LearningRates& lrs, LoopStats<T>* stats, InterruptPoll& poll) {
   using Vec = Vectorized<T>;
   constexpr int64_t W = Vec::size();
   constexpr int64_t kRun = kDiagonalVectors * W;
@@ -727,6 +736,11 @@ void run_diagonal(
           b[v] = lanes == W ? Vec::loadu(io.b + off + s + v * W) : Vec::loadu(io.b + off + s + v * W, lanes);
         }
         for (int64_t k = 0; k < K; ++k) {
+          // A run goes through all K iterations: with a large K it alone
+          // can take seconds.
+          if ((k & 1023) == 1023 && poll.stop()) {
+            return;
+          }
           const Vec neg_lr(neg_rates[static_cast<size_t>(k)]);
           const bool measure = stats && (k == 0 || k == K - 1);
           TORCHITER_UNROLL
@@ -780,7 +794,8 @@ template <typename T>
 int64_t run_sweeps(
     at::Tensor& Y, const at::Tensor& Bw, const at::Tensor& A,
     const ChannelMixing<T>& mix, const Tiles& tiles, bool gemm,
-    const QuadraticDescentArgs& args, LearningRates& lrs, LoopStats<T>* stats) {
+    const QuadraticDescentArgs& args, LearningRates& lrs, LoopStats<T>* stats,
+    InterruptPoll& poll) {
   const int64_t C = mix.C;
   const int64_t ld = tiles.L->padded_positions;
   const int64_t K = args.max_iterations;
@@ -793,6 +808,10 @@ int64_t run_sweeps(
   at::Tensor dst_t = Y2;
   int64_t iterations = K;
   for (int64_t k = 0; k < K; ++k) {
+    // Every 8 sweeps, so that a poll is a negligible share of a small one.
+    if ((k & 7) == 0) {
+      poll.stop();
+    }
     const bool check = stop_test && k >= 1 && k % args.check_every == 0;
     const bool measure = check || (stats && (k == 0 || k == K - 1 || args.trace));
     const T lr = static_cast<T>(lrs.at(k));
@@ -888,7 +907,7 @@ template <typename T>
 void run_per_sample(
     const at::Tensor& y0, const at::Tensor& b_in, const at::Tensor& A,
     const ChannelMixing<T>& mix, bool gemm, const QuadraticDescentArgs& args,
-    LearningRates& lrs, at::Tensor& out, LoopStats<T>& stats) {
+    LearningRates& lrs, at::Tensor& out, LoopStats<T>& stats, InterruptPoll& poll) {
   constexpr int64_t W = Vectorized<T>::size();
   WorkingLayout L = working_layout<T>(y0, /*fold the batch=*/true);
   const int64_t C = L.channels, S = L.spatial, K = args.max_iterations;
@@ -976,6 +995,9 @@ void run_per_sample(
   std::vector<std::vector<int64_t>> tile_hits;
   int64_t k = 0;
   while (k < K && n_running > 0) {
+    if ((k & 7) == 0) {
+      poll.stop();
+    }
     const bool check = args.tol > 0 && k >= 1 && k % args.check_every == 0;
     const bool measure = check || k == 0 || k == K - 1 || args.trace;
     const T lr = static_cast<T>(lrs.at(k));
@@ -1154,10 +1176,11 @@ QuadraticDescentResult run(
   }
   at::Tensor y;
   int64_t iterations = args.max_iterations;
+  InterruptPoll poll;
   if (args.per_sample) {
     y = at::empty(y0.sizes(), y0.options().memory_format(at::MemoryFormat::Contiguous));
     const ChannelMixing<T> mix(A.const_data_ptr<T>(), y0.size(1), &proj, diagonal);
-    run_per_sample<T>(y0, b_in, A, mix, gemm, args, lrs, y, *stats);
+    run_per_sample<T>(y0, b_in, A, mix, gemm, args, lrs, y, *stats, poll);
   } else {
     const WorkingLayout L = working_layout<T>(y0, gemm);
     const ChannelMixing<T> mix(A.const_data_ptr<T>(), L.channels, &proj, diagonal);
@@ -1166,9 +1189,9 @@ QuadraticDescentResult run(
     const bool blocked = !(args.tol > 0 || gemm || args.trace);
     const auto run_without_test = [&](const BlockedIO<T>& io) {
       if (diagonal) {
-        run_diagonal<T>(io, mix, L.groups, L.positions, args.max_iterations, lrs, st);
+        run_diagonal<T>(io, mix, L.groups, L.positions, args.max_iterations, lrs, st, poll);
       } else {
-        run_blocked<T>(io, mix, tiles, args.max_iterations, lrs, st);
+        run_blocked<T>(io, mix, tiles, args.max_iterations, lrs, st, poll);
       }
     };
     if (blocked && !L.batch_folded) {
@@ -1186,7 +1209,7 @@ QuadraticDescentResult run(
         const int64_t ld = L.padded_positions;
         run_without_test({Y.const_data_ptr<T>(), Bw.const_data_ptr<T>(), Y.data_ptr<T>(), ld, L.channels * ld});
       } else {
-        iterations = run_sweeps<T>(Y, Bw, A, mix, tiles, gemm, args, lrs, st);
+        iterations = run_sweeps<T>(Y, Bw, A, mix, tiles, gemm, args, lrs, st, poll);
       }
       y = from_working<T>(Y, L, y0);
     }
