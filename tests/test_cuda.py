@@ -197,7 +197,7 @@ def _error_cases():
         "min > max": (lambda: ([_rand(4, f32)], [_rand(4, f32)], []), dict(lr=0.1, min=1.0, max=0.0), "min must be"),
         "negative shrink": (lambda: ([_rand(4, f32)], [_rand(4, f32)], []), dict(lr=0.1, shrink=-1.0), "shrink"),
         "nan max": (lambda: ([_rand(4, f32)], [_rand(4, f32)], []), dict(lr=0.1, max=float("nan")), "max must not"),
-        "expanded param": (lambda: ([_rand(1, f32).expand(4)], [_rand(4, f32)], []), dict(lr=0.1), "overlapping"),
+        "expanded param": (lambda: ([_rand(1, f32).expand(4)], [_rand(4, f32)], []), dict(lr=0.1), "share memory"),
         "2-d tensor lr": (lambda: ([_rand(4, f32)], [_rand(4, f32)], []),
                           dict(lr=torch.ones(2, 2, device=DEV)), "0-dim"),
         "int tensor lr": (lambda: ([_rand(4, f32)], [_rand(4, f32)], []),
@@ -457,8 +457,11 @@ def test_quadratic_descent_errors():
         _qd(y0, A.double(), b, 0.1, 3)
     with pytest.raises(RuntimeError, match="lrs has"):
         _qd(y0, A, b, 0.1, 3, lrs=torch.ones(2))
+    # A CPU lrs is checked on the host, with an error naming the rate; a
+    # device one on the device, where a bad rate fails a device-side assert
+    # (test_cuda_sync.py runs that in a child process).
     with pytest.raises(RuntimeError, match="lrs\\[1\\]"):
-        _qd(y0, A, b, 0.1, 3, lrs=torch.tensor([0.1, -1.0, 0.1], device=DEV))
+        _qd(y0, A, b, 0.1, 3, lrs=torch.tensor([0.1, -1.0, 0.1]))
     with pytest.raises(RuntimeError, match="check_every"):
         _qd(y0, A, b, 0.1, 3, 1e-3, 0)
     with pytest.raises(RuntimeError, match="min must be <= max"):
@@ -500,25 +503,3 @@ def test_quadratic_descent_ex_equals_cpu(dtype, shape, per_sample, trace):
                 torch.testing.assert_close(z.cpu(), x, equal_nan=True, **QD_TOL[dtype], msg=name)
             else:
                 assert torch.equal(z.cpu(), x), name
-
-
-@cuda_only
-def test_sgd_step_invalid_device_lr_writes_nothing_and_raises():
-    # Checking a device lr on the host would synchronise: the kernel skips an
-    # invalid lr and an asynchronous assert raises at the next sync. A device
-    # assert poisons the CUDA context, so this runs in a child process.
-    import subprocess
-    import sys
-
-    code = (
-        "import torch, torchiter\n"
-        "p = torch.ones(1000, device='cuda'); g = torch.ones(1000, device='cuda')\n"
-        "torchiter.ops.sgd_step_([p], [g], [], torch.tensor(-1.0, device='cuda'))\n"
-        "try:\n"
-        "    torch.cuda.synchronize()\n"
-        "    print('no error')\n"
-        "except RuntimeError as e:\n"
-        "    print('raised')\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert "raised" in out.stdout, out.stdout + out.stderr

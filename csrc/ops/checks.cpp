@@ -438,8 +438,13 @@ void check_quadratic_descent(
 LearningRates::LearningRates(
     const std::optional<at::Tensor>& lrs,
     const QuadraticDescentArgs& a)
-    : lr_(a.lr), max_iterations_(a.max_iterations) {
+    : op_(a.stats ? "torchiter.quadratic_descent_ex" : "torchiter.quadratic_descent"),
+      lr_(a.lr),
+      max_iterations_(a.max_iterations) {
   if (lrs.has_value() && lrs->defined() && a.max_iterations > 0) {
+    TORCH_INTERNAL_ASSERT(
+        lrs->device().is_cpu(),
+        "LearningRates got lrs on ", lrs->device(), "; a device lrs is read by the kernels");
     lrs_ = lrs->detach();
   }
 }
@@ -455,10 +460,10 @@ double LearningRates::at(int64_t k) {
 }
 
 void LearningRates::load(int64_t k) {
-  // Blocks double in size: a loop that stops early reads little, a long one
-  // few times (each read of a device tensor is one synchronisation).
+  // Blocks double in size: a loop that stops early converts and checks few
+  // rates, a long one makes few conversions.
   const int64_t n = std::min(next_block_, max_iterations_ - k);
-  TORCH_CHECK(n > 0, "torchiter.quadratic_descent: iteration ", k, " is past max_iterations");
+  TORCH_CHECK(n > 0, op_, ": iteration ", k, " is past max_iterations");
   next_block_ = std::min<int64_t>(next_block_ * 2, int64_t{1} << 16);
   const at::Tensor h = lrs_.narrow(0, k, n).to(at::kCPU, at::kDouble).contiguous();
   const double* p = h.const_data_ptr<double>();
@@ -466,8 +471,8 @@ void LearningRates::load(int64_t k) {
   block_start_ = k;
   for (int64_t i = 0; i < n; ++i) {
     TORCH_CHECK(
-        std::isfinite(p[i]) && p[i] >= 0, "torchiter.quadratic_descent: ",
-        "lrs[", k + i, "] must be a finite number >= 0, got ", p[i]);
+        std::isfinite(p[i]) && p[i] >= 0, op_, ": lrs[", k + i,
+        "] must be a finite number >= 0, got ", p[i]);
   }
 }
 

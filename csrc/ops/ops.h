@@ -141,7 +141,9 @@ void check_quadratic_descent(
 // The per-iteration learning rates of quadratic_descent on the host: lrs[k]
 // when lrs is given, else `lr`. The tensor is read in blocks as the loop
 // reaches them (each value checked to be finite and >= 0 before it is used),
-// so time and memory follow the iterations run, not max_iterations.
+// so time and memory follow the iterations run, not max_iterations. Only a
+// CPU tensor is accepted: reading a device tensor here would synchronise the
+// host once per block, so the CUDA kernels read a device `lrs` themselves.
 class LearningRates {
  public:
   LearningRates(const std::optional<at::Tensor>& lrs, const QuadraticDescentArgs& args);
@@ -157,12 +159,31 @@ class LearningRates {
  private:
   void load(int64_t k);
   at::Tensor lrs_;
+  const char* op_;
   double lr_;
   int64_t max_iterations_;
   int64_t block_start_ = 0;
   int64_t next_block_ = 256;
   std::vector<double> block_;
 };
+
+// The linear solves of torchiter.quadratic_descent_backward on one device.
+struct ImplicitSolvers {
+  // x with A^T x = g for every column g of `rhs`: At is A^T (C, C), rhs
+  // (C, n); returns x as (C, n).
+  at::Tensor (*shared)(const at::Tensor& At, const at::Tensor& rhs);
+  // x_i with M_i x_i = r_i: M (k, C, C) contiguous, a temporary the solver
+  // may overwrite; rhs (k, C); returns x as (k, C). `first_row` is M_0's row
+  // in the batch flattened as (B * spatial), for error messages.
+  at::Tensor (*per_row)(const at::Tensor& M, const at::Tensor& rhs, int64_t first_row);
+};
+
+// quadratic_descent_backward's kernel with a device's solvers (inputs
+// checked here): returns (grad_A, grad_b).
+std::tuple<at::Tensor, at::Tensor> quadratic_descent_backward_with(
+    const at::Tensor& grad_y, const at::Tensor& y, const at::Tensor& A,
+    double shrink, std::optional<double> min, std::optional<double> max,
+    const ImplicitSolvers& solvers);
 
 // Checks every argument of torchiter.quadratic_descent_backward (shapes,
 // dtypes, devices, shrink), for its kernels.

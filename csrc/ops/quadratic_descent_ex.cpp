@@ -7,15 +7,16 @@
 // every stop test (k >= 1, k % check_every == 0, tol > 0) and, with trace,
 // every iteration. The driver runs the plain loop up to k, keeps y_{k-1},
 // runs iteration k alone and reduces the change with ATen. Only the stop
-// test reads a value on the host. Each plain call starts at the same
-// per-element arithmetic, so the chunks change no result.
+// test reads a value on the host: counts and flags are written on y's device,
+// and the rows a per-sample test picks travel there through pinned memory
+// (a copy from pageable memory would wait for the device). Each plain call
+// starts at the same per-element arithmetic, so the chunks change no result.
 #include "ops.h"
 
 #include <ATen/Dispatch.h>
 
 #include <algorithm>
 #include <limits>
-#include <numeric>
 #include <vector>
 
 namespace torchiter {
@@ -94,6 +95,17 @@ at::Tensor sample_change(const at::Tensor& a, const at::Tensor& b) {
   return (a - b).abs().flatten(1).amax(1);
 }
 
+// Indices made on the host, on `device` without a synchronisation. The
+// pinned buffer may be freed at once: the caching host allocator keeps it
+// until the copy it was recorded with has run.
+at::Tensor indices_on(const std::vector<int64_t>& v, const at::Device& device) {
+  at::Tensor h = at::empty(
+      {static_cast<int64_t>(v.size())},
+      at::TensorOptions().dtype(at::kLong).pinned_memory(device.is_cuda()));
+  std::copy(v.begin(), v.end(), h.data_ptr<int64_t>());
+  return device.is_cpu() ? h : h.to(h.options().device(device), /*non_blocking=*/true);
+}
+
 } // namespace
 
 QuadraticDescentResult quadratic_descent_ex_generic(
@@ -113,20 +125,13 @@ QuadraticDescentResult quadratic_descent_ex_generic(
   at::Tensor last = at::zeros({n_stats}, opts);
   at::Tensor trace = at::full(
       {args.trace ? K : 0}, std::numeric_limits<double>::quiet_NaN(), opts);
-  std::vector<int64_t> iterations(static_cast<size_t>(n_stats), 0);
-  std::vector<uint8_t> converged(static_cast<size_t>(n_stats), 0);
-  const auto finish = [&]() {
-    const auto host = at::TensorOptions().dtype(at::kLong);
-    at::Tensor it = at::tensor(iterations, host).to(y0.device());
-    std::vector<int64_t> conv(converged.begin(), converged.end());
-    at::Tensor cv = at::tensor(conv, host).to(y0.device()).to(at::kBool);
-    return make_ex_result(out, it, cv, first, last, trace, per_sample);
-  };
+  at::Tensor iterations = at::zeros({n_stats}, long_opts);
+  at::Tensor converged = at::zeros({n_stats}, opts.dtype(at::kBool));
   if (y0.numel() == 0 || K == 0) {
     // An empty y runs every iteration with no change to test.
-    std::fill(iterations.begin(), iterations.end(), K);
+    iterations.fill_(K);
     trace.zero_();
-    return finish();
+    return make_ex_result(out, iterations, converged, first, last, trace, per_sample);
   }
 
   // The plain loop over iterations [k, k + n), without a stop test.
@@ -162,10 +167,10 @@ QuadraticDescentResult quadratic_descent_ex_generic(
 
   at::Tensor y = out;
   at::Tensor b = b_in.contiguous();
-  // Original index of each sample still in the batch (per_sample).
-  std::vector<int64_t> present(static_cast<size_t>(B));
-  std::iota(present.begin(), present.end(), 0);
+  // Original index of each sample still in the batch (per_sample), and
+  // their number.
   at::Tensor present_idx = at::arange(B, long_opts);
+  int64_t n_present = B;
   int64_t k = 0;
   bool stopped = false;
   while (k < K && !stopped) {
@@ -195,56 +200,56 @@ QuadraticDescentResult quadratic_descent_ex_generic(
     const bool* s = stop.const_data_ptr<bool>();
     if (!per_sample) {
       if (s[0]) {
-        converged[0] = 1;
+        converged.fill_(true);
         stopped = true;
       }
       continue;
     }
-    std::vector<int64_t> keep, done;
-    for (size_t i = 0; i < present.size(); ++i) {
-      (s[i] ? done : keep).push_back(static_cast<int64_t>(i));
+    // The rows that stopped, then those that keep running.
+    std::vector<int64_t> rows;
+    rows.reserve(static_cast<size_t>(n_present));
+    for (int64_t i = 0; i < n_present; ++i) {
+      if (s[i]) {
+        rows.push_back(i);
+      }
     }
-    if (done.empty()) {
+    const auto n_done = static_cast<int64_t>(rows.size());
+    if (n_done == 0) {
       continue;
     }
-    std::vector<int64_t> done_orig;
-    for (int64_t i : done) {
-      const int64_t o = present[static_cast<size_t>(i)];
-      converged[static_cast<size_t>(o)] = 1;
-      iterations[static_cast<size_t>(o)] = k;
-      done_orig.push_back(o);
+    for (int64_t i = 0; i < n_present; ++i) {
+      if (!s[i]) {
+        rows.push_back(i);
+      }
     }
-    const at::Tensor done_rows = at::tensor(done, long_opts.device(at::kCPU)).to(y.device());
-    out.index_copy_(0, at::tensor(done_orig, long_opts.device(at::kCPU)).to(y.device()),
-                    y.index_select(0, done_rows));
-    if (keep.empty()) {
+    const at::Tensor all_rows = indices_on(rows, y.device());
+    const at::Tensor done_rows = all_rows.narrow(0, 0, n_done);
+    const at::Tensor done_orig = present_idx.index_select(0, done_rows);
+    converged.index_fill_(0, done_orig, true);
+    iterations.index_fill_(0, done_orig, k);
+    out.index_copy_(0, done_orig, y.index_select(0, done_rows));
+    if (n_done == n_present) {
       stopped = true;
-      present.clear();
+      n_present = 0;
       break;
     }
     // The frozen samples leave the batch: they cost nothing from here on.
-    const at::Tensor keep_rows = at::tensor(keep, long_opts.device(at::kCPU)).to(y.device());
+    const at::Tensor keep_rows = all_rows.narrow(0, n_done, n_present - n_done);
     y = y.index_select(0, keep_rows);
     b = b.index_select(0, keep_rows);
     present_idx = present_idx.index_select(0, keep_rows);
-    std::vector<int64_t> next;
-    for (int64_t i : keep) {
-      next.push_back(present[static_cast<size_t>(i)]);
-    }
-    present = std::move(next);
+    n_present -= n_done;
   }
   if (per_sample) {
-    for (int64_t o : present) {
-      iterations[static_cast<size_t>(o)] = k;
-    }
-    if (!present.empty()) {
+    if (n_present > 0) {
+      iterations.index_fill_(0, present_idx, k);
       out.index_copy_(0, present_idx, y);
     }
   } else {
-    iterations[0] = k;
+    iterations.fill_(k);
     out = y.is_contiguous() ? y : y.contiguous();
   }
-  return finish();
+  return make_ex_result(out, iterations, converged, first, last, trace, per_sample);
 }
 
 } // namespace torchiter

@@ -93,11 +93,36 @@ void check_info(const at::Tensor& info, int64_t first_row) {
       where, "); the fixed point is not differentiable there");
 }
 
-// The backward kernel, built from ATen ops so the same code runs on every
-// device: no host synchronisation on CUDA, batched solves, no per-sample loop.
+// The solves with ATen's linalg_solve_ex, on every device without a kernel of
+// its own (the CPU among them).
+at::Tensor solve_shared_aten(const at::Tensor& At, const at::Tensor& rhs) {
+  auto [sol, info] = at::linalg_solve_ex(At, rhs, /*left=*/true, /*check_errors=*/false);
+  check_info(info, 0);
+  return sol;
+}
+
+at::Tensor solve_per_row_aten(const at::Tensor& M, const at::Tensor& rhs, int64_t first_row) {
+  auto [sol, info] = at::linalg_solve_ex(M, rhs.unsqueeze(2), /*left=*/true, /*check_errors=*/false);
+  check_info(info, first_row);
+  return sol.squeeze(2);
+}
+
 std::tuple<at::Tensor, at::Tensor> quadratic_descent_backward_kernel(
     const at::Tensor& grad_y, const at::Tensor& y, const at::Tensor& A,
     double shrink, std::optional<double> min, std::optional<double> max) {
+  return quadratic_descent_backward_with(
+      grad_y, y, A, shrink, min, max, ImplicitSolvers{&solve_shared_aten, &solve_per_row_aten});
+}
+
+} // namespace
+
+// Built from ATen ops and the device's solves, so the same code runs on every
+// device: batched solves, no per-sample loop, and no host synchronisation
+// beyond what the solvers do.
+std::tuple<at::Tensor, at::Tensor> quadratic_descent_backward_with(
+    const at::Tensor& grad_y, const at::Tensor& y, const at::Tensor& A,
+    double shrink, std::optional<double> min, std::optional<double> max,
+    const ImplicitSolvers& solvers) {
   check_quadratic_descent_backward(grad_y, y, A, shrink, min, max);
   const BatchChannelSpatial s = batch_channel_spatial(y);
   const int64_t n = s.batch * s.spatial;
@@ -111,10 +136,7 @@ std::tuple<at::Tensor, at::Tensor> quadratic_descent_backward_kernel(
   at::Tensor x;
   if (shrink == 0 && !min.has_value() && !max.has_value()) {
     // No projection: every entry is active, one solve with n right-hand sides.
-    auto [sol, info] = at::linalg_solve_ex(At, gr.t(), /*left=*/true,
-                                           /*check_errors=*/false);
-    check_info(info, 0);
-    x = sol.t();
+    x = solvers.shared(At, gr.t()).t();
   } else {
     // Each row's system is A^T with the held rows and columns replaced by
     // the identity and its right-hand side zeroed there, so x_N = 0 and x_S
@@ -131,17 +153,15 @@ std::tuple<at::Tensor, at::Tensor> quadratic_descent_backward_kernel(
       at::Tensor M = m.unsqueeze(2) * m.unsqueeze(1);
       M.mul_(At);
       M.diagonal(0, 1, 2).add_(1 - m);
-      auto [sol, info] = at::linalg_solve_ex(
-          M, rhs.slice(0, r0, r1).unsqueeze(2), /*left=*/true,
-          /*check_errors=*/false);
-      check_info(info, r0);
-      parts.push_back(sol.squeeze(2));
+      parts.push_back(solvers.per_row(M, rhs.slice(0, r0, r1), r0));
     }
     x = parts.size() == 1 ? parts[0] : at::cat(parts, 0);
   }
   grad_A = -at::mm(x.t(), yr);
   return {grad_A, unrows(x, y, s).contiguous()};
 }
+
+namespace {
 
 std::tuple<at::Tensor, at::Tensor> quadratic_descent_backward_meta(
     const at::Tensor& grad_y, const at::Tensor& y, const at::Tensor& A,

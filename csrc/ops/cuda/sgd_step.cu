@@ -220,7 +220,8 @@ void sgd_step_cuda_impl(
   if (lr_tensor) {
     lr64 = lr_tensor->detach().to(at::kDouble);
     // Checking lr's value on the host would synchronise; the kernels skip an
-    // invalid lr and this raises the error at the next synchronisation.
+    // invalid lr and this assert raises at a later CUDA call (at the latest
+    // the next synchronisation), leaving the CUDA context unusable.
     at::_assert_async(
         at::isfinite(lr64).logical_and(lr64.ge(0)),
         "torchiter.sgd_step_: lr must be a finite number >= 0");
@@ -231,9 +232,12 @@ void sgd_step_cuda_impl(
   // (in the same launch as the others) and written back through their own
   // strides afterwards, on the same stream.
   const StepPlan plan(params, grads, bufs, opt.momentum != 0);
-  for (const auto& [dtype, segs] : plan.groups()) {
+  for (const auto& group : plan.groups()) {
+    // A named reference, not a structured binding: lambdas capture those
+    // only from C++20 on, and the build may be C++17.
+    const std::vector<StepSegment>& segs = group.second;
     AT_DISPATCH_FLOATING_TYPES_AND2(
-        at::kHalf, at::kBFloat16, dtype, "torchiter.sgd_step_", [&] {
+        at::kHalf, at::kBFloat16, group.first, "torchiter.sgd_step_", [&] {
           launch_segments<scalar_t>(segs, opt, lr_ptr, stream);
         });
   }
