@@ -7,6 +7,8 @@ variants (plain x86-64, AVX2+FMA, AVX-512), whatever the build machine runs;
 the library picks one when it loads (``TORCHITER_CPU_CAPABILITY`` forces a
 narrower one). Elsewhere they are built once, on at::vec's portable code.
 Build against the installed torch: ``pip install --no-build-isolation .``
+Supported torch: ``TORCH_REQUIREMENT`` below; what differs between those
+versions for the build is in ``_cxx_std()``.
 """
 
 import glob
@@ -17,6 +19,10 @@ from setuptools import find_packages, setup
 from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# The torch releases torchiter supports. CI builds and tests 2.11 (with the
+# CUDA kernels), 2.13 and 2.14; scripts/bootstrap.sh reads this line.
+TORCH_REQUIREMENT = "torch>=2.10,<2.15"
+TORCH_MIN, TORCH_END = (2, 10), (2, 15)
 
 
 def _flag(name: str) -> bool:
@@ -57,6 +63,33 @@ def _openmp_flags() -> list:
     if "OpenMP" not in torch.__config__.parallel_info() or platform.system() == "Darwin":
         return []
     return ["-fopenmp"]
+
+
+def _torch_version() -> tuple:
+    import torch
+
+    return tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+
+
+def _check_torch() -> None:
+    """Refuses a torch outside the supported range (a build would fail obscurely or not be tested)."""
+    import torch
+
+    if not TORCH_MIN <= _torch_version() < TORCH_END and not _flag("TORCHITER_ANY_TORCH"):
+        raise RuntimeError(
+            f"torchiter supports {TORCH_REQUIREMENT}; the installed torch is {torch.__version__} "
+            "(TORCHITER_ANY_TORCH=1 builds anyway, untested)"
+        )
+
+
+def _cxx_std() -> str:
+    """The C++ standard of the installed torch's headers: -std=c++20 from torch 2.13, -std=c++17 before.
+
+    The one place where the build differs between supported torch versions:
+    each torch's cpp_extension compiles extensions with that standard, and
+    torch 2.13's headers need C++20. The sources compile as either.
+    """
+    return "-std=c++20" if _torch_version() >= (2, 13) else "-std=c++17"
 
 
 def _use_cuda() -> bool:
@@ -123,6 +156,8 @@ class BuildExtension(cpp_extension.BuildExtension):
 
 
 def extensions():
+    _check_torch()
+    std = _cxx_std()
     with_cuda = _use_cuda()
     sources = sorted(
         p
@@ -132,7 +167,7 @@ def extensions():
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "ops", "cuda", "*.cu")))
     # -ffp-contract=off: FMAs appear only where the kernels ask for them, so the
     # vector body and the partial-load tails round identically.
-    cxx = ["-O3", "-std=c++20", "-ffp-contract=off", "-fvisibility=hidden"] + _openmp_flags()
+    cxx = ["-O3", std, "-ffp-contract=off", "-fvisibility=hidden"] + _openmp_flags()
     # TORCHITER_CPU_VARIANTS=default builds the plain x86-64 variant alone
     # (quicker builds where speed does not matter: sanitizers, compile checks).
     all_variants = _x86() and os.environ.get("TORCHITER_CPU_VARIANTS", "all").lower() != "default"
@@ -148,7 +183,7 @@ def extensions():
         # only where the kernels ask for them, so CPU and CUDA round alike.
         extra["nvcc"] = [
             "-O3",
-            "-std=c++20",
+            std,
             "--expt-relaxed-constexpr",
             "-lineinfo",
             "--fmad=false",
@@ -164,7 +199,9 @@ def extensions():
                 # build for H100/H200. Set TORCH_CUDA_ARCH_LIST to override.
                 os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
     arch = f" (TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', 'visible GPUs')})" if with_cuda else ""
-    print(f"torchiter build: CPU kernel variants {', '.join(variants)}; CUDA kernels: {'yes' if with_cuda else 'no'}{arch}")
+    import torch
+
+    print(f"torchiter build: torch {torch.__version__}, {std[5:].upper()}; CPU kernel variants {', '.join(variants)}; CUDA kernels: {'yes' if with_cuda else 'no'}{arch}")
     ext = ext_cls(
         "torchiter._C",
         sources,
@@ -185,6 +222,6 @@ setup(
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.9",
-    install_requires=["torch>=2.13,<2.15"],  # what CI tests: 2.13.0 CPU and 2.14.1
+    install_requires=[TORCH_REQUIREMENT],
     zip_safe=False,
 )

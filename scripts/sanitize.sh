@@ -4,7 +4,7 @@
 # tests against that build. Any report fails the run: UBSan aborts on the
 # first finding, ASan on the first bad access.
 # Usage: bash scripts/sanitize.sh [pytest arguments, default: the op and module tests]
-source "$(dirname "$0")/bootstrap.sh" pytest hypothesis
+source "$(dirname "$0")/bootstrap.sh" pytest -- hypothesis
 set -euo pipefail
 cd "$ROOT"
 OUT="${TORCHITER_SANITIZE_DIR:-$ROOT/build-sanitize}"
