@@ -118,9 +118,9 @@ def version(name):
 for name in sys.argv[1:]:
     if name == "ninja":  # the executable, which torch's build looks for on PATH
         ok = shutil.which("ninja") is not None
-    elif name == "setuptools":  # pyproject.toml's build requirement
-        ok = (version("setuptools") or (0,)) >= (70,)
-        name = "setuptools>=70"
+    elif name == "setuptools":  # editable builds (PEP 660) need 64
+        ok = (version("setuptools") or (0,)) >= (64,)
+        name = "setuptools>=64"
     elif name == "wheel":
         ok = (version("setuptools") or (0,)) >= (70, 1) or importlib.util.find_spec("wheel") is not None
     else:

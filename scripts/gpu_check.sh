@@ -161,7 +161,7 @@ import torchiter  # noqa: F401
 p = torch.cuda.get_device_properties(0)
 print(f"# torch {torch.__version__} (CUDA {torch.version.cuda}), {p.name}, {p.total_memory / 2**30:.0f} GiB, "
       f"{p.multi_processor_count} SMs, compute capability {p.major}.{p.minor}")
-for op in ("sgd_step_", "sgd_step_.tensor_lr", "quadratic_descent", "quadratic_descent_ex"):
+for op in ("sgd_step_", "sgd_step_.tensor_lr", "quadratic_descent", "quadratic_descent_ex", "quadratic_descent_backward"):
     if not torch._C._dispatch_has_kernel_for_dispatch_key(f"torchiter::{op}", "CUDA"):
         print(f"registered: FAIL: no CUDA kernel for torchiter::{op}")
 EOF

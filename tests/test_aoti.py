@@ -143,6 +143,17 @@ def test_model_with_default_settings_runs_as_a_package(tmp_path):
         torch.testing.assert_close(package(x), model(x), rtol=1e-5, atol=1e-6)
 
 
+# torch 2.11 (seen; 2.10 and 2.12 not tested): AOTInductor's proxy executor
+# logs an error a custom op raises (to stderr, "Exception in aoti_torch: ...")
+# and the package returns its outputs as if the call had succeeded. Strict
+# where it was seen, so a 2.11 that raises is noticed.
+_TORCH = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+
+
+@pytest.mark.xfail(
+    _TORCH < (2, 13), strict=_TORCH == (2, 11), raises=pytest.fail.Exception,
+    reason="AOTInductor before torch 2.13 logs a custom op's error instead of raising it",
+)
 def test_package_rejects_bad_input_like_eager(all_ops_package):
     """The kernels' input checks run inside the package too."""
     _, package = all_ops_package
@@ -152,7 +163,7 @@ def test_package_rejects_bad_input_like_eager(all_ops_package):
 
 
 def test_cpp_program_runs_a_package_like_eager_python(cpp_runner, tmp_path):
-    """examples/cpp/save_package.py, then torchiter_aoti_run: the README walk-through."""
+    """examples/cpp/save_package.py, then torchiter_aoti_run: the walk-through of docs/deployment.md."""
     program = cpp_runner.parent / "torchiter_aoti_run"
     assert program.is_file()
     repeat = 3

@@ -111,7 +111,9 @@ def fused_sgd_step(
                             params, grads, [], lr, 0.0, 0.0, weight_decay, False, group["maximize"], False,
                             shrink, lo, hi,
                         )
-                    _internals.mark_optimizer_stepped(optimizer)
+                    # The scheduler's flag is not set here: TorchDynamo before
+                    # torch 2.13 cannot trace an attribute write on an
+                    # optimizer (at worst a scheduler then warns once).
                     return True
                 try:
                     # The op through a direct binding (same dispatcher path as

@@ -12,8 +12,10 @@
 namespace torchiter::cpu {
 namespace {
 
+#ifdef TORCHITER_CPU_X86_VARIANTS
+// Only the x86 variant build asks (a default-only build has nothing to pick).
 bool cpu_supports(CpuCapability c) {
-#if defined(TORCHITER_CPU_X86_VARIANTS) && (defined(__GNUC__) || defined(__clang__))
+#if defined(__GNUC__) || defined(__clang__)
   // __builtin_cpu_supports also checks that the OS saves the wide registers.
   __builtin_cpu_init();
   switch (c) {
@@ -33,6 +35,7 @@ bool cpu_supports(CpuCapability c) {
   return c == CpuCapability::kDefault;
 #endif
 }
+#endif
 
 CpuKernels kernels_of(CpuCapability c) {
   switch (c) {
