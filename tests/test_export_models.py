@@ -2,7 +2,7 @@
 
 The exported program must keep the batch symbolic (no guard on its size from the models' Python
 code or the ops' Meta kernels) and give the eager model's outputs at other batch sizes. The
-AOTInductor package of such a program is built by the README's AOTInductor block
+AOTInductor package of such a program is built by the AOTInductor block of docs/deployment.md
 (tests/test_docs.py, ``aoti`` marker).
 """
 
@@ -18,7 +18,7 @@ pytestmark = [
     # torch.export's deep copy of the graph warns about torch's own pytree API in torch 2.13.
     pytest.mark.filterwarnings(r"ignore:`isinstance\(treespec, LeafSpec\)` is deprecated:FutureWarning"),
     # The models keep their state in a plain attribute that the forward replaces; the exported
-    # program returns the state instead (see the README's torch.export section).
+    # program returns the state instead (see docs/deployment.md's torch.export section).
     pytest.mark.filterwarnings(r"ignore:The tensor attribute self\.(y|codes) was assigned during export:UserWarning"),
 ]
 

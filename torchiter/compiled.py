@@ -9,19 +9,21 @@ function (``fullgraph=True``). Anything that cannot be compiled falls back to
 the module's eager loop, with one warning naming the reason.
 """
 
+import itertools
+import types
 import warnings
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
-from . import _internals
+from . import _internals, _loops
 from .modules import IterationLossModule, IterationModule, _stats_lr
 from .optim import SGD
 
 __all__ = ["compile_iterations", "CompiledIterationsWarning"]
 
-_SGD_TYPES = (torch.optim.SGD, SGD)
+_SGD_TYPES = _loops.SGD_TYPES
 # Compiled variants one module may build (shapes, dtypes, devices, options,
 # iterations per call) before it stays on the eager loop.
 MAX_COMPILATIONS = 8
@@ -31,6 +33,20 @@ MAX_COMPILATIONS = 8
 _AUTO_MAX_K = 10
 # Iteration-parameter elements below which the compiled CPU code is serial.
 _PARALLEL_MIN_NUMEL = 1 << 16
+_BLOCK_IDS = itertools.count()
+
+
+def _own_code(fn: Callable) -> Callable:
+    """``fn`` with a code object of its own.
+
+    TorchDynamo keeps its compiled variants per code object, at most
+    ``recompile_limit`` (8 by default) of them, and with ``fullgraph=True``
+    one more is an error. Every block of every module is a closure of the
+    same ``run``: without this, the ninth block compiled in a process (other
+    modules, shapes or ``k``) would fail instead of compiling.
+    """
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_block{next(_BLOCK_IDS)}")
+    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
 
 
 class CompiledIterationsWarning(UserWarning):
@@ -119,6 +135,8 @@ class _CompiledIterations:
 
     def fallback(self, module: IterationLossModule, reason: str) -> bool:
         self.fallbacks += 1
+        # The same words as the warning, for iteration_stats.path_reason.
+        module.__dict__["_it_compile_reason"] = f"compiled iterations fall back to the eager loop: {reason}"
         if reason not in self._warned:
             self._warned.add(reason)
             warnings.warn(
@@ -272,7 +290,7 @@ class _CompiledIterations:
 
         cuda_graph = plan.params[0].device.type == "cuda"
         backend = self._counting_backend(plan, cuda_graph)
-        entry = _Entry(torch.compile(run, fullgraph=True, dynamic=False, backend=backend), cuda_graph)
+        entry = _Entry(torch.compile(_own_code(run), fullgraph=True, dynamic=False, backend=backend), cuda_graph)
         self._cache[key] = entry
         return entry
 
@@ -443,6 +461,7 @@ class _CompiledIterations:
         stats = rec.finish(call, stopped, loss if loss is not loss_before else None, lr0)
         # The last call may be a shorter remainder.
         stats.iterations.fill_(i)
+        _loops.stamp(stats, _loops.COMPILED, attrs.get("_it_loop_reason"))
         attrs["iteration_stats"] = stats
         return True
 

@@ -7,6 +7,8 @@ the per-iteration path (one fused SGD step per iteration) when an iteration
 hook is registered, a subclass overrides the loop, the optimizer is not a
 momentum-free SGD, the projection is not one the op expresses, or the dtype or
 device has no kernel. Both paths give the same results to float rounding.
+After a forward, ``iteration_stats.path`` names the loop that ran and
+``iteration_stats.path_reason`` why it was not the whole-loop op.
 
 With ``fixed_point_gradient=FixedPointGradient(...)`` (see
 :mod:`torchiter.implicit`) the returned state is differentiable in the
@@ -25,17 +27,15 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from . import _internals
+from . import _internals, _loops
 from . import stats as _stats
 from ._internals import active_ddp_module
 from .modules import IterationLossModule
-from .optim import SGD
 from .projections import SoftThreshold
 
 __all__ = ["MultiSimilarityMatching", "SimilarityMatching", "SupervisedSimilarityMatching", "SparseCoding", "TrainingLoss"]
 
 _REGULARIZATIONS = ("weight", "whiten", "none")
-_SGD_TYPES = (torch.optim.SGD, SGD)
 
 
 def _mix(A: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -179,29 +179,17 @@ class _QuadraticLoopModule(IterationLossModule):
     def _quadratic(self) -> Tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
-    def _loop_is_stock(self) -> bool:
-        """False when hooks, overrides or the optimizer need the per-iteration path."""
-        if self.hooks["iteration"]:
-            return False
-        # The loop methods must be this file's (or the base class'): a user's
-        # override of any of them is honoured by running the generic path.
-        cls = type(self)
-        for name in ("iteration", "iteration_set_gradients", "converged"):
-            if getattr(getattr(cls, name), "__module__", None) not in _LOOP_MODULES:
-                return False
-        if self.it_construct_optim not in _SGD_TYPES:
-            return False
-        sched = self.it_construct_sched
-        return sched is None or (
-            isinstance(sched, type)
-            and issubclass(sched, torch.optim.lr_scheduler.LRScheduler)
-            and not issubclass(sched, torch.optim.lr_scheduler.ReduceLROnPlateau)
-        )
-
     def _run_loop(self, *args: Any, **kwargs: Any) -> None:
         """The whole loop as one ``quadratic_descent_ex`` call when possible."""
-        fused = self._fused_loop_args() if self._loop_is_stock() else None
+        reason = _loops.quadratic_loop_reason(self, _LOOP_MODULES)
+        fused = None
+        if reason is None:
+            fused = self._fused_loop_args()
+            if isinstance(fused, str):
+                reason, fused = fused, None
         if fused is None:
+            # The per-iteration loop runs; its statistics name this reason.
+            self.__dict__["_it_loop_reason"] = reason
             super()._run_iterations(*args, **kwargs)
         else:
             self._run_fused_loop(*fused)
@@ -250,19 +238,16 @@ class _QuadraticLoopModule(IterationLossModule):
             attrs["_stopped_at"] = torch.zeros(y.shape[0], dtype=torch.long, device=y.device)
         return stopped
 
-    def _fused_loop_args(self) -> Optional[Tuple[Any, ...]]:
-        """``quadratic_descent`` arguments for this forward, or None."""
+    def _fused_loop_args(self) -> Union[Tuple[Any, ...], str]:
+        """``quadratic_descent`` arguments for this forward, or why there are none."""
         # The fused-step plan of IterationLossModule (a torchiter.optim.FastStep).
         fast = self._it_fast
+        reason = _loops.quadratic_args_reason(self, fast, self._state(), _has_kernel)
+        if reason is not None:
+            return reason
         state = self._state()
-        if fast is None or (fast.projection is not None and fast.fused_projection is None) or not _has_kernel(state):
-            return None
         optimizer = self.iteration_optimizer
-        if len(optimizer.param_groups) != 1:
-            return None
         group = optimizer.param_groups[0]
-        if group["momentum"] != 0 or group.get("differentiable", False):
-            return None
         A, b = self._quadratic()
         # For the step-size hint of a diverged loop (see _run_iterations).
         self.__dict__["_it_curvature"] = A
@@ -359,6 +344,7 @@ class _QuadraticLoopModule(IterationLossModule):
             r[1], r[2], r[3], r[4], noise,
             change_trace=r[5][:count] if trace else None,
             lr=lr,
+            path=_loops.QUADRATIC_DESCENT,
         )
 
     def _run_scheduled_chunks(self, op, y, A, b, K, tol, shrink, lo, hi, trace) -> Tuple[torch.Tensor, ...]:
@@ -402,7 +388,7 @@ class _QuadraticLoopModule(IterationLossModule):
                 break
             chunk *= 2
         trace = torch.cat(traces) if traces else torch.zeros(0, dtype=y.dtype, device=y.device)
-        growth = torch.where((first == 0) & (last == 0), torch.zeros_like(last), last / first)
+        growth = _stats.growth_ratio(first, last)
         return (
             y,
             torch.tensor(count, device=y.device),

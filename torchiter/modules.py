@@ -16,10 +16,10 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from . import _internals
+from . import _internals, _loops
 from . import stats as _stats
-from .optim import _NO_PROJECTION, SGD, FastStep, fused_sgd_step
-from .projections import fused_projection_args, project_
+from .optim import FastStep, fused_sgd_step
+from .projections import project_
 
 __all__ = ["IterationModule", "IterationLossModule"]
 
@@ -89,7 +89,7 @@ class _DefaultLr(float):
 
 _DEFAULT_LR = _DefaultLr(1.0)
 _OPTIMIZER_ZERO_GRAD = torch.optim.Optimizer.zero_grad
-_FUSED_SGD_TYPES = (torch.optim.SGD, SGD)
+_FUSED_SGD_TYPES = _loops.SGD_TYPES
 
 
 def _growth_limit(optimizer: Any) -> float:
@@ -593,6 +593,9 @@ class IterationLossModule(IterationModule):
             and fast.projection is projection
             and fused_sgd_step(optimizer, fast.fused_projection, fast.kernel_args)
         ):
+            if fast is not None:
+                # Planned but declined (diagnosed after the loop, for path_reason).
+                attrs["_it_declined"] = True
             optimizer.step()
             fast = None
         scheduler = self.iteration_scheduler
@@ -684,7 +687,8 @@ class IterationLossModule(IterationModule):
                 stopped = True
                 break
         loss = attrs.get("_last_iteration_loss")
-        attrs["iteration_stats"] = rec.finish(i + 1, stopped, loss if loss is not loss_before else None, lr)
+        stats = attrs["iteration_stats"] = rec.finish(i + 1, stopped, loss if loss is not loss_before else None, lr)
+        _loops.stamp(stats, *_loops.eager_path(self, IterationLossModule.iteration))
 
     def _loop_uses_autograd(self) -> bool:
         # Subclasses that set gradients by hand need no autograd mode.
@@ -726,7 +730,15 @@ class IterationLossModule(IterationModule):
             set_plain("iteration_scheduler", self.it_construct_sched(optimizer, **self.it_sched_kwargs))
         else:
             set_plain("iteration_scheduler", None)
-        self.__dict__["_it_fast"] = self._fast_path_plan(params)
+        # The loop's choice, decided once per forward: the fused-step plan, or
+        # why the step cannot be fused (iteration_stats.path_reason).
+        attrs = self.__dict__
+        plan = _loops.fused_step_plan(self, params)
+        if isinstance(plan, str):
+            attrs["_it_fast"], attrs["_it_fast_reason"] = None, plan
+        else:
+            attrs["_it_fast"], attrs["_it_fast_reason"] = plan, None
+        attrs["_it_declined"] = attrs["_it_loop_reason"] = attrs["_it_compile_reason"] = None
 
     def _set_plain_attribute(self, name: str, value: Any) -> None:
         # An attribute already stored as a plain one (not a parameter,
@@ -801,29 +813,3 @@ class IterationLossModule(IterationModule):
                     "computed from tensors that require grad); detach it or register "
                     "it as a buffer"
                 )
-
-    def _fast_path_plan(self, params: List[torch.Tensor]) -> Optional[FastStep]:
-        optimizer = self.iteration_optimizer
-        projection = self.iteration_projection
-        fused = projection
-        if type(optimizer) not in _FUSED_SGD_TYPES:
-            return None
-        if _internals.optimizer_step_replaced(optimizer):
-            return None
-        if type(optimizer) is SGD and optimizer.projection is not None:
-            if projection is not None:
-                return None
-            fused = optimizer.projection
-        args = fused_projection_args(fused)
-        if args is None:
-            # A projection the kernel cannot express (a user's function):
-            # the step is still fused, the projection then runs generically.
-            if fused is not projection:
-                return None
-            args, fused = _NO_PROJECTION, None
-        # The generic path projects iteration_parameters(); the kernel, the
-        # optimizer's params. Fuse only when the two are the same tensors.
-        opt_params = [p for group in optimizer.param_groups for p in group["params"]]
-        if len(opt_params) != len(params) or {id(p) for p in opt_params} != {id(p) for p in params}:
-            return None
-        return FastStep(optimizer, projection, args, fused)

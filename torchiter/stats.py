@@ -77,8 +77,14 @@ def check_divergence_mode(owner: str, mode: Any) -> str:
 
 
 def growth_ratio(first: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-    """``last / first`` elementwise, 0 where both are 0 (or either is NaN), inf where only ``first`` is 0."""
-    return torch.nan_to_num(last / first, nan=0.0, posinf=math.inf)
+    """``last / first`` elementwise: 0 where both are 0 (no change at all), inf
+    where only ``first`` is 0, NaN where either is NaN.
+
+    The one rule for ``growth`` on every path: the whole-loop op computes it
+    alike in C++ (``make_ex_result``), and a NaN is never read as "not growing"
+    by anything but the divergence test, which reports a NaN change anyway.
+    """
+    return torch.where((first == 0) & (last == 0), torch.zeros_like(last), last / first)
 
 
 @functools.lru_cache(maxsize=64)
@@ -101,8 +107,8 @@ class IterationStats:
         change: floating ``S``, ``max |y_k − y_{k−1}|`` of the last iteration
             over all iteration parameters; 0 when no iteration ran.
         growth: floating ``S``, change of the last iteration over that of the
-            first (0 when both are 0 or either is NaN, inf when only the
-            first is 0); scaled by
+            first (0 when both are 0, inf when only the first is 0, NaN when
+            either is NaN: :func:`growth_ratio`, on every path); scaled by
             the ratio of the two iterations' learning rates when a scheduler
             changed it, so it measures the gradient step, not the schedule.
         late_growth: None, or floating ``S``: the same ratio from the middle
@@ -129,6 +135,15 @@ class IterationStats:
         per_call: 1, or ``k`` when ``torchiter.compile_iterations`` ran ``k``
             iterations per compiled call: ``change``, ``growth`` and
             ``change_trace`` are then per call (``k`` iterations each).
+        path: the loop that ran: ``"quadratic_descent"`` (a model's whole
+            loop as one op call), ``"compiled"`` (``compile_iterations``),
+            ``"fused_step"`` (the Python loop, each step one fused SGD
+            kernel call) or ``"generic"`` (``optimizer.step()`` and the
+            projection as written).
+        path_reason: None when the module ran the fastest loop it can have
+            (the whole-loop op for the models, the compiled loop when
+            switched on, else the fused step); otherwise one sentence naming
+            what kept it from that loop.
     """
 
     def __init__(
@@ -147,6 +162,8 @@ class IterationStats:
         loss: Optional[torch.Tensor] = None,
         lr: Optional[float] = None,
         per_call: int = 1,
+        path: str = "generic",
+        path_reason: Optional[str] = None,
     ) -> None:
         self.iterations = iterations
         self.converged = converged
@@ -162,6 +179,8 @@ class IterationStats:
         self._noise = noise
         self.lr = lr
         self.per_call = per_call
+        self.path = path
+        self.path_reason = path_reason
         # The state before the first iteration, kept by the module until its
         # divergence check (to estimate the curvature there); then dropped.
         self._initial: Optional[List[torch.Tensor]] = None
@@ -255,6 +274,8 @@ class IterationStats:
             "change_trace": value(self.change_trace),
             "loss_trace": value(self.loss_trace),
             "loss": value(self.loss),
+            "path": self.path,
+            "path_reason": self.path_reason,
         }
 
     def summary(self) -> str:
@@ -669,7 +690,7 @@ def check_divergence(
     if not _internals.values_readable(stats.change):
         # Traced (torch.compile, torch.export) or shape-only (meta, fake)
         # forwards have no values to test; the compiled or exported graph
-        # holds no check either (the README's "torch.export" section says
+        # holds no check either (docs/deployment.md's torch.export section says
         # what a compiled or exported model reports).
         return False
     if not stats._any_diverging():
