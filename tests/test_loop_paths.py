@@ -230,6 +230,7 @@ def test_paths_give_the_same_numbers():
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_many_compiled_modules_in_one_process_stay_compiled():
     # TorchDynamo keeps at most recompile_limit (8) variants per code object;
     # each module's blocks must not count against the others'.

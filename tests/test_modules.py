@@ -381,7 +381,7 @@ def test_adam_takes_generic_path(monkeypatch):
                   iteration_projection=nn.ReLU())
     m()
     assert spy.calls == 0
-    assert m._it_fast is None
+    assert m.iteration_stats.path == "generic" and "Adam" in m.iteration_stats.path_reason
     assert (m.y1 >= 0).all() and (m.y2 >= 0).all()
 
 
@@ -597,7 +597,10 @@ def run_both(dtype, options, proj_name, steps=12, scheduler=True, maximize_guard
 def test_fast_equals_generic_over_sgd_options(dtype, options):
     results, ref = run_both(dtype, options, "relu_module")
     (fast, mf), (split, ms), (gen, mg) = results["fast"], results["split"], results["generic"]
-    assert mf._it_fast.fused_projection is not None and ms._it_fast.fused_projection is None and mg._it_fast is None
+    # fast: step and projection fused; split: the step fused, the projection as written.
+    assert (mf.iteration_stats.path, mf.iteration_stats.path_reason) == ("fused_step", None)
+    assert ms.iteration_stats.path == "fused_step" and "projection" in ms.iteration_stats.path_reason
+    assert mg.iteration_stats.path == "generic"
     for a, b, c, r in zip(fast, gen, split, ref):
         torch.testing.assert_close(a, b, **tol(dtype))
         torch.testing.assert_close(c, b, **tol(dtype))
@@ -617,7 +620,7 @@ def test_fast_equals_generic_over_sgd_options(dtype, options):
 def test_fast_equals_generic_over_projections(dtype, proj_name):
     results, ref = run_both(dtype, dict(momentum=0.9, weight_decay=0.01), proj_name)
     (fast, mf), (split, _), (gen, mg) = results["fast"], results["split"], results["generic"]
-    assert mf._it_fast is not None and mg._it_fast is None
+    assert mf.iteration_stats.path == "fused_step" and mg.iteration_stats.path == "generic"
     for a, b, c, r in zip(fast, gen, split, ref):
         torch.testing.assert_close(a, b, **tol(dtype))
         torch.testing.assert_close(c, b, **tol(dtype))
@@ -651,7 +654,7 @@ def test_scheduler_lr_honoured_at_every_step(path):
     steps = [-(b - a) for a, b in zip([0.0] + m.trace, m.trace)]
     expected = [0.5, 0.5, 0.05, 0.05, 0.05, 0.005, 0.005, 0.005, 0.005]
     assert steps == pytest.approx(expected, rel=1e-12)
-    assert (m._it_fast is not None) == (path == "fast")
+    assert m.iteration_stats.path == ("fused_step" if path == "fast" else "generic")
 
 
 def test_fast_path_is_taken(monkeypatch):
@@ -661,7 +664,7 @@ def test_fast_path_is_taken(monkeypatch):
     m()
     # Momentum: the first step allocates buffers (first_step), later ones reuse them.
     assert spy.calls == 7
-    assert m._it_fast is not None
+    assert (m.iteration_stats.path, m.iteration_stats.path_reason) == ("fused_step", None)
 
 
 @pytest.mark.parametrize(
@@ -685,7 +688,8 @@ def test_user_projection_runs_after_the_fused_step(monkeypatch, projection):
     spy = Spy(monkeypatch)
     m = Quadratic(max_iterations=3, iteration_lr=0.01, iteration_projection=projection)
     out = m()
-    assert spy.calls == 3 and m._it_fast.fused_projection is None
+    assert spy.calls == 3 and m.iteration_stats.path == "fused_step"
+    assert "not one the kernels express" in m.iteration_stats.path_reason
     ref = Quadratic(max_iterations=3, iteration_lr=0.01, iteration_projection=projection,
                     iteration_optimizer=PlainSGD)()
     for a, b in zip(out, ref):
