@@ -77,16 +77,7 @@ _LAZY_NOISE_NUMEL = 1 << 16
 
 def _noise(y: torch.Tensor) -> torch.Tensor:
     """A change below this is float rounding of ``y`` (0-dim, on ``y``'s device)."""
-    if y.numel() == 0:
-        return torch.zeros((), dtype=y.dtype, device=y.device)
-    if y.numel() <= 1 << 16:
-        ymax = y.abs().amax()
-    else:
-        # No |y| temporary: for a conv layer's state its allocation and page
-        # faults cost several times the two reductions (NaN propagates
-        # through both). linalg.vector_norm(y, inf) is slower still on the CPU.
-        ymax = torch.maximum(y.amax(), y.amin().neg_())
-    return ymax.clamp_(min=1.0).mul_(_stats.NOISE_ULPS * torch.finfo(y.dtype).eps)
+    return _stats.noise_floor([y], y.dtype)
 
 
 class _ScaleGrad:

@@ -76,6 +76,34 @@ def check_divergence_mode(owner: str, mode: Any) -> str:
     return mode
 
 
+def _abs_max(t: torch.Tensor) -> torch.Tensor:
+    if t.numel() <= 1 << 16:
+        return t.abs().amax()
+    # No |t| temporary: for a conv layer's state its allocation and page
+    # faults cost several times the two reductions (NaN propagates through
+    # both). linalg.vector_norm(t, inf) is slower still on the CPU.
+    return torch.maximum(t.amax(), t.amin().neg())
+
+
+def noise_floor(
+    tensors: Sequence[torch.Tensor], dtype: torch.dtype, eps: Optional[float] = None, device: Any = None
+) -> torch.Tensor:
+    """``NOISE_ULPS · eps · max(1, max |t|)`` over ``tensors``: a change below it
+    is float rounding, not a step (``max |t|`` of no elements is 0). 0-dim,
+    ``dtype``, on ``device`` (default: the first tensor's). ``eps`` defaults
+    to ``dtype``'s. Every loop's statistics use this one definition."""
+    scale = NOISE_ULPS * (torch.finfo(dtype).eps if eps is None else eps)
+    if device is None and tensors:
+        device = tensors[0].device
+    full = [t.detach() for t in tensors if t.numel() > 0]
+    if not full:
+        return torch.full((), scale, dtype=dtype, device=device)
+    with torch.no_grad():
+        maxima = [_abs_max(t).to(dtype) for t in full]
+        ymax = maxima[0] if len(maxima) == 1 else torch.stack(maxima).amax()
+        return ymax.clamp(min=1.0).mul_(scale)
+
+
 def growth_ratio(first: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
     """``last / first`` elementwise: 0 where both are 0 (no change at all), inf
     where only ``first`` is 0, NaN where either is NaN.
@@ -484,10 +512,7 @@ class StatsRecorder:
             unknown = steps > 0 and bool(self.params)
             change = growth = torch.full((), math.nan if unknown else 0.0, dtype=self.dtype, device=dev)
         if self.params:
-            with torch.no_grad():
-                norms = [torch.linalg.vector_norm(p.detach(), math.inf).to(self.dtype) for p in self.params]
-                ymax = norms[0] if len(norms) == 1 else torch.stack(norms).amax()
-            noise = ymax.clamp(min=1.0) * (NOISE_ULPS * self.eps)
+            noise = noise_floor(self.params, self.dtype, self.eps)
         else:
             noise = torch.zeros((), dtype=self.dtype, device=dev)
         change_trace = loss_trace = None
