@@ -272,6 +272,26 @@ def test_backward_op_errors(args, match):
         BACKWARD(*args)
 
 
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        (dict(shrink=-0.1), "shrink must be >= 0"),
+        (dict(shrink=float("nan")), "shrink must be a finite number"),
+        (dict(shrink=float("inf")), "shrink must be a finite number"),
+        (dict(min=0.5, max=0.1), "min must be <= max"),
+        (dict(min=float("nan")), "min must not be NaN"),
+        (dict(max=float("nan")), "max must not be NaN"),
+    ],
+)
+def test_backward_op_checks_the_projection_as_the_forward_does(options, match):
+    """The same rule and words as quadratic_descent's own check of these options."""
+    y, A = torch.zeros(2, 3, dtype=F64), torch.eye(3, dtype=F64)
+    with pytest.raises(RuntimeError, match=r"torchiter\.quadratic_descent_backward: " + match):
+        BACKWARD(torch.ones_like(y), y, A, **options)
+    with pytest.raises(RuntimeError, match=r"torchiter\.quadratic_descent: " + match):
+        OP(y, A, torch.zeros_like(y), LR, 3, **options)
+
+
 def _opcheck(op, args, kwargs=None):
     result = torch.library.opcheck(op, args, kwargs or {})
     assert all(v == "SUCCESS" for v in result.values()), result

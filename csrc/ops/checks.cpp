@@ -516,9 +516,9 @@ void check_quadratic_descent_backward(
       grad_y.sym_sizes() == y.sym_sizes(), kQuadraticDescentBackward, ": grad_y has shape ",
       grad_y.sym_sizes(), " but y has shape ", y.sym_sizes());
   check_channel_matrix(kQuadraticDescentBackward, A, y, "y");
-  TORCH_CHECK(
-      !std::isnan(shrink) && shrink >= 0, kQuadraticDescentBackward,
-      ": shrink must be >= 0, got ", shrink);
+  // The forward's own rule for the projection's options (finite shrink >= 0,
+  // no NaN bound, min <= max): the backward differentiates that projection.
+  check_bounds(kQuadraticDescentBackward, shrink, min, max);
 }
 
 } // namespace torchiter
