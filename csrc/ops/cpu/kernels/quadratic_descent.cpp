@@ -143,16 +143,28 @@ inline void update_vector(
 #define TORCHITER_UNROLL
 #endif
 
+// The NV vectors of changes of one column step: lane-wise max |new - old| of
+// each vector of positions over the rows updated (zeros without DELTA).
+template <typename T, int NV>
+using ColumnDeltas = std::array<Vectorized<T>, NV>;
+
+template <typename T, int NV>
+inline ColumnDeltas<T, NV> zero_deltas() {
+  ColumnDeltas<T, NV> d;
+  d.fill(Vectorized<T>(static_cast<T>(0)));
+  return d;
+}
+
 // Updates rows [i, i + R) of the NV * W positions at column s. With DELTA,
-// returns max |new - old| over the first `valid` of those positions (NaN if
-// any is NaN). R x NV accumulators share each broadcast of A and each load of
-// y (a register-blocked GEMM). Deltas are returned by value, not folded
-// through a pointer: the stores to yn could alias it, which would serialise
-// the maxima through memory. For the same reason the projection's constants
-// are copied into locals: read through pn.project they would be reloaded
-// after every store.
+// returns max |new - old| over those rows per vector of positions (lanes at
+// or past `valid` zeroed; NaN if any is NaN). R x NV accumulators share each
+// broadcast of A and each load of y (a register-blocked GEMM). Deltas are
+// returned by value, not folded through a pointer: the stores to yn could
+// alias it, which would serialise the maxima through memory. For the same
+// reason the projection's constants are copied into locals: read through
+// pn.project they would be reloaded after every store.
 template <typename T, int R, int NV, bool DELTA>
-inline Vectorized<T> rows_step(
+inline ColumnDeltas<T, NV> rows_step(
     const ChannelMixing<T>& pn, int64_t i, const T* y, const T* b, T* yn,
     int64_t ld, int64_t s, const Vectorized<T>& neg_lr, int64_t valid) {
   using Vec = Vectorized<T>;
@@ -184,13 +196,13 @@ inline Vectorized<T> rows_step(
   }
   const VecProjection<T> project = *pn.project;
   const auto finish = [&](auto shrink) {
-    Vec dmax(static_cast<T>(0));
+    ColumnDeltas<T, NV> dmax = zero_deltas<T, NV>();
     TORCHITER_UNROLL
     for (int r = 0; r < R; ++r) {
       TORCHITER_UNROLL
       for (int v = 0; v < NV; ++v) {
         update_vector<decltype(shrink)::value, DELTA>(
-            project, acc[r][v], y, b, yn, (i + r) * ld + s + v * W, neg_lr, valid - v * W, dmax);
+            project, acc[r][v], y, b, yn, (i + r) * ld + s + v * W, neg_lr, valid - v * W, dmax[v]);
       }
     }
     return dmax;
@@ -216,7 +228,7 @@ constexpr int kColumnVectors = sizeof(Vectorized<T>) >= 64 ? 4 : 2;
 // non-finite y_j would make the dense sum NaN in every channel; run() redoes
 // a loop whose result is not finite on the dense path.
 template <typename T, int NV, bool DELTA>
-inline Vectorized<T> diagonal_step(
+inline ColumnDeltas<T, NV> diagonal_step(
     const ChannelMixing<T>& pn, const T* y, const T* b, T* yn, int64_t ld, int64_t s,
     const Vectorized<T>& neg_lr, int64_t valid) {
   using Vec = Vectorized<T>;
@@ -224,7 +236,7 @@ inline Vectorized<T> diagonal_step(
   const VecProjection<T> project = *pn.project;
   const Vec zero(static_cast<T>(0));
   const auto run = [&](auto shrink) {
-    Vec dmax(static_cast<T>(0));
+    ColumnDeltas<T, NV> dmax = zero_deltas<T, NV>();
     for (int64_t i = 0; i < pn.C; ++i) {
       const Vec a(pn.A[i * pn.C + i]);
       TORCHITER_UNROLL
@@ -232,7 +244,7 @@ inline Vectorized<T> diagonal_step(
         const int64_t off = i * ld + s + v * W;
         update_vector<decltype(shrink)::value, DELTA>(
             project, at::vec::fmadd(a, Vec::loadu(y + off), zero), y, b, yn, off, neg_lr,
-            valid - v * W, dmax);
+            valid - v * W, dmax[v]);
       }
     }
     return dmax;
@@ -244,18 +256,18 @@ inline Vectorized<T> diagonal_step(
 // ten blocks of 5; C = 64: twelve of 5 and one of 4) instead of full blocks
 // and a short remainder: a block of 1-2 rows does few FMAs per load.
 template <typename T, int NV, bool DELTA>
-inline Vectorized<T> column_step(
+inline ColumnDeltas<T, NV> column_step(
     const ChannelMixing<T>& pn, const T* y, const T* b, T* yn, int64_t ld, int64_t s,
     const Vectorized<T>& neg_lr, int64_t valid) {
   static_assert(kMaxRows == 5, "the switch below covers block heights 1..kMaxRows");
   if (pn.diagonal) {
     return diagonal_step<T, NV, DELTA>(pn, y, b, yn, ld, s, neg_lr, valid);
   }
-  Vectorized<T> dmax(static_cast<T>(0));
+  ColumnDeltas<T, NV> dmax = zero_deltas<T, NV>();
   int64_t i = 0;
   for (int64_t k = 0; k < pn.blocks; ++k) {
     const int64_t rows = pn.height + (k < pn.taller ? 1 : 0);
-    Vectorized<T> d;
+    ColumnDeltas<T, NV> d;
     switch (rows) {
       case 5: d = rows_step<T, 5, NV, DELTA>(pn, i, y, b, yn, ld, s, neg_lr, valid); break;
       case 4: d = rows_step<T, 4, NV, DELTA>(pn, i, y, b, yn, ld, s, neg_lr, valid); break;
@@ -264,7 +276,10 @@ inline Vectorized<T> column_step(
       default: d = rows_step<T, 1, NV, DELTA>(pn, i, y, b, yn, ld, s, neg_lr, valid); break;
     }
     if constexpr (DELTA) {
-      dmax = max_change(dmax, d);
+      TORCHITER_UNROLL
+      for (int v = 0; v < NV; ++v) {
+        dmax[v] = max_change(dmax[v], d[v]);
+      }
     }
     i += rows;
   }
@@ -274,21 +289,20 @@ inline Vectorized<T> column_step(
 // One iteration over columns [0, n) of a block (n a multiple of the width;
 // lanes at or past `valid` are padding, excluded from the delta). Every lane
 // sees the same sequence of operations whichever block it falls in, so the
-// blocking does not change results. Returns the lane-wise max |delta| (zeros
-// without DELTA).
-template <typename T, bool DELTA>
-inline Vectorized<T> step_block(
+// blocking does not change results. With DELTA, each column step's deltas go
+// to `sink(s, deltas)`, s the column of its first vector.
+template <typename T, bool DELTA, typename Sink>
+inline void step_columns(
     const ChannelMixing<T>& pn, const T* y, const T* b, T* yn, int64_t ld, int64_t n,
-    int64_t valid, T lr) {
+    int64_t valid, T lr, Sink&& sink) {
   constexpr int64_t W = Vectorized<T>::size();
   const Vectorized<T> neg_lr(-lr);
-  Vectorized<T> dmax(static_cast<T>(0));
   constexpr int NV = kColumnVectors<T>;
   int64_t s = 0;
   for (; s + NV * W <= n; s += NV * W) {
     const auto d = column_step<T, NV, DELTA>(pn, y, b, yn, ld, s, neg_lr, valid - s);
     if constexpr (DELTA) {
-      dmax = max_change(dmax, d);
+      sink(s, d);
     }
   }
   if constexpr (NV > 2) {
@@ -296,17 +310,46 @@ inline Vectorized<T> step_block(
     for (; s + 2 * W <= n; s += 2 * W) {
       const auto d = column_step<T, 2, DELTA>(pn, y, b, yn, ld, s, neg_lr, valid - s);
       if constexpr (DELTA) {
-        dmax = max_change(dmax, d);
+        sink(s, d);
       }
     }
   }
   for (; s < n; s += W) {
     const auto d = column_step<T, 1, DELTA>(pn, y, b, yn, ld, s, neg_lr, valid - s);
     if constexpr (DELTA) {
-      dmax = max_change(dmax, d);
+      sink(s, d);
     }
   }
+}
+
+// step_columns; returns the lane-wise max |delta| over the block (zeros
+// without DELTA).
+template <typename T, bool DELTA>
+inline Vectorized<T> step_block(
+    const ChannelMixing<T>& pn, const T* y, const T* b, T* yn, int64_t ld, int64_t n,
+    int64_t valid, T lr) {
+  Vectorized<T> dmax(static_cast<T>(0));
+  step_columns<T, DELTA>(pn, y, b, yn, ld, n, valid, lr, [&](int64_t, const auto& d) {
+    for (const auto& dv : d) {
+      dmax = max_change(dmax, dv);
+    }
+  });
   return dmax;
+}
+
+// step_columns, storing each position's max |delta| over the channels to
+// pmax[0, n) (padding lanes 0): the per-sample loop's stop test, measured in
+// the same pass as the update instead of reading y twice more.
+template <typename T>
+inline void step_block_positions(
+    const ChannelMixing<T>& pn, const T* y, const T* b, T* yn, int64_t ld, int64_t n,
+    int64_t valid, T lr, T* pmax) {
+  constexpr int64_t W = Vectorized<T>::size();
+  step_columns<T, true>(pn, y, b, yn, ld, n, valid, lr, [&](int64_t s, const auto& d) {
+    for (size_t v = 0; v < d.size(); ++v) {
+      d[v].store(pmax + s + static_cast<int64_t>(v) * W);
+    }
+  });
 }
 
 // The GEMM path's second half: given G = A·y for columns [0, n) of a block,
@@ -1018,6 +1061,8 @@ void run_per_sample(
         tiles.bounds(t, off, n, valid);
         if (gemm) {
           update_block<T>(*mix.project, C, g + off, src + off, b + off, dst + off, ld, n, valid, lr, false);
+        } else if (measure) {
+          step_block_positions<T>(mix, src + off, b + off, dst + off, ld, n, valid, lr, pmax + off);
         } else {
           step_block<T, false>(mix, src + off, b + off, dst + off, ld, n, valid, lr);
         }
@@ -1031,11 +1076,17 @@ void run_per_sample(
         hits.clear();
         for (int64_t s = 0; s < n; s += W) {
           Vectorized<T> m(static_cast<T>(0));
-          for (int64_t c = 0; c < C; ++c) {
-            const int64_t e = off + c * ld + s;
-            m = max_change(m, (Vectorized<T>::loadu(dst + e) - Vectorized<T>::loadu(src + e)).abs());
+          if (gemm) {
+            // After a GEMM the update is a plain sweep: the changes take
+            // one more pass over the tile (in cache).
+            for (int64_t c = 0; c < C; ++c) {
+              const int64_t e = off + c * ld + s;
+              m = max_change(m, (Vectorized<T>::loadu(dst + e) - Vectorized<T>::loadu(src + e)).abs());
+            }
+            m.store(pmax + off + s);
+          } else {
+            m = Vectorized<T>::loadu(pmax + off + s);
           }
-          m.store(pmax + off + s);
           const int64_t lanes = std::min<int64_t>(W, valid - s);
           if (one_position && check && lanes > 0) {
             // zero_mask: a bit per lane that is not a hit (below tol, NaN

@@ -1,0 +1,171 @@
+"""torchiter's whole-loop op against the same loop written in plain PyTorch and compiled by torch.compile.
+
+Each row is one similarity-matching inner loop, ``y <- relu(y - lr (M y - Wx))``
+(no projection for pca), a fixed number of iterations (no stop test), float32,
+run four ways on the same inputs:
+
+- original loop: the original library's per-iteration loop
+  (``torchiter.reference.original_nsm_loop``: einsum gradient, a
+  ``torch.optim.SGD`` step, the projection, the change read back each step);
+- eager tight loop: the loop as a user would write it, ``for _ in range(K):
+  y = relu(y - lr * (y @ M.T - Wx))``;
+- compiled loop: that function under ``torch.compile(fullgraph=True)`` (its
+  first-call compile time is printed separately);
+- torchiter: the model's whole forward (``SimilarityMatching``, encoder
+  included), its inner loop one ``quadratic_descent`` call.
+
+Every candidate's output is checked against torchiter's. Rounds alternate the
+candidates; figures are medians; ``vs compile`` is the compiled loop's time over
+torchiter's (> 1: torchiter is faster). A batch sweep at C = 64 follows. Prints
+the machine and the command.
+
+    python benchmarks/bench_vs_compile.py [--threads 1 2] [--rounds 5] [--min-time 0.3] [--quick]
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import machine_header, median  # noqa: E402
+
+from torchiter.models import SimilarityMatching  # noqa: E402
+from torchiter.reference import original_nsm_loop  # noqa: E402
+
+# name: (input shape, encoder factory, channels, iterations, lr, relu)
+TABLE = {
+    "pca 1000 x 10 -> 3, 100 it": ((1000, 10), lambda: nn.Linear(10, 3, bias=False), 3, 100, 0.1, False),
+    "clustering 100 x 2 -> 10, 200 it": ((100, 2), lambda: nn.Linear(2, 10), 10, 200, 0.05, True),
+    "conv 100 x 1 x 28 x 28 -> 50 ch, 40 it": ((100, 1, 28, 28), lambda: nn.Conv2d(1, 50, 6, bias=False), 50, 40, 1.0, True),
+    "4096 x 64 -> 16, 50 it": ((4096, 64), lambda: nn.Linear(64, 16, bias=False), 16, 50, 0.1, True),
+    "4096 x 64 -> 64, 50 it": ((4096, 64), lambda: nn.Linear(64, 64, bias=False), 64, 50, 0.1, True),
+    "4096 x 256 -> 128, 50 it": ((4096, 256), lambda: nn.Linear(256, 128, bias=False), 128, 50, 0.1, True),
+    "4096 x 64 -> 256, 50 it": ((4096, 64), lambda: nn.Linear(64, 256, bias=False), 256, 50, 0.1, True),
+    "2048 x 64 -> 512, 50 it": ((2048, 64), lambda: nn.Linear(64, 512, bias=False), 512, 50, 0.05, True),
+    "1024 x 64 -> 1024, 50 it": ((1024, 64), lambda: nn.Linear(64, 1024, bias=False), 1024, 50, 0.05, True),
+}
+SWEEP = [256, 1024, 4096, 16384, 65536]
+
+
+def per_call(fn, min_time):
+    fn()
+    n = 1
+    while True:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        dt = time.perf_counter() - t0
+        if dt >= min_time:
+            return dt / n
+        n *= 2
+
+
+def build(shape, make_encoder, C, iters, lr, relu, seed=0):
+    torch.manual_seed(seed)
+    x = torch.randn(shape)
+    model = SimilarityMatching(
+        make_encoder(), C, tau=0.5, max_iterations=iters, iteration_lr=lr,
+        iteration_projection=nn.ReLU() if relu else None, divergence="ignore",
+    )
+    with torch.no_grad():
+        # A trained competitor: symmetric, well conditioned, not the identity.
+        P = 0.05 * torch.randn(C, C) / C ** 0.5
+        model.competitor.weight.add_(P + P.T)
+    return x, model
+
+
+def tight_loop(M, Wx, iters: int, lr: float, relu: bool):
+    # Channels along dim 1, as the models keep them; M is symmetric.
+    flat = Wx.movedim(1, -1)
+    y = torch.zeros_like(flat)
+    for _ in range(iters):
+        y = y - lr * (y @ M.T - flat)
+        if relu:
+            y = torch.relu(y)
+    return y.movedim(-1, 1)
+
+
+def row(name, case, rounds, min_time, only=None):
+    shape, make_encoder, C, iters, lr, relu = case
+    x, model = build(shape, make_encoder, C, iters, lr, relu)
+    M = model.competitor.weight.detach()
+    enc = model.encoder
+
+    def encode():
+        with torch.no_grad():
+            return enc(x)
+
+    def original():
+        return original_nsm_loop(M, encode(), iters, lr, 0.0, relu)[0]
+
+    def eager():
+        return tight_loop(M, encode(), iters, lr, relu)
+
+    compiled_loop = torch.compile(tight_loop, fullgraph=True, dynamic=False)
+
+    def compiled():
+        return compiled_loop(M, encode(), iters, lr, relu)
+
+    def torchiter_forward():
+        return model(x)
+
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        want = compiled()
+        compile_s = time.perf_counter() - t0
+        got = torchiter_forward()
+        checked = [("original", original), ("eager", eager), ("compiled", compiled)]
+        for label, fn in [c for c in checked if only is None or c[0] in only]:
+            diff = (fn() - got).abs().max().item()
+            scale = max(1.0, got.abs().max().item())
+            if not diff <= 1e-3 * scale:
+                raise AssertionError(f"{name}: the {label} loop differs from torchiter by {diff:.3g}")
+        del want
+        cands = {"original": original, "eager": eager, "compiled": compiled, "torchiter": torchiter_forward}
+        cands = {k: v for k, v in cands.items() if only is None or k in only}
+        times = {k: [] for k in cands}
+        ratios = []
+        for _ in range(rounds):
+            for k, fn in cands.items():
+                times[k].append(per_call(fn, min_time))
+            ratios.append(times["compiled"][-1] / times["torchiter"][-1])
+    t = {k: median(v) * 1e3 for k, v in times.items()}
+    return t, median(ratios), compile_s
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--min-time", type=float, default=0.3, help="seconds per timing (default 0.3)")
+    ap.add_argument("--quick", action="store_true", help="the first two rows, 1 round: a smoke run")
+    args = ap.parse_args()
+    table = dict(list(TABLE.items())[:2]) if args.quick else TABLE
+    rounds = 1 if args.quick else args.rounds
+    sweep = [] if args.quick else SWEEP
+    print(machine_header())
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        print(f"\n## {threads} thread{'s' if threads > 1 else ''}: medians of {rounds} interleaved rounds (ms)")
+        print("| workload | original loop | eager tight loop | compiled loop (compile s) | torchiter | torchiter vs compile |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        for name, case in table.items():
+            t, ratio, compile_s = row(name, case, rounds, args.min_time)
+            print(f"| {name} | {t['original']:.3f} | {t['eager']:.3f} | {t['compiled']:.3f} ({compile_s:.0f} s) | "
+                  f"{t['torchiter']:.3f} | {ratio:.2f}x |", flush=True)
+        if sweep:
+            print(f"\n### batch sweep at C = 64 (input 64, 50 iterations, ReLU), {threads} thread{'s' if threads > 1 else ''}")
+            print("| batch | compiled loop | torchiter | torchiter vs compile |")
+            print("| --- | --- | --- | --- |")
+            for batch in sweep:
+                case = ((batch, 64), lambda: nn.Linear(64, 64, bias=False), 64, 50, 0.1, True)
+                t, ratio, _ = row(f"batch {batch}", case, rounds, args.min_time, only=("compiled", "torchiter"))
+                print(f"| {batch} | {t['compiled']:.3f} | {t['torchiter']:.3f} | {ratio:.2f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
