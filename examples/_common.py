@@ -33,18 +33,21 @@ def require(*modules: str) -> None:
 
 
 def parser(doc: str, epochs: int, quick_epochs: int, lr: float) -> argparse.ArgumentParser:
-    """The options every example takes; ``--quick`` overrides ``--epochs``."""
+    """The options every example takes; ``--quick`` overrides ``--epochs``.
+
+    The help shows each default as it is when printed, after any ``set_defaults``.
+    """
     p = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
     p.add_argument("--epochs", type=int, default=epochs, help=f"passes over the training data (default {epochs})")
     p.add_argument("--lr", type=float, default=lr, help=f"outer SGD learning rate (default {lr})")
-    p.add_argument("--batch-size", type=int, default=100, help="training batch size (default 100)")
+    p.add_argument("--batch-size", type=int, default=100, help="training batch size (default %(default)s)")
     p.add_argument(
         "--quick", action="store_true", help=f"a smoke run of {quick_epochs} epoch(s), for CI (a few seconds)"
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of torch and numpy (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of torch and numpy (default %(default)s)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"folder for the figure (default {DEFAULT_OUT})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default %(default)s)")
     p.set_defaults(quick_epochs=quick_epochs)
     return p
 
@@ -63,12 +66,16 @@ def parse(p: argparse.ArgumentParser, argv: Optional[list] = None) -> argparse.N
     return args
 
 
-def _text_progress(items: Iterable[T], total: int, desc: str) -> Iterator[T]:
-    """A minimal stand-in for tqdm: one line on stderr, redrawn in place."""
+def _text_progress(items: Iterable[T], total: int, desc: str, mininterval: float = 0.0) -> Iterator[T]:
+    """A minimal stand-in for tqdm: one line on stderr, redrawn in place (at most every ``mininterval`` s)."""
     width = 30
-    start = time.perf_counter()
+    start = last = time.perf_counter()
     for i, item in enumerate(items):
         yield item
+        now = time.perf_counter()
+        if now - last < mininterval and i + 1 < total:
+            continue
+        last = now
         done = (i + 1) * width // max(total, 1)
         sys.stderr.write(
             f"\r{desc} [{'#' * done}{'.' * (width - done)}] {i + 1}/{total} {time.perf_counter() - start:5.1f}s"
@@ -77,15 +84,19 @@ def _text_progress(items: Iterable[T], total: int, desc: str) -> Iterator[T]:
     sys.stderr.write("\n")
 
 
-def progress(items: Iterable[T], total: int, desc: str, enabled: bool = True) -> Iterator[T]:
-    """``tqdm`` when it is installed, else a plain text bar; nothing if disabled."""
+def progress(items: Iterable[T], total: int, desc: str, enabled: bool = True, mininterval: float = 0.1) -> Iterator[T]:
+    """``tqdm`` when it is installed, else a plain text bar; nothing if disabled.
+
+    Redrawn at most every ``mininterval`` seconds (long runs logged to a file
+    pass more than tqdm's 0.1).
+    """
     if not enabled:
         return iter(items)
     try:
         from tqdm import tqdm
     except ImportError:
-        return _text_progress(items, total, desc)
-    return iter(tqdm(items, total=total, desc=desc, leave=True))
+        return _text_progress(items, total, desc, mininterval)
+    return iter(tqdm(items, total=total, desc=desc, leave=True, mininterval=mininterval))
 
 
 def train_epoch(
@@ -153,6 +164,21 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def filter_figure(weight: torch.Tensor, title: str, out_dir: Path, name: str, cols: int = 10) -> Path:
+    """Saves a grid of a conv layer's filters (input channel 0), each on its own symmetric colour scale."""
+    plt = pyplot()
+    filters = weight.detach()[:, 0].cpu().numpy()
+    rows = (len(filters) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(cols, 1.08 * rows), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        if i < len(filters):
+            lim = abs(filters[i]).max()
+            ax.imshow(filters[i], cmap="RdBu_r", vmin=-lim, vmax=lim)
+        ax.axis("off")
+    fig.suptitle(title)
+    return save_figure(fig, out_dir, name)
 
 
 def save_figure(fig, out_dir: Path, name: str) -> Path:

