@@ -4,6 +4,7 @@ import os
 import platform
 import shlex
 import sys
+import time
 
 import torch
 import torch.utils.benchmark as tb
@@ -74,3 +75,17 @@ def thread_cpu_ticks():
             continue
         out[tid] = int(fields[11]) + int(fields[12])
     return out
+
+
+def per_call(fn, min_time: float) -> float:
+    """Seconds per call of fn (called once first), timed over at least min_time."""
+    fn()
+    n = 1
+    while True:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        dt = time.perf_counter() - t0
+        if dt >= min_time:
+            return dt / n
+        n *= 2

@@ -27,24 +27,12 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import machine_header, median  # noqa: E402
+from _common import machine_header, median, per_call  # noqa: E402
 
 import torchiter  # noqa: E402
 from torchiter.models import SimilarityMatching  # noqa: E402
 
 
-def per_call(fn, min_time: float) -> float:
-    """Seconds per call of fn, timed over at least min_time."""
-    fn()
-    n = 1
-    while True:
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        dt = time.perf_counter() - t0
-        if dt >= min_time:
-            return dt / n
-        n *= 2
 
 
 def workloads():

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import machine_header, median  # noqa: E402
+from _common import machine_header, median, per_call  # noqa: E402
 
 from torchiter.models import SimilarityMatching  # noqa: E402
 from torchiter.reference import original_nsm_loop  # noqa: E402
@@ -51,17 +51,6 @@ TABLE = {
 SWEEP = [256, 1024, 4096, 16384, 65536]
 
 
-def per_call(fn, min_time):
-    fn()
-    n = 1
-    while True:
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        dt = time.perf_counter() - t0
-        if dt >= min_time:
-            return dt / n
-        n *= 2
 
 
 def build(shape, make_encoder, C, iters, lr, relu, seed=0):

@@ -4,6 +4,7 @@ Kept beside the scripts so that each one runs as ``python examples/<name>.py``
 from a plain checkout: Python puts the script's folder on ``sys.path``.
 """
 
+import os
 import argparse
 import sys
 import time
@@ -186,5 +187,5 @@ def save_figure(fig, out_dir: Path, name: str) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.png"
     fig.savefig(path, dpi=120, bbox_inches="tight")
-    print(f"figure saved to {path}")
+    print(f"figure saved to {os.path.relpath(path)}")
     return path
