@@ -23,10 +23,12 @@ Conventions of the Markdown files (kept deliberately small):
   TorchScript (``torch.jit.script`` etc.; the docs show TorchScript on purpose).
 - For a block that calls ``torch.distributed.init_process_group()`` the
   environment holds what ``torchrun`` sets for a one-process world, so the
-  block runs in a one-process gloo group.
+  block runs in a one-process gloo group (its rendezvous through a file store,
+  with a two-minute timeout).
 """
 
 import contextlib
+import datetime
 import io
 import os
 import socket
@@ -74,11 +76,27 @@ def _free_port() -> int:
 
 @pytest.fixture
 def doc_env(tmp_path, monkeypatch):
-    """A temporary working directory and torchrun's environment for a one-process world."""
+    """A temporary working directory and torchrun's environment for a one-process world.
+
+    The rendezvous goes through a file store rather than torchrun's TCP store: a
+    sandbox's loopback networking is not something the docs test should depend on,
+    and a rendezvous that never completes would otherwise wait out gloo's
+    30-minute default instead of failing.
+    """
     monkeypatch.chdir(tmp_path)
     for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())).items():
         monkeypatch.setenv(k, v)
+    if torch.distributed.is_available():
+        init = torch.distributed.init_process_group
+
+        def one_process_init(*args, **kwargs):
+            if not args[1:] and "init_method" not in kwargs and "store" not in kwargs:
+                kwargs.update(init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+            kwargs.setdefault("timeout", datetime.timedelta(seconds=120))
+            return init(*args, **kwargs)
+
+        monkeypatch.setattr(torch.distributed, "init_process_group", one_process_init)
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)

@@ -66,7 +66,8 @@ def run_example(name, tmp_path, args, code=None):
     )
     assert proc.returncode == 0, f"{name} failed:\n{proc.stdout}\n{proc.stderr}"
     png = tmp_path / f"{name}.png"
-    assert f"figure saved to {png}" in proc.stdout
+    # The examples name the figure relative to the working folder (here tmp_path).
+    assert f"figure saved to {png.name}\n" in proc.stdout
     data = png.read_bytes()
     assert len(data) > 1000 and data.startswith(b"\x89PNG\r\n\x1a\n")
     return proc.stdout
