@@ -19,7 +19,12 @@ candidates; figures are medians; ``vs compile`` is the compiled loop's time over
 torchiter's (> 1: torchiter is faster). A batch sweep at C = 64 follows. Prints
 the machine and the command.
 
-    python benchmarks/bench_vs_compile.py [--threads 1 2] [--rounds 5] [--min-time 0.3] [--quick]
+    python benchmarks/bench_vs_compile.py [--threads 1 2] [--rounds 5] [--min-time 0.3] [--quick] [--half]
+
+``--half`` prints the half-precision table instead: the conv and C = 256 rows
+with model, inputs and every loop in float32, bfloat16 and float16 (torchiter
+runs its inner loop in float32 and rounds once; the others round the state
+every iteration).
 """
 
 import argparse
@@ -53,7 +58,7 @@ SWEEP = [256, 1024, 4096, 16384, 65536]
 
 
 
-def build(shape, make_encoder, C, iters, lr, relu, seed=0):
+def build(shape, make_encoder, C, iters, lr, relu, seed=0, dtype=torch.float32):
     torch.manual_seed(seed)
     x = torch.randn(shape)
     model = SimilarityMatching(
@@ -64,7 +69,7 @@ def build(shape, make_encoder, C, iters, lr, relu, seed=0):
         # A trained competitor: symmetric, well conditioned, not the identity.
         P = 0.05 * torch.randn(C, C) / C ** 0.5
         model.competitor.weight.add_(P + P.T)
-    return x, model
+    return x.to(dtype), model.to(dtype)
 
 
 def tight_loop(M, Wx, iters: int, lr: float, relu: bool):
@@ -78,9 +83,9 @@ def tight_loop(M, Wx, iters: int, lr: float, relu: bool):
     return y.movedim(-1, 1)
 
 
-def row(name, case, rounds, min_time, only=None):
+def row(name, case, rounds, min_time, only=None, dtype=torch.float32):
     shape, make_encoder, C, iters, lr, relu = case
-    x, model = build(shape, make_encoder, C, iters, lr, relu)
+    x, model = build(shape, make_encoder, C, iters, lr, relu, dtype=dtype)
     M = model.competitor.weight.detach()
     enc = model.encoder
 
@@ -111,7 +116,9 @@ def row(name, case, rounds, min_time, only=None):
         for label, fn in [c for c in checked if only is None or c[0] in only]:
             diff = (fn() - got).abs().max().item()
             scale = max(1.0, got.abs().max().item())
-            if not diff <= 1e-3 * scale:
+            # Half types: the other loops round the state every iteration,
+            # torchiter once (its loop runs in float32).
+            if not diff <= (1e-3 if dtype == torch.float32 else 0.1) * scale:
                 raise AssertionError(f"{name}: the {label} loop differs from torchiter by {diff:.3g}")
         del want
         cands = {"original": original, "eager": eager, "compiled": compiled, "torchiter": torchiter_forward}
@@ -121,9 +128,9 @@ def row(name, case, rounds, min_time, only=None):
         for _ in range(rounds):
             for k, fn in cands.items():
                 times[k].append(per_call(fn, min_time))
-            ratios.append(times["compiled"][-1] / times["torchiter"][-1])
+            ratios.append({k: times[k][-1] / times["torchiter"][-1] for k in cands})
     t = {k: median(v) * 1e3 for k, v in times.items()}
-    return t, median(ratios), compile_s
+    return t, {k: median([r[k] for r in ratios]) for k in cands}, compile_s
 
 
 def main() -> None:
@@ -132,11 +139,15 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--min-time", type=float, default=0.3, help="seconds per timing (default 0.3)")
     ap.add_argument("--quick", action="store_true", help="the first two rows, 1 round: a smoke run")
+    ap.add_argument("--half", action="store_true", help="only the bfloat16 and float16 table (conv and C = 256)")
     args = ap.parse_args()
     table = dict(list(TABLE.items())[:2]) if args.quick else TABLE
     rounds = 1 if args.quick else args.rounds
     sweep = [] if args.quick else SWEEP
     print(machine_header())
+    if args.half:
+        half_table(args.threads, rounds, args.min_time)
+        return
     for threads in args.threads:
         torch.set_num_threads(threads)
         print(f"\n## {threads} thread{'s' if threads > 1 else ''}: medians of {rounds} interleaved rounds (ms)")
@@ -145,7 +156,7 @@ def main() -> None:
         for name, case in table.items():
             t, ratio, compile_s = row(name, case, rounds, args.min_time)
             print(f"| {name} | {t['original']:.3f} | {t['eager']:.3f} | {t['compiled']:.3f} ({compile_s:.0f} s) | "
-                  f"{t['torchiter']:.3f} | {ratio:.2f}x |", flush=True)
+                  f"{t['torchiter']:.3f} | {ratio['compiled']:.2f}x |", flush=True)
         if sweep:
             print(f"\n### batch sweep at C = 64 (input 64, 50 iterations, ReLU), {threads} thread{'s' if threads > 1 else ''}")
             print("| batch | compiled loop | torchiter | torchiter vs compile |")
@@ -153,7 +164,24 @@ def main() -> None:
             for batch in sweep:
                 case = ((batch, 64), lambda: nn.Linear(64, 64, bias=False), 64, 50, 0.1, True)
                 t, ratio, _ = row(f"batch {batch}", case, rounds, args.min_time, only=("compiled", "torchiter"))
-                print(f"| {batch} | {t['compiled']:.3f} | {t['torchiter']:.3f} | {ratio:.2f}x |", flush=True)
+                print(f"| {batch} | {t['compiled']:.3f} | {t['torchiter']:.3f} | {ratio['compiled']:.2f}x |", flush=True)
+
+
+HALF_ROWS = ["conv 100 x 1 x 28 x 28 -> 50 ch, 40 it", "4096 x 64 -> 256, 50 it"]
+
+
+def half_table(threads_list, rounds, min_time):
+    """The models in their own half dtype: each loop in that dtype, torchiter's in float32 inside."""
+    for threads in threads_list:
+        torch.set_num_threads(threads)
+        print(f"\n## half precision, {threads} thread{'s' if threads > 1 else ''}: medians of {rounds} interleaved rounds (ms)")
+        print("| workload | dtype | original loop | compiled loop | torchiter | vs original | vs compiled |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for name in HALF_ROWS:
+            for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                t, ratio, _ = row(name, TABLE[name], rounds, min_time, only=("original", "compiled", "torchiter"), dtype=dtype)
+                print(f"| {name} | {str(dtype).removeprefix('torch.')} | {t['original']:.3f} | {t['compiled']:.3f} | "
+                      f"{t['torchiter']:.3f} | {ratio['original']:.2f}x | {ratio['compiled']:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ JIT_WARNINGS = [
 def bits(t: torch.Tensor) -> torch.Tensor:
     """A bitwise snapshot on the CPU (NaN-safe equality with torch.equal)."""
     t = t.detach().cpu().clone(memory_format=torch.contiguous_format)
+    # A 0-dim tensor of a narrower dtype cannot be viewed as bytes.
+    t = t.reshape(1) if t.dim() == 0 else t
     return t.view(torch.uint8) if t.numel() else t
 
 

@@ -73,7 +73,12 @@ def test_unknown_variant_name_is_an_error():
 
 # The op suites, once per variant other than the one this process uses (the
 # main run covers that one). -x: the first failure says enough.
-OP_SUITES = ["tests/test_sgd_step.py", "tests/test_quadratic_descent.py", "tests/test_threads.py"]
+OP_SUITES = [
+    "tests/test_sgd_step.py",
+    "tests/test_quadratic_descent.py",
+    "tests/test_quadratic_descent_half.py",
+    "tests/test_threads.py",
+]
 
 
 @pytest.mark.slow

@@ -241,7 +241,7 @@ BAD = [
     ("A shape", lambda y, A, b: (y, A[:3], b), {}, r"A must have shape \(C, C\) = \[4, 4\] where C = y0.size\(1\), got shape \[3, 4\]"),
     ("b shape", lambda y, A, b: (y, A, b[:2]), {}, r"b has shape \[2, 4\] but y0 has shape \[5, 4\]"),
     ("dtype mix", lambda y, A, b: (y, A.float(), b), {}, r"y0, A and b must share one dtype, got y0 Double, A Float, b Double"),
-    ("half", lambda y, A, b: (y.half(), A.half(), b.half()), {}, r"dtype Half is not supported"),
+    ("float8", lambda y, A, b: tuple(t.to(torch.float8_e4m3fn) for t in (y, A, b)), {}, r"dtype Float8_e4m3fn is not supported"),
     ("int", lambda y, A, b: (y.long(), A.long(), b.long()), {}, r"y0 must be a floating tensor, got dtype Long"),
     ("device", lambda y, A, b: (y, A.to("meta"), b), {}, r"y0, A and b must live on one device, got y0 on cpu, A on meta"),
     ("negative lr", lambda y, A, b: (y, A, b), dict(lr=-1.0), r"lr must be >= 0, got -1"),

@@ -163,8 +163,8 @@ def quadratic_args_reason(
     if fast.projection is not None and fast.fused_projection is None:
         return projection_reason(fast.projection)
     if not has_kernel(state):
-        if state.dtype not in (torch.float32, torch.float64):
-            return f"the state is {state.dtype}; the whole-loop op runs float32 and float64"
+        if state.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+            return f"the state is {state.dtype}; the whole-loop op runs float32, float64, float16 and bfloat16"
         return f"this build has no quadratic_descent kernel for {state.device.type}"
     groups = module.iteration_optimizer.param_groups
     if len(groups) != 1:

@@ -44,7 +44,7 @@ def _mix(A: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def _has_kernel(y: torch.Tensor) -> bool:
-    if y.dtype not in (torch.float32, torch.float64):
+    if y.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
         return False
     if y.device.type == "cpu":
         return True

@@ -115,8 +115,10 @@ def quadratic_descent(
     ``k % check_every == 0`` the loop stops if ``max |y_k − y_{k−1}| < tol``.
 
     Args:
-        y0: start point, shape ``(B, C, *spatial)``, float32 or float64, CPU or
-            CUDA. Not modified.
+        y0: start point, shape ``(B, C, *spatial)``, float32, float64,
+            float16 or bfloat16, CPU or CUDA. Not modified. float16 and
+            bfloat16 run the loop in float32 (the state too, between
+            iterations) and round ``y`` to the dtype once, at the end.
         A: ``(C, C)`` matrix, same dtype and device as ``y0``.
         b: linear term, same shape, dtype and device as ``y0``.
         lr: step size used when ``lrs`` is None, ``>= 0``.

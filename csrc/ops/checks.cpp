@@ -501,8 +501,9 @@ void check_quadratic_descent_backward(
       y.dim() >= 2, kQuadraticDescentBackward,
       ": y must have shape (B, C, *spatial), got shape ", y.sym_sizes());
   TORCH_CHECK(
-      y.scalar_type() == at::kFloat || y.scalar_type() == at::kDouble,
-      kQuadraticDescentBackward, ": y must be float32 or float64, got ", y.scalar_type());
+      std::find(std::begin(kLoopDtypes), std::end(kLoopDtypes), y.scalar_type()) != std::end(kLoopDtypes),
+      kQuadraticDescentBackward, ": y must be float32, float64, float16 or bfloat16, got ",
+      y.scalar_type());
   TORCH_CHECK(
       grad_y.scalar_type() == y.scalar_type() &&
           A.scalar_type() == y.scalar_type(),

@@ -5,6 +5,7 @@
 
 #include <ATen/ATen.h>
 
+#include <functional>
 #include <optional>
 #include <tuple>
 #include <type_traits>
@@ -127,6 +128,29 @@ QuadraticDescentResult quadratic_descent_ex_generic(
 // instruction set, and the view code inlined there could leave a wide copy
 // of a shared helper in the library.
 at::Tensor prefix_view(const at::Tensor& base, at::IntArrayRef sizes);
+
+// The dtypes quadratic_descent takes on every device. float16 and bfloat16
+// run the float32 loop (see with_float32_loop).
+inline constexpr at::ScalarType kLoopDtypes[] = {
+    at::kFloat, at::kDouble, at::kHalf, at::kBFloat16};
+
+inline bool is_reduced_float(at::ScalarType t) {
+  return t == at::kHalf || t == at::kBFloat16;
+}
+
+// float16 and bfloat16 loops: y0, A and b are widened to float32 once, the
+// whole loop runs there (the op contract's float32 accumulation, with the
+// state kept in float32 between iterations too, so no rounding error builds
+// up over the iterations), and the floating results are rounded back to
+// y0's dtype once. `run` is the float32 kernel entry.
+std::tuple<at::Tensor, at::Tensor> with_float32_loop(
+    const at::Tensor& y0, const at::Tensor& A, const at::Tensor& b,
+    const std::function<std::tuple<at::Tensor, at::Tensor>(
+        const at::Tensor&, const at::Tensor&, const at::Tensor&)>& run);
+QuadraticDescentResult with_float32_loop_ex(
+    const at::Tensor& y0, const at::Tensor& A, const at::Tensor& b,
+    const std::function<QuadraticDescentResult(
+        const at::Tensor&, const at::Tensor&, const at::Tensor&)>& run);
 
 // Checks every argument of torchiter.quadratic_descent. `supported_dtypes`
 // lists the dtypes the calling kernel implements.

@@ -39,6 +39,25 @@ QuadraticDescentResult make_ex_result(
   return r;
 }
 
+std::tuple<at::Tensor, at::Tensor> with_float32_loop(
+    const at::Tensor& y0, const at::Tensor& A, const at::Tensor& b,
+    const std::function<std::tuple<at::Tensor, at::Tensor>(
+        const at::Tensor&, const at::Tensor&, const at::Tensor&)>& run) {
+  auto [y, iterations] = run(y0.to(at::kFloat), A.to(at::kFloat), b.to(at::kFloat));
+  return {y.to(y0.scalar_type()), iterations};
+}
+
+QuadraticDescentResult with_float32_loop_ex(
+    const at::Tensor& y0, const at::Tensor& A, const at::Tensor& b,
+    const std::function<QuadraticDescentResult(
+        const at::Tensor&, const at::Tensor&, const at::Tensor&)>& run) {
+  QuadraticDescentResult r = run(y0.to(at::kFloat), A.to(at::kFloat), b.to(at::kFloat));
+  for (at::Tensor* t : {&r.y, &r.change, &r.growth, &r.change_trace}) {
+    *t = t->to(y0.scalar_type());
+  }
+  return r;
+}
+
 QuadraticDescentResult make_ex_result_host(
     at::Tensor y, const std::vector<int64_t>& iterations,
     const std::vector<uint8_t>& converged, const std::vector<double>& first_change,

@@ -124,6 +124,13 @@ std::tuple<at::Tensor, at::Tensor> quadratic_descent_backward_with(
     double shrink, std::optional<double> min, std::optional<double> max,
     const ImplicitSolvers& solvers) {
   check_quadratic_descent_backward(grad_y, y, A, shrink, min, max);
+  if (is_reduced_float(y.scalar_type())) {
+    // The forward ran in float32; so do its solves (a float16 LU would lose
+    // most of the gradient's digits), rounded back once.
+    auto [grad_A, grad_b] = quadratic_descent_backward_with(
+        grad_y.to(at::kFloat), y.to(at::kFloat), A.to(at::kFloat), shrink, min, max, solvers);
+    return {grad_A.to(A.scalar_type()), grad_b.to(y.scalar_type())};
+  }
   const BatchChannelSpatial s = batch_channel_spatial(y);
   const int64_t n = s.batch * s.spatial;
   at::Tensor grad_A = at::zeros_like(A, at::MemoryFormat::Contiguous);

@@ -12,10 +12,15 @@ namespace {
 std::tuple<at::Tensor, at::Tensor> quadratic_descent_cpu(
     const at::Tensor& y0, const at::Tensor& A, const at::Tensor& b,
     const std::optional<at::Tensor>& lrs, const QuadraticDescentArgs& args) {
-  check_quadratic_descent(y0, A, b, lrs, args, {at::kFloat, at::kDouble});
+  check_quadratic_descent(y0, A, b, lrs, args, kLoopDtypes);
   TORCH_CHECK(
       y0.device().is_cpu(), "torchiter.quadratic_descent: the CPU kernel got y0 on ",
       y0.device());
+  if (is_reduced_float(y0.scalar_type())) {
+    return with_float32_loop(y0.detach(), A.detach(), b.detach(), [&](const auto& y, const auto& a, const auto& c) {
+      return quadratic_descent_cpu(y, a, c, lrs, args);
+    });
+  }
   LearningRates host_lrs(lrs, args);
   at::Tensor y0d = y0.detach();
   if (y0.numel() == 0) {
@@ -29,13 +34,18 @@ std::tuple<at::Tensor, at::Tensor> quadratic_descent_cpu(
 QuadraticDescentResult quadratic_descent_ex_cpu(
     const at::Tensor& y0, const at::Tensor& A, const at::Tensor& b,
     const std::optional<at::Tensor>& lrs, const QuadraticDescentArgs& args) {
-  check_quadratic_descent(y0, A, b, lrs, args, {at::kFloat, at::kDouble});
+  check_quadratic_descent(y0, A, b, lrs, args, kLoopDtypes);
   TORCH_CHECK(
       y0.device().is_cpu(), "torchiter.quadratic_descent_ex: the CPU kernel got y0 on ",
       y0.device());
   if (y0.numel() == 0 || args.max_iterations == 0) {
     // Nothing runs: the generic driver's answer, without a loop.
     return quadratic_descent_ex_generic(y0, A, b, lrs, args, &quadratic_descent_cpu);
+  }
+  if (is_reduced_float(y0.scalar_type())) {
+    return with_float32_loop_ex(y0.detach(), A.detach(), b.detach(), [&](const auto& y, const auto& a, const auto& c) {
+      return quadratic_descent_ex_cpu(y, a, c, lrs, args);
+    });
   }
   LearningRates host_lrs(lrs, args);
   return cpu::cpu_kernels().quadratic_descent(y0.detach(), A.detach(), b.detach(), args, host_lrs);
@@ -46,7 +56,12 @@ QuadraticDescentResult quadratic_descent_ex_cpu(
 QuadraticDescentResult quadratic_descent_ex_generic_cpu(
     const at::Tensor& y0, const at::Tensor& A, const at::Tensor& b,
     const std::optional<at::Tensor>& lrs, const QuadraticDescentArgs& args) {
-  check_quadratic_descent(y0, A, b, lrs, args, {at::kFloat, at::kDouble});
+  check_quadratic_descent(y0, A, b, lrs, args, kLoopDtypes);
+  if (is_reduced_float(y0.scalar_type())) {
+    return with_float32_loop_ex(y0.detach(), A.detach(), b.detach(), [&](const auto& y, const auto& a, const auto& c) {
+      return quadratic_descent_ex_generic_cpu(y, a, c, lrs, args);
+    });
+  }
   return quadratic_descent_ex_generic(
       y0.detach(), A.detach(), b.detach(), lrs, args, &quadratic_descent_cpu);
 }

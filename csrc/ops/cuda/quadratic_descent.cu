@@ -621,7 +621,7 @@ std::tuple<at::Tensor, at::Tensor> quadratic_descent_cuda_checked(
 void check_cuda_call(
     const at::Tensor& y0, const at::Tensor& A, const at::Tensor& b,
     const std::optional<at::Tensor>& lrs, const QuadraticDescentArgs& args) {
-  check_quadratic_descent(y0, A, b, lrs, args, {at::kFloat, at::kDouble});
+  check_quadratic_descent(y0, A, b, lrs, args, kLoopDtypes);
   TORCH_CHECK(
       y0.is_cuda(), args.stats ? "torchiter.quadratic_descent_ex" : "torchiter.quadratic_descent",
       ": the CUDA kernel got y0 on ", y0.device());
@@ -633,6 +633,11 @@ std::tuple<at::Tensor, at::Tensor> quadratic_descent_cuda(
   check_cuda_call(y0, A, b, lrs, args);
   const c10::cuda::CUDAGuard guard(y0.device());
   check_rates(lrs, args);
+  if (is_reduced_float(y0.scalar_type())) {
+    return with_float32_loop(y0.detach(), A.detach(), b.detach(), [&](const auto& y, const auto& a, const auto& c) {
+      return quadratic_descent_cuda_checked(y, a, c, lrs, args);
+    });
+  }
   return quadratic_descent_cuda_checked(y0, A, b, lrs, args);
 }
 
@@ -645,6 +650,11 @@ QuadraticDescentResult quadratic_descent_ex_cuda(
   check_cuda_call(y0, A, b, lrs, args);
   const c10::cuda::CUDAGuard guard(y0.device());
   check_rates(lrs, args);
+  if (is_reduced_float(y0.scalar_type())) {
+    return with_float32_loop_ex(y0.detach(), A.detach(), b.detach(), [&](const auto& y, const auto& a, const auto& c) {
+      return quadratic_descent_ex_cuda(y, a, c, lrs, args);
+    });
+  }
   // Device rates are cast to y's dtype once per call, not by each of the
   // driver's plain calls.
   std::optional<at::Tensor> rates = lrs;

@@ -12,7 +12,7 @@ namespace {
 std::tuple<at::Tensor, at::Tensor> quadratic_descent_meta(
     const at::Tensor& y0, const at::Tensor& A, const at::Tensor& b,
     const std::optional<at::Tensor>& lrs, const QuadraticDescentArgs& args) {
-  check_quadratic_descent(y0, A, b, lrs, args, {at::kFloat, at::kDouble});
+  check_quadratic_descent(y0, A, b, lrs, args, kLoopDtypes);
   return {
       at::empty_symint(y0.sym_sizes(), y0.options()),
       at::empty({}, y0.options().dtype(at::kLong))};
@@ -21,7 +21,7 @@ std::tuple<at::Tensor, at::Tensor> quadratic_descent_meta(
 QuadraticDescentResult quadratic_descent_ex_meta(
     const at::Tensor& y0, const at::Tensor& A, const at::Tensor& b,
     const std::optional<at::Tensor>& lrs, const QuadraticDescentArgs& args) {
-  check_quadratic_descent(y0, A, b, lrs, args, {at::kFloat, at::kDouble});
+  check_quadratic_descent(y0, A, b, lrs, args, kLoopDtypes);
   std::vector<c10::SymInt> stat_shape;
   if (args.per_sample) {
     stat_shape.push_back(y0.sym_size(0));
