@@ -99,6 +99,9 @@ def row(name, case, rounds, min_time, only=None, dtype=torch.float32):
     def eager():
         return tight_loop(M, encode(), iters, lr, relu)
 
+    # Each row compiles afresh: Dynamo keeps one cache per code object and
+    # refuses the ninth shape (its recompile limit) under fullgraph=True.
+    torch._dynamo.reset()
     compiled_loop = torch.compile(tight_loop, fullgraph=True, dynamic=False)
 
     def compiled():
