@@ -125,6 +125,32 @@ def test_forward_hooks_and_patched_forward_are_seen():
     assert _internals.module_has_forward_hooks(relu)
 
 
+def test_module_attr_reads_plain_attributes_and_submodules_like_getattr():
+    m = torch.nn.Module()
+    m.relu = torch.nn.ReLU()
+    m.fn = torch.relu
+    m.nothing = None
+    m.register_buffer("buf", torch.ones(2))
+    m.w = torch.nn.Parameter(torch.zeros(2))
+    for name in ("relu", "fn", "nothing", "buf", "w", "training"):
+        assert _internals.module_attr(m, name) is getattr(m, name)
+    m.relu = torch.nn.Sigmoid()  # replaced through nn.Module.__setattr__
+    assert isinstance(_internals.module_attr(m, "relu"), torch.nn.Sigmoid)
+    with pytest.raises(AttributeError):
+        _internals.module_attr(m, "missing")
+
+
+def test_set_grad_enabled_switches_grad_mode():
+    assert torch.is_grad_enabled()
+    _internals.set_grad_enabled(False)
+    try:
+        assert not torch.is_grad_enabled()
+        assert (torch.ones(1, requires_grad=True) * 2).grad_fn is None
+    finally:
+        _internals.set_grad_enabled(True)
+    assert torch.is_grad_enabled()
+
+
 def test_views_hooks_and_kernels():
     base = torch.zeros(4, requires_grad=True)
     assert not _internals.is_view(base) and _internals.is_view(base[1:])

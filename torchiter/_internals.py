@@ -9,6 +9,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 from torch._subclasses.fake_tensor import is_fake as _is_fake
+from torch.nn.modules import module as _module_module
 from torch.optim import optimizer as _optimizer_module
 
 
@@ -19,11 +20,19 @@ def active_ddp_module() -> Optional[torch.nn.Module]:
     (for TorchDynamo); torchiter's models read it to tell a loss computed
     inside the wrapped forward from one computed outside it.
     """
-    if not torch.distributed.is_available():
-        return None
-    from torch.nn.parallel import DistributedDataParallel
+    ddp = _DDP_CLASS[0]
+    if ddp is None:
+        # Resolved once: the import statement and the availability test cost
+        # microseconds, read in every model forward.
+        if torch.distributed.is_available():
+            from torch.nn.parallel import DistributedDataParallel as ddp
+        else:
+            ddp = False
+        _DDP_CLASS[0] = ddp
+    return getattr(ddp, "_active_ddp_module", None) if ddp is not False else None
 
-    return getattr(DistributedDataParallel, "_active_ddp_module", None)
+
+_DDP_CLASS: list = [None]
 
 
 # --------------------------------------------------------------------------- optimizers
@@ -114,6 +123,25 @@ def run_backward(loss: torch.Tensor, seed: torch.Tensor) -> None:
 
 # --------------------------------------------------------------------------- nn.Module inspection
 
+_MISSING = object()
+
+
+def module_attr(module: torch.nn.Module, name: str) -> Any:
+    """``getattr(module, name)`` for a plain attribute or a registered
+    submodule (not a parameter or buffer), without ``nn.Module.__getattr__``'s
+    Python frame (half a microsecond, several times per model forward).
+
+    Reads ``Module._modules``; anything else falls back to ``getattr``.
+    """
+    attrs = module.__dict__
+    value = attrs.get(name, _MISSING)
+    if value is _MISSING:
+        value = attrs["_modules"].get(name, _MISSING)
+        if value is _MISSING:
+            return getattr(module, name)
+    return value
+
+
 
 def module_has_forward_hooks(module: torch.nn.Module) -> bool:
     """Whether calling ``module`` would run more than its class' ``forward``.
@@ -123,8 +151,6 @@ def module_has_forward_hooks(module: torch.nn.Module) -> bool:
     ``_forward_pre_hooks`` and ``torch.nn.modules.module._global_forward_hooks``
     / ``_global_forward_pre_hooks``.
     """
-    from torch.nn.modules import module as _module_module
-
     return bool(
         module._forward_hooks
         or module._forward_pre_hooks
@@ -211,6 +237,11 @@ def values_readable(t: torch.Tensor) -> bool:
         return False
     # A plain tensor (the eager case, once per forward) needs no fake test.
     return type(t) is torch.Tensor or not _is_fake(t)
+
+
+# Sets grad mode without a context manager object (a tenth of the cost of
+# ``torch.no_grad()``), for a model forward that restores it in ``finally``.
+set_grad_enabled = torch._C._set_grad_enabled
 
 
 def has_kernel_for(op: str, dispatch_key: str) -> bool:

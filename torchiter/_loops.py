@@ -137,6 +137,8 @@ def quadratic_loop_reason(module: Any, loop_modules: Tuple[str, ...]) -> Optiona
     for name in ("iteration", "iteration_set_gradients", "converged"):
         if getattr(getattr(cls, name), "__module__", None) not in loop_modules:
             return f"{cls.__name__} overrides {name}()"
+        if name in module.__dict__:
+            return f"{name}() is replaced on this {cls.__name__} instance"
     construct = module.it_construct_optim
     if construct not in SGD_TYPES:
         what = getattr(construct, "__name__", None) or _name(construct)

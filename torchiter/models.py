@@ -22,7 +22,7 @@ import functools
 import math
 import warnings
 import weakref
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -30,8 +30,8 @@ from torch import nn
 from . import _internals, _loops
 from . import stats as _stats
 from ._internals import active_ddp_module
-from .modules import IterationLossModule
-from .projections import SoftThreshold
+from .modules import IterationLossModule, _without_graph
+from .projections import SoftThreshold, fused_projection_args
 
 __all__ = ["MultiSimilarityMatching", "SimilarityMatching", "SupervisedSimilarityMatching", "SparseCoding", "TrainingLoss"]
 
@@ -41,6 +41,11 @@ _REGULARIZATIONS = ("weight", "whiten", "none")
 def _mix(A: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``A·y`` along dim 1: A (C, C), y (B, C, *spatial)."""
     return torch.einsum("ij,bj...->bi...", A, y)
+
+
+def _detached(t: torch.Tensor) -> torch.Tensor:
+    # Testing the flag costs a tenth of a detach.
+    return t.detach() if t.requires_grad else t
 
 
 def _has_kernel(y: torch.Tensor) -> bool:
@@ -99,6 +104,69 @@ class _ScaleGrad:
 _LOOP_MODULES = (__name__, IterationLossModule.__module__)
 
 
+# What a forward runs besides the loop; a configuration is replayed (see
+# _QuadraticLoopModule.forward) only while each is the library's own.
+_REPLAYED_METHODS = (
+    "forward", "pre_iteration", "_prepare", "post_iteration", "iteration", "iteration_set_gradients",
+    "converged", "iteration_parameters", "_state", "_quadratic", "_run_iterations", "_run_loop",
+    "_run_fused_loop", "_encode", "_sum", "_check_encoded",
+)
+_REPLAYED_SET = frozenset(_REPLAYED_METHODS)
+
+
+class _Plan:
+    """A model configuration whose forward ran the whole-loop op with nothing
+    held back, and the optimizer settings that forward folded into the op."""
+
+    __slots__ = ("cls", "optim", "kwargs", "lr", "maximize", "weight_decay", "dtype", "device")
+
+    @staticmethod
+    def of(module: "_QuadraticLoopModule") -> Optional["_Plan"]:
+        """The plan of the forward that just ended, or None if it cannot be replayed."""
+        attrs = module.__dict__
+        stats = attrs.get("iteration_stats")
+        if stats is None or stats.path != _loops.QUADRATIC_DESCENT or stats.path_reason is not None:
+            return None
+        hooks = attrs["hooks"]
+        if hooks.get("pre") or hooks.get("iteration") or hooks.get("post") or attrs.get("_it_compiled") is not None:
+            return None
+        optimizer = attrs.get("iteration_optimizer")
+        if attrs.get("it_construct_sched") is not None or type(optimizer) not in _loops.SGD_TYPES:
+            return None
+        if getattr(optimizer, "projection", None) is not None or len(optimizer.param_groups) != 1:
+            return None
+        cls = type(module)
+        if not _REPLAYED_SET.isdisjoint(attrs) or any(
+            getattr(getattr(cls, name, None), "__module__", None) not in _LOOP_MODULES
+            for name in _REPLAYED_METHODS
+            if hasattr(cls, name)
+        ):
+            return None
+        group = optimizer.param_groups[0]
+        state = module._state()
+        plan = _Plan()
+        plan.cls, plan.optim, plan.kwargs = cls, attrs["it_construct_optim"], dict(attrs["it_optim_kwargs"])
+        plan.lr, plan.maximize, plan.weight_decay = float(group["lr"]), bool(group["maximize"]), group["weight_decay"]
+        plan.dtype, plan.device = state.dtype, state.device
+        return plan
+
+    def holds(self, module: "_QuadraticLoopModule", attrs: Dict[str, Any]) -> bool:
+        """Whether ``module``'s configuration is still this plan's (the
+        tensors' dtype and device are checked once they exist)."""
+        if type(module) is not self.cls:
+            return False
+        hooks = attrs["hooks"]
+        if hooks.get("pre") or hooks.get("iteration") or hooks.get("post"):
+            return False
+        if attrs.get("_it_compiled") is not None or attrs.get("it_construct_sched") is not None:
+            return False
+        if attrs.get("it_construct_optim") is not self.optim or attrs.get("it_optim_kwargs") != self.kwargs:
+            return False
+        if attrs.get("fixed_point_gradient") is not None and torch.is_grad_enabled():
+            return False
+        return _REPLAYED_SET.isdisjoint(attrs)
+
+
 class _QuadraticLoopModule(IterationLossModule):
     """An iteration module whose loop is projected descent on ``½yᵀAy − bᵀy``.
 
@@ -140,8 +208,154 @@ class _QuadraticLoopModule(IterationLossModule):
     def tol(self, value: float) -> None:
         self.__dict__["_tol"] = _check_tol(type(self).__name__, value)
 
+    # The attribute holding the state (what _state() returns).
+    _STATE_NAME = ""
+
     def _state(self) -> torch.Tensor:
         raise NotImplementedError
+
+    def _prepare(self, *args: Any) -> None:
+        """Computes what the loop needs from the inputs and sets the state to zeros."""
+        raise NotImplementedError
+
+    def pre_iteration(self, *args: Any) -> None:
+        """``_prepare()`` (the model's own setup: encoding, zero state), then
+        :meth:`IterationLossModule.pre_iteration` (flags, optimizer, scheduler)."""
+        self._prepare(*args)
+        self.__dict__["_it_optim_pending"] = None
+        super().pre_iteration(*args)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """As :meth:`IterationLossModule.forward`.
+
+        The first forward of a configuration decides its loop; while nothing
+        it depends on changes (hooks, optimizer class and options, scheduler,
+        ``fixed_point_gradient``, the class's methods, the state's dtype and
+        device, a projection the op expresses), later forwards replay that
+        decision: the same steps with the same results, without deciding again.
+        """
+        attrs = self.__dict__
+        if kwargs or torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return super().forward(*args, **kwargs)
+        plan = attrs.get("_it_plan")
+        if plan is None or not plan.holds(self, attrs):
+            out = super().forward(*args)
+            attrs["_it_plan"] = _Plan.of(self)
+            return out
+        return self._replay(plan, args)
+
+    @property
+    def iteration_optimizer(self) -> Any:
+        """The optimizer ``pre_iteration()`` built for the last forward.
+
+        A replayed forward (see :meth:`forward`) never steps it, so it is
+        built when first read: the same optimizer, over the same state."""
+        attrs = self.__dict__
+        optimizer = attrs.get("iteration_optimizer")
+        if optimizer is None:
+            pending = attrs.get("_it_optim_pending")
+            if pending is not None:
+                construct, params, kwargs = pending
+                optimizer = attrs["iteration_optimizer"] = construct(params, **kwargs)
+                attrs["_it_optim_pending"] = None
+        return optimizer
+
+    @iteration_optimizer.setter
+    def iteration_optimizer(self, value: Any) -> None:
+        # Stored under its own name: every reader of the instance dictionary
+        # (IterationLossModule's loops) finds it there.
+        attrs = self.__dict__
+        attrs["iteration_optimizer"] = value
+        attrs["_it_optim_pending"] = None
+
+    def __getstate__(self) -> Dict[str, Any]:
+        # The plan is a cache; a copy decides its own.
+        state = super().__getstate__()
+        state.pop("_it_plan", None)
+        return state
+
+    def _replay(self, plan: "_Plan", args: Tuple[Any, ...]) -> Any:
+        """One forward of ``plan``'s configuration.
+
+        The steps of :meth:`IterationLossModule.forward` with no hooks to call:
+        ``_prepare``, the whole-loop op, ``post_iteration``, the divergence
+        report. Where this forward's tensors or projection differ from the
+        plan's, the loop is decided again as in any forward.
+        """
+        attrs = self.__dict__
+        token = object()
+        if attrs.setdefault("_it_running", token) is not token:
+            # Raises that a forward is already running.
+            return super().forward(*args)
+        planned = False
+        # Nothing in a replayed forward is differentiated (the encoders run
+        # under no_grad in any forward); grad mode is switched once, here.
+        grad = torch.is_grad_enabled()
+        _internals.set_grad_enabled(False)
+        try:
+            attrs["iteration_idx"] = -1
+            try:
+                self._prepare(*args)
+                state = self._state()
+                projection = fused_projection_args(_internals.module_attr(self, "iteration_projection"))
+                if (
+                    projection is not None
+                    and type(state) is torch.Tensor
+                    and not state.is_meta
+                    and state.dtype == plan.dtype
+                    and state.device == plan.device
+                ):
+                    self._run_planned(plan, state, projection)
+                    planned = True
+                else:
+                    attrs["_it_plan"] = None
+                    _internals.set_grad_enabled(grad)
+                    IterationLossModule.pre_iteration(self, *args)
+                    self._run_iterations(*args)
+                out = self.post_iteration(*args)
+            except BaseException:
+                self._abort_iteration()
+                raise
+        finally:
+            _internals.set_grad_enabled(grad)
+            del attrs["_it_running"]
+            attrs["_last_iteration_loss"] = _without_graph(attrs.get("_last_iteration_loss"))
+        stats = attrs.get("iteration_stats")
+        if stats is not None:
+            mode = attrs.get("divergence", "warn")
+            try:
+                # A planned loop's values are readable (a plain tensor, no
+                # tracing): check_divergence's own tests are needed only for a report.
+                if not planned or mode != "ignore" and (mode not in _stats.DIVERGENCE_MODES or stats._any_diverging()):
+                    _stats.check_divergence(
+                        stats, mode, type(self).__name__, lambda: self._divergence_hint(stats, args, {})
+                    )
+            finally:
+                stats._initial = None
+        if attrs.get("_it_plan") is None:
+            attrs["_it_plan"] = _Plan.of(self)
+        return out
+
+    def _run_planned(self, plan: "_Plan", state: torch.Tensor, projection: Tuple[Any, ...]) -> None:
+        """What ``IterationLossModule.pre_iteration`` and ``_run_iterations``
+        do for the planned configuration: the optimizer (for users who read
+        it), the loop as one op, the statistics. No ``requires_grad`` flags
+        are toggled: nothing in this forward differentiates."""
+        attrs = self.__dict__
+        attrs["iteration_stats"] = attrs["_stopped"] = None
+        attrs["iteration_scheduler"] = None
+        A, b = self._quadratic()
+        curvature = A
+        if plan.maximize:
+            A, b = -A, -b
+        if plan.weight_decay != 0:
+            A = A + plan.weight_decay * torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
+        # Nothing but this forward holds the zero state: the op's output replaces it.
+        self._run_fused_loop(state, A, b, plan.lr, *projection, rebind=True)
+        attrs["iteration_optimizer"] = None
+        attrs["_it_optim_pending"] = (plan.optim, [attrs[self._STATE_NAME]], plan.kwargs)
+        if attrs.get("divergence", "warn") != "ignore":
+            attrs["iteration_stats"]._curvature = curvature.detach()
 
     def _note_ddp(self) -> None:
         """Remembers the DistributedDataParallel module running this forward, if any."""
@@ -293,15 +507,20 @@ class _QuadraticLoopModule(IterationLossModule):
             stats.converged = stopped.clone()
         attrs["_stopped"] = None
 
-    def _run_fused_loop(self, state, A, b, lr, shrink, lo, hi) -> None:
+    def _run_fused_loop(self, state, A, b, lr, shrink, lo, hi, rebind: bool = False) -> None:
+        """The loop as one ``quadratic_descent_ex`` call; the result lands in
+        the state (``rebind``: the state attribute is set to the op's output
+        instead of copied into, for a forward whose state nothing else holds)."""
+        attrs = self.__dict__
         op = torch.ops.torchiter.quadratic_descent_ex
-        K = self.max_iterations
-        tol = float(self.tol)
-        per_sample = self.per_sample_stopping
-        trace = bool(self.__dict__.get("stats_trace", False))
-        y, A, b = state.detach(), A.detach(), b.detach()
+        K = attrs["max_iterations"]
+        tol = attrs["_tol"]
+        per_sample = attrs["_per_sample_stopping"]
+        trace = bool(attrs.get("stats_trace", False))
+        # The op is differentiable: nothing here may record a graph.
+        y, A, b = _detached(state), _detached(A), _detached(b)
         snapshot = None
-        if self.iteration_scheduler is None:
+        if attrs.get("iteration_scheduler") is None:
             r = op(y, A, b, lr, K, tol, 1, None, shrink, lo, hi, per_sample, trace)
         elif tol <= 0 or per_sample:
             # Every rate up front: all iterations run, or (per sample) the
@@ -313,26 +532,32 @@ class _QuadraticLoopModule(IterationLossModule):
         else:
             r = self._run_scheduled_chunks(op, y, A, b, K, tol, shrink, lo, hi, trace)
             lr = None
-        y = r[0]
+        y, counts = r[0], r[1]
+        # Not while a graph is traced (torch.compile, torch.export) nor for
+        # meta tensors, which have no values: the graph returns the counts itself.
+        readable = _internals.values_readable(y)
         # Reading a count waits for the device, so only when it is not known.
-        # Nor while a graph is traced (torch.compile, torch.export) or for meta
-        # tensors, which have no values: the graph returns the counts itself.
-        if tol <= 0 or not _internals.values_readable(r[1]):
+        if tol <= 0 or not readable:
             count = K
         else:
-            count = int(r[1]) if r[1].dim() == 0 else int(r[1].max()) if r[1].numel() else K
+            count = int(counts) if counts.dim() == 0 else int(counts.max()) if counts.numel() else K
         if snapshot is not None and count < K:
             self._rewind_scheduler(snapshot, count)
-        with torch.no_grad():
+        if rebind:
+            attrs[self._STATE_NAME] = y
+        elif state.requires_grad:
+            with torch.no_grad():
+                state.copy_(y)
+        else:
             state.copy_(y)
-        self.__dict__["iteration_idx"] = count - 1
+        attrs["iteration_idx"] = count - 1
         # y is the op's own output (the state holds a copy), so a small CPU
         # one can be kept for a noise floor computed on first read; so is a
         # traced one, where testing its size would specialise the batch.
-        lazy = not _internals.values_readable(y) or (y.device.type == "cpu" and y.numel() <= _LAZY_NOISE_NUMEL)
+        lazy = not readable or (y.is_cpu and y.numel() <= _LAZY_NOISE_NUMEL)
         noise = functools.partial(_noise, y) if lazy else _noise(y)
-        self.__dict__["iteration_stats"] = _stats.IterationStats(
-            r[1], r[2], r[3], r[4], noise,
+        attrs["iteration_stats"] = _stats.IterationStats(
+            counts, r[2], r[3], r[4], noise,
             change_trace=r[5][:count] if trace else None,
             lr=lr,
             path=_loops.QUADRATIC_DESCENT,
@@ -483,13 +708,10 @@ class MultiSimilarityMatching(_QuadraticLoopModule):
 
     def _encode(self, *xs: Optional[torch.Tensor]) -> List[Optional[torch.Tensor]]:
         """Each encoder's output, or None where its input is None or missing."""
-        if len(xs) > len(self.encoders):
-            raise ValueError(
-                f"{type(self).__name__}: got {len(xs)} inputs for {len(self.encoders)} encoders"
-            )
-        return [enc(x) if x is not None else None for enc, x in zip(self.encoders, xs)] + [None] * (
-            len(self.encoders) - len(xs)
-        )
+        encoders = _internals.module_attr(self, "encoders")
+        if len(xs) > len(encoders):
+            raise ValueError(f"{type(self).__name__}: got {len(xs)} inputs for {len(encoders)} encoders")
+        return [enc(x) if x is not None else None for enc, x in zip(encoders, xs)] + [None] * (len(encoders) - len(xs))
 
     def _check_encoded(self, Wx: torch.Tensor) -> torch.Tensor:
         """Wx itself, after checking it is ``(B, out_channels, *spatial)``."""
@@ -512,23 +734,28 @@ class MultiSimilarityMatching(_QuadraticLoopModule):
             total = total + w
         return total
 
-    def pre_iteration(self, *xs: Optional[torch.Tensor]) -> None:
+    def _prepare(self, *xs: Optional[torch.Tensor]) -> None:
         """Encodes the inputs once (detached) and sets ``y`` to zeros."""
         # Plain attributes are written through __dict__: nn.Module.__setattr__
         # costs microseconds per call, a visible share of a small forward.
         attrs = self.__dict__
         self._note_ddp()
-        with torch.no_grad():
-            Wx_sum = attrs["_Wx_sum"] = self._check_encoded(self._sum(self._encode(*xs))).detach()
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                Wx_sum = self._check_encoded(self._sum(self._encode(*xs)))
+        else:
+            Wx_sum = self._check_encoded(self._sum(self._encode(*xs)))
+        attrs["_Wx_sum"] = _detached(Wx_sum)
         attrs["_last_state"] = None
         attrs["y"] = torch.zeros_like(Wx_sum)
-        super().pre_iteration(*xs)
+
+    _STATE_NAME = "y"
 
     def _state(self) -> torch.Tensor:
         return self.y
 
     def _quadratic(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        return self.competitor.weight.detach(), self._Wx_sum
+        return _internals.module_attr(self, "competitor").weight.detach(), self._Wx_sum
 
     def _fixed_point_quadratic(self, *xs: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(M, Wx)`` with their graphs (encoders run again), for ``fixed_point_gradient``.
@@ -702,7 +929,7 @@ class SparseCoding(_QuadraticLoopModule):
         with torch.no_grad():
             self.dictionary /= self.dictionary.norm(dim=0, keepdim=True).clamp_min(1e-12)
 
-    def pre_iteration(self, x: torch.Tensor) -> None:
+    def _prepare(self, x: torch.Tensor) -> None:
         """Computes ``A = DᵀD`` and ``b = Dᵀx`` once and sets the codes to zeros."""
         if not self._user_projection:
             lr = float(self.it_optim_kwargs["lr"])
@@ -719,7 +946,8 @@ class SparseCoding(_QuadraticLoopModule):
             b = attrs["_b"] = x.detach() @ D
         attrs["_last_state"] = None
         attrs["codes"] = torch.zeros_like(b)
-        super().pre_iteration(x)
+
+    _STATE_NAME = "codes"
 
     def _state(self) -> torch.Tensor:
         return self.codes

@@ -115,6 +115,10 @@ def growth_ratio(first: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
     return torch.where((first == 0) & (last == 0), torch.zeros_like(last), last / first)
 
 
+def _cpu_scalar(t: torch.Tensor) -> bool:
+    return t.is_cpu and t.dim() == 0
+
+
 @functools.lru_cache(maxsize=64)
 def _rounded(value: float, dtype: torch.dtype) -> float:
     return float(torch.tensor(value, dtype=torch.float64).to(dtype))
@@ -259,29 +263,38 @@ class IterationStats:
         on Python floats, a few microseconds instead of a dozen small tensor
         ops per forward."""
         # A noise not computed yet is a CPU scalar (the contract of a callable
-        # noise): only the fields already there decide the path.
-        noise = self._noise if isinstance(self._noise, torch.Tensor) else None
-        fields = (self.change, self.growth, self.converged, noise, self.late_growth, self.reversal)
+        # noise): only the fields already there decide the path. Written out
+        # field by field: this runs after every forward.
+        noise = self._noise
         losses = self.loss_trace if self.loss_trace is not None else self.loss
-        scalars = all(
-            t is None or (t.dim() == 0 and t.device.type == "cpu") for t in fields
-        ) and (losses is None or losses.device.type == "cpu")
+        scalars = (
+            _cpu_scalar(self.change)
+            and _cpu_scalar(self.growth)
+            and _cpu_scalar(self.converged)
+            and (not isinstance(noise, torch.Tensor) or _cpu_scalar(noise))
+            and (self.late_growth is None or _cpu_scalar(self.late_growth))
+            and (self.reversal is None or _cpu_scalar(self.reversal))
+            and (losses is None or losses.is_cpu)
+        )
         if not scalars:
             d = self.diverging
             return bool(d if d.dim() == 0 else d.any())
         change = float(self.change)
+        if not math.isfinite(change):
+            return True
+        if losses is not None and losses.numel() > 0:
+            if not (math.isfinite(float(losses)) if losses.dim() == 0 else bool(torch.isfinite(losses).all())):
+                return True
         # Rounded to the statistics' dtype, as the tensor comparison does.
         limit = _rounded(self.growth_limit * (1 + GROWTH_TOLERANCE), self.growth.dtype)
+        # Host reads in the order that ends the test soonest: a converging
+        # loop is decided by its growth alone.
         growing = float(self.growth) > limit
-        if self.late_growth is not None:
-            growing = growing and float(self.late_growth) > limit
-        if self.reversal is not None:
-            growing = growing or bool(self.reversal)
-        growing = growing and change > float(self.noise) and not bool(self.converged)
-        finite = math.isfinite(change)
-        if losses is not None and losses.numel() > 0:
-            finite = finite and (math.isfinite(float(losses)) if losses.dim() == 0 else bool(torch.isfinite(losses).all()))
-        return growing or not finite
+        if growing and self.late_growth is not None:
+            growing = float(self.late_growth) > limit
+        if not growing and self.reversal is not None:
+            growing = bool(self.reversal)
+        return growing and change > float(self.noise) and not bool(self.converged)
 
     def to_dict(self) -> Dict[str, Any]:
         """The statistics as Python values (synchronises): scalars for shape ``()``, lists otherwise."""
