@@ -77,6 +77,22 @@ def thread_cpu_ticks():
     return out
 
 
+def paired_medians(a, b, calls: int):
+    """Median seconds per call of ``a`` and of ``b``, timed call by call in
+    alternation, so that a slow spell of the machine hits both alike."""
+    clock = time.perf_counter
+    ta, tb = [], []
+    for _ in range(calls):
+        t0 = clock()
+        a()
+        t1 = clock()
+        b()
+        t2 = clock()
+        ta.append(t1 - t0)
+        tb.append(t2 - t1)
+    return median(ta), median(tb)
+
+
 def per_call(fn, min_time: float) -> float:
     """Seconds per call of fn (called once first), timed over at least min_time."""
     fn()

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import machine_header, median, per_call  # noqa: E402
+from _common import machine_header, median, paired_medians, per_call  # noqa: E402
 
 import torchiter  # noqa: E402
 from torchiter.models import SimilarityMatching  # noqa: E402
@@ -64,22 +64,6 @@ def recorded_op_args(model, x):
     if len(seen) != 1:
         raise RuntimeError(f"expected one quadratic_descent_ex call per forward, saw {len(seen)}")
     return seen[0]
-
-
-def paired_medians(a, b, calls: int):
-    """Median seconds per call of ``a`` and of ``b``, timed call by call in
-    alternation, so that a slow spell of the machine hits both alike."""
-    clock = time.perf_counter
-    ta, tb = [], []
-    for _ in range(calls):
-        t0 = clock()
-        a()
-        t1 = clock()
-        b()
-        t2 = clock()
-        ta.append(t1 - t0)
-        tb.append(t2 - t1)
-    return median(ta), median(tb)
 
 
 def model_overhead(rounds: int, min_time: float):

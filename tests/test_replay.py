@@ -207,15 +207,24 @@ def test_method_overrides_on_the_instance_or_a_subclass_are_honoured():
     assert seen.count("post") == 3 and s.__dict__.get("_it_plan") is None
 
 
-def test_the_optimizer_of_a_replayed_forward_is_built_when_read():
+def test_the_optimizer_of_a_replayed_forward_is_built_when_read(monkeypatch):
     m, (x,) = sm(iteration_lr=0.25)
     m(x)
+    built = []
+    init = torch.optim.SGD.__init__
+
+    def counting_init(self, *a, **k):
+        built.append(1)
+        init(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.SGD, "__init__", counting_init)
     m(x)
-    assert m.__dict__["iteration_optimizer"] is None  # not built by the forward
+    assert built == []  # not built by the forward
     opt = m.iteration_optimizer
+    assert built == [1]
     assert type(opt) is torch.optim.SGD and opt.param_groups[0]["lr"] == 0.25
     assert opt.param_groups[0]["params"][0] is m.y
-    assert m.iteration_optimizer is opt  # built once
+    assert m.iteration_optimizer is opt and built == [1]  # built once
     m.iteration_optimizer = "mine"
     assert m.iteration_optimizer == "mine"
 

@@ -412,3 +412,32 @@ def test_scalar_divergence_test_equals_the_tensor_one(dtype):
         if stats._any_diverging() != bool(stats.diverging.any()):
             mismatches.append(stats.to_dict())
     assert not mismatches, mismatches[:3]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_per_sample_divergence_test_equals_the_tensor_one(dtype):
+    # Per-sample statistics ((B,) changes and growths) take a two-reduction
+    # shortcut in the report; it must agree with `diverging` on every edge.
+    gen = torch.Generator().manual_seed(1)
+    mismatches = []
+    for i in range(1500):
+        B = int(torch.randint(1, 6, (), generator=gen))
+        vec = lambda: torch.tensor(  # noqa: E731
+            [_EDGE[int(j)] for j in torch.randint(len(_EDGE), (B,), generator=gen)], dtype=dtype)
+        if i % 2:  # mostly tame values, so that the shortcut's "not diverging" is reached
+            vec_ = vec
+            vec = lambda: vec_().clamp(0, 1.0).nan_to_num(0.5)  # noqa: E731
+        stats = IterationStats(
+            torch.full((B,), 7),
+            torch.randint(2, (B,), generator=gen).bool(),
+            vec().abs(),
+            vec(),
+            torch.tensor(abs(_EDGE[int(torch.randint(len(_EDGE), (), generator=gen))]), dtype=dtype),
+            growth_limit=[1.0, 2.0, float("inf")][i % 3],
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            reported = torchiter.stats.check_divergence(stats, "warn", "Model")
+        if reported != bool(stats.diverging.any()):
+            mismatches.append(stats.to_dict())
+    assert not mismatches, mismatches[:3]

@@ -98,7 +98,7 @@ def fused_step_declined(module: Any, fast: FastStep) -> str:
 
     Diagnosed after the loop, so the loop itself pays nothing for it.
     """
-    optimizer = module.__dict__.get("iteration_optimizer")
+    optimizer = module.__dict__.get("_it_optimizer")
     if optimizer is not fast.optimizer:
         return "the iteration optimizer was replaced during the loop"
     if module.iteration_projection is not fast.projection:

@@ -130,7 +130,7 @@ class _Plan:
         hooks = attrs["hooks"]
         if hooks.get("pre") or hooks.get("iteration") or hooks.get("post") or attrs.get("_it_compiled") is not None:
             return None
-        optimizer = attrs.get("iteration_optimizer")
+        optimizer = attrs.get("_it_optimizer")
         if attrs.get("it_construct_sched") is not None or type(optimizer) not in _loops.SGD_TYPES:
             return None
         if getattr(optimizer, "projection", None) is not None or len(optimizer.param_groups) != 1:
@@ -222,7 +222,6 @@ class _QuadraticLoopModule(IterationLossModule):
         """``_prepare()`` (the model's own setup: encoding, zero state), then
         :meth:`IterationLossModule.pre_iteration` (flags, optimizer, scheduler)."""
         self._prepare(*args)
-        self.__dict__["_it_optim_pending"] = None
         super().pre_iteration(*args)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -243,30 +242,6 @@ class _QuadraticLoopModule(IterationLossModule):
             attrs["_it_plan"] = _Plan.of(self)
             return out
         return self._replay(plan, args)
-
-    @property
-    def iteration_optimizer(self) -> Any:
-        """The optimizer ``pre_iteration()`` built for the last forward.
-
-        A replayed forward (see :meth:`forward`) never steps it, so it is
-        built when first read: the same optimizer, over the same state."""
-        attrs = self.__dict__
-        optimizer = attrs.get("iteration_optimizer")
-        if optimizer is None:
-            pending = attrs.get("_it_optim_pending")
-            if pending is not None:
-                construct, params, kwargs = pending
-                optimizer = attrs["iteration_optimizer"] = construct(params, **kwargs)
-                attrs["_it_optim_pending"] = None
-        return optimizer
-
-    @iteration_optimizer.setter
-    def iteration_optimizer(self, value: Any) -> None:
-        # Stored under its own name: every reader of the instance dictionary
-        # (IterationLossModule's loops) finds it there.
-        attrs = self.__dict__
-        attrs["iteration_optimizer"] = value
-        attrs["_it_optim_pending"] = None
 
     def __getstate__(self) -> Dict[str, Any]:
         # The plan is a cache; a copy decides its own.
@@ -352,7 +327,7 @@ class _QuadraticLoopModule(IterationLossModule):
             A = A + plan.weight_decay * torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
         # Nothing but this forward holds the zero state: the op's output replaces it.
         self._run_fused_loop(state, A, b, plan.lr, *projection, rebind=True)
-        attrs["iteration_optimizer"] = None
+        attrs["_it_optimizer"] = None
         attrs["_it_optim_pending"] = (plan.optim, [attrs[self._STATE_NAME]], plan.kwargs)
         if attrs.get("divergence", "warn") != "ignore":
             attrs["iteration_stats"]._curvature = curvature.detach()

@@ -461,6 +461,38 @@ class IterationLossModule(IterationModule):
         state["_last_iteration_loss"] = _without_graph(state.get("_last_iteration_loss"))
         return state
 
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        # Modules pickled by earlier versions kept the optimizer under its own name.
+        if "iteration_optimizer" in state:
+            state = dict(state)
+            state.setdefault("_it_optimizer", state.pop("iteration_optimizer"))
+        super().__setstate__(state)
+
+    @property
+    def iteration_optimizer(self) -> Any:
+        """The optimizer ``pre_iteration()`` built for the last forward (None before it).
+
+        A model's replayed forward (see ``torchiter.models``) never steps its
+        optimizer, so there it is built when first read: the same optimizer,
+        over the same state."""
+        attrs = self.__dict__
+        optimizer = attrs.get("_it_optimizer")
+        if optimizer is None:
+            pending = attrs.get("_it_optim_pending")
+            if pending is not None:
+                construct, params, kwargs = pending
+                optimizer = attrs["_it_optimizer"] = construct(params, **kwargs)
+                attrs["_it_optim_pending"] = None
+        return optimizer
+
+    @iteration_optimizer.setter
+    def iteration_optimizer(self, value: Any) -> None:
+        # Stored under another name: TorchDynamo (torch 2.11) reads an
+        # instance-dict entry named like a property through the property.
+        attrs = self.__dict__
+        attrs["_it_optimizer"] = value
+        attrs["_it_optim_pending"] = None
+
     def _divergence_hint(self, stats: "_stats.IterationStats", args: Tuple, kwargs: Dict[str, Any]) -> Optional[str]:
         """The likely cause of a divergence: the step size against ``2/L``.
 
@@ -582,7 +614,7 @@ class IterationLossModule(IterationModule):
         """Runs one iteration: gradients, optimizer step, scheduler step, projection."""
         self.iteration_set_gradients(*args, **kwargs)
         attrs = self.__dict__
-        optimizer = attrs["iteration_optimizer"]
+        optimizer = attrs["_it_optimizer"]
         # A module projection (nn.ReLU()) lives in _modules: reading it there
         # skips nn.Module.__getattr__'s search, once per iteration.
         projection = attrs["iteration_projection"] if "iteration_projection" in attrs else attrs["_modules"]["iteration_projection"]
@@ -642,7 +674,7 @@ class IterationLossModule(IterationModule):
     def _stats_recorder(self, total: int, per_call: int = 1) -> "_stats.StatsRecorder":
         """A recorder of this forward's statistics over ``total`` steps."""
         attrs = self.__dict__
-        optimizer = attrs.get("iteration_optimizer")
+        optimizer = attrs.get("_it_optimizer")
         return _stats.StatsRecorder(
             list(self.iteration_parameters()),
             total,
@@ -669,7 +701,7 @@ class IterationLossModule(IterationModule):
         rec = self._stats_recorder(total)
         wants = rec.wants
         loss_before = rec.loss_seen = attrs.get("_last_iteration_loss")
-        lr = _stats_lr(attrs.get("iteration_optimizer"))
+        lr = _stats_lr(attrs.get("_it_optimizer"))
         stopped = False
         i = -1
         for i in range(total):
@@ -725,14 +757,15 @@ class IterationLossModule(IterationModule):
             p.requires_grad_(True)
 
         optimizer = self.it_construct_optim(params, **self.it_optim_kwargs)
-        set_plain("iteration_optimizer", optimizer)
+        attrs = self.__dict__
+        attrs["_it_optimizer"] = optimizer
+        attrs["_it_optim_pending"] = None
         if self.it_construct_sched is not None:
             set_plain("iteration_scheduler", self.it_construct_sched(optimizer, **self.it_sched_kwargs))
         else:
             set_plain("iteration_scheduler", None)
         # The loop's choice, decided once per forward: the fused-step plan, or
         # why the step cannot be fused (iteration_stats.path_reason).
-        attrs = self.__dict__
         plan = _loops.fused_step_plan(self, params)
         if isinstance(plan, str):
             attrs["_it_fast"], attrs["_it_fast_reason"] = None, plan

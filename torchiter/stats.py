@@ -277,6 +277,22 @@ class IterationStats:
             and (losses is None or losses.is_cpu)
         )
         if not scalars:
+            if (
+                self.late_growth is None
+                and self.reversal is None
+                and losses is None
+                and self.change.numel() > 0
+                and self.growth.numel() > 0
+            ):
+                # Per-sample statistics: two reductions decide the common
+                # case (every change finite, no growth past the limit; a NaN
+                # growth fails the comparison and takes the full test)
+                # instead of the dozen elementwise ops of `diverging`.
+                if not math.isfinite(float(self.change.max())):
+                    return True
+                limit = _rounded(self.growth_limit * (1 + GROWTH_TOLERANCE), self.growth.dtype)
+                if float(self.growth.max()) <= limit:
+                    return False
             d = self.diverging
             return bool(d if d.dim() == 0 else d.any())
         change = float(self.change)

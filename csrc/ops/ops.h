@@ -129,6 +129,11 @@ QuadraticDescentResult quadratic_descent_ex_generic(
 // of a shared helper in the library.
 at::Tensor prefix_view(const at::Tensor& base, at::IntArrayRef sizes);
 
+// The first `cols` columns of the row-major (rows, ld) matrix at the start of
+// the contiguous `base`: a (rows, cols) view with row stride ld. Out of line
+// for the same reason as prefix_view.
+at::Tensor column_block_view(const at::Tensor& base, int64_t rows, int64_t cols, int64_t ld);
+
 // The dtypes quadratic_descent takes on every device. float16 and bfloat16
 // run the float32 loop (see with_float32_loop).
 inline constexpr at::ScalarType kLoopDtypes[] = {

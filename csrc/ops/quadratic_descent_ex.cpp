@@ -106,6 +106,10 @@ at::Tensor prefix_view(const at::Tensor& base, at::IntArrayRef sizes) {
   return base.view(-1).narrow(0, 0, n).view(sizes);
 }
 
+at::Tensor column_block_view(const at::Tensor& base, int64_t rows, int64_t cols, int64_t ld) {
+  return base.view(-1).narrow(0, 0, rows * ld).view({rows, ld}).narrow(1, 0, cols);
+}
+
 namespace {
 
 // max |a - b| over every dim but the first: shape (a.size(0),), NaN if any

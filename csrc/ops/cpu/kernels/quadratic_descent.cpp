@@ -32,6 +32,7 @@
 #include <limits>
 #include <numeric>
 #include <optional>
+#include <utility>
 #include <type_traits>
 #include <vector>
 
@@ -915,37 +916,16 @@ inline void copy_short(const T* from, int64_t n, T* to) {
   }
 }
 
-// Copies the samples `keep` (slots of layout L, increasing) of the working
-// copy `w` into `r` in layout N, zero-filling N's padding; returns r.
-template <typename T>
-at::Tensor pack_samples(
-    const at::Tensor& w, at::Tensor r, const WorkingLayout& L, const WorkingLayout& N,
-    const std::vector<size_t>& keep) {
-  const int64_t C = L.channels, S = L.spatial;
-  const T* from = w.const_data_ptr<T>();
-  T* to = r.data_ptr<T>();
-  at::parallel_for(0, C, std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, N.positions)),
-                   [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      T* row = to + c * N.padded_positions;
-      for (size_t j = 0; j < keep.size(); ++j) {
-        copy_short(from + c * L.padded_positions + static_cast<int64_t>(keep[j]) * S, S,
-                   row + static_cast<int64_t>(j) * S);
-      }
-      std::fill(row + N.positions, row + N.padded_positions, T(0));
-    }
-  });
-  return r;
-}
-
 // quadratic_descent_ex with per_sample: the sweeps of run_sweeps on the
-// batch-folded layout, where each sample owns S consecutive positions. On a
-// measured iteration every tile also stores max over channels of |change|
-// per position; a sample that passes its stop test is written to `out` and
-// stops counting, and once enough have stopped the working copies are
-// compacted to the samples still running, so frozen samples cost nothing.
-// Positions never interact, so a sample's result is the one it would get
-// alone.
+// batch-folded layout, where each sample owns S consecutive positions (a
+// slot). The working copies hold the running samples only, in slots
+// [0, n): a sample that passes its stop test is written to `out` and the
+// last running sample moves into its slot (y and b, C x S elements each),
+// so every sweep covers the running samples and nothing else, and each
+// sample is moved at most once per stop instead of the whole batch being
+// repacked. Rows keep their stride; only the swept width shrinks. Positions
+// never interact and every lane sees the same operations wherever it sits,
+// so a sample's result is the one it would get alone, in any slot.
 template <typename T>
 void run_per_sample(
     const at::Tensor& y0, const at::Tensor& b_in, const at::Tensor& A,
@@ -954,127 +934,119 @@ void run_per_sample(
   constexpr int64_t W = Vectorized<T>::size();
   WorkingLayout L = working_layout<T>(y0, /*fold the batch=*/true);
   const int64_t C = L.channels, S = L.spatial, K = args.max_iterations;
-  // Two buffers each for y (the sweeps' ping-pong) and b (a compaction packs
-  // into the spare one), allocated once: every later layout is a prefix.
-  std::array<at::Tensor, 2> y_buf{to_working<T>(y0, L), at::Tensor()};
-  y_buf[1] = at::empty_like(y_buf[0]);
-  std::array<at::Tensor, 2> b_buf{to_working<T>(b_in, L), at::Tensor()};
-  int y_cur = 0, b_cur = 0;
-  const auto in_layout = [&](const at::Tensor& base, const WorkingLayout& lay) {
-    return prefix_view(base, {1, C, lay.padded_positions});
-  };
-  at::Tensor src_t = y_buf[0];
-  at::Tensor dst_t = y_buf[1];
-  at::Tensor Bw = b_buf[0];
+  const int64_t ld = L.padded_positions;  // row stride, fixed
+  at::Tensor src_t = to_working<T>(y0, L);
+  at::Tensor dst_t = at::empty_like(src_t);
+  at::Tensor Bw = to_working<T>(b_in, L);
+  at::Tensor G = gemm ? at::empty_like(src_t) : at::Tensor();
+  T* b = Bw.data_ptr<T>();
   Tiles tiles = make_tiles<T>(L, gemm, mix.diagonal);
-  at::Tensor G_buf = gemm ? at::empty_like(src_t) : at::Tensor();
-  at::Tensor G = gemm ? prefix_view(G_buf, {C, L.padded_positions}) : at::Tensor();
-  std::vector<T> position_max(static_cast<size_t>(L.padded_positions));
-  // 1 at a running sample's slot, else 0 (one position per sample only).
-  std::vector<T> alive(static_cast<size_t>(L.padded_positions), T(0));
-  std::fill(alive.begin(), alive.begin() + L.positions, T(1));
-  // Original index of every sample in the working copies, and whether it
-  // still runs.
+  std::vector<T> position_max(static_cast<size_t>(ld));
+  // The original index of the sample in each slot.
   std::vector<int64_t> present(static_cast<size_t>(L.batch));
   std::iota(present.begin(), present.end(), 0);
-  std::vector<uint8_t> running(present.size(), 1);
-  int64_t n_running = L.batch;
-  int64_t frozen_present = 0;
+  int64_t n = L.batch;
   T* o = out.data_ptr<T>();
-  // Sample slots `slots` (increasing) of the working copy `w` into their
-  // places in `out`, a channel row at a time, so the reads stay in order.
-  const auto write_out = [&](const at::Tensor& w, const std::vector<size_t>& slots) {
-    const T* src = w.const_data_ptr<T>();
-    const int64_t ld = L.padded_positions;
+  // A slot's sample into its place in `out`: C x S contiguous elements.
+  // With one position per sample (S == 1) the copies are single elements:
+  // written out as such, a copy loop per element costs several times more.
+  const auto write_out = [&](const T* y, int64_t slot) {
+    T* to = o + present[static_cast<size_t>(slot)] * C * S;
+    if (S == 1) {
+      for (int64_t c = 0; c < C; ++c) {
+        to[c] = y[c * ld + slot];
+      }
+      return;
+    }
     for (int64_t c = 0; c < C; ++c) {
-      for (size_t i : slots) {
-        copy_short(src + c * ld + static_cast<int64_t>(i) * S, S, o + (present[i] * C + c) * S);
-      }
+      copy_short(y + c * ld + slot * S, S, to + c * S);
     }
   };
-  std::vector<size_t> stopped_now;
-  // Keeps the running samples only, in order.
-  const auto compact = [&]() {
-    std::vector<size_t> keep;
-    for (size_t i = 0; i < present.size(); ++i) {
-      if (running[static_cast<size_t>(present[i])]) {
-        keep.push_back(i);
+  const auto move_slot = [&](T* y, int64_t from, int64_t to) {
+    if (S == 1) {
+      for (int64_t c = 0; c < C; ++c) {
+        y[c * ld + to] = y[c * ld + from];
+        b[c * ld + to] = b[c * ld + from];
+      }
+    } else {
+      for (int64_t c = 0; c < C; ++c) {
+        copy_short(y + c * ld + from * S, S, y + c * ld + to * S);
+        copy_short(b + c * ld + from * S, S, b + c * ld + to * S);
       }
     }
-    WorkingLayout N = L;
-    N.batch = static_cast<int64_t>(keep.size());
-    N.positions = N.batch * S;
-    N.padded_positions = (N.positions + W - 1) / W * W;
-    src_t = pack_samples<T>(src_t, in_layout(y_buf[1 - y_cur], N), L, N, keep);
-    y_cur = 1 - y_cur;
-    dst_t = in_layout(y_buf[1 - y_cur], N);
-    if (!b_buf[1].defined()) {
-      b_buf[1] = at::empty_like(b_buf[0]);
-    }
-    Bw = pack_samples<T>(Bw, in_layout(b_buf[1 - b_cur], N), L, N, keep);
-    b_cur = 1 - b_cur;
-    std::vector<int64_t> next;
-    for (size_t i : keep) {
-      next.push_back(present[i]);
-    }
-    present = std::move(next);
-    L = N;
-    tiles = make_tiles<T>(L, gemm, mix.diagonal);
-    if (gemm) {
-      G = prefix_view(G_buf, {C, L.padded_positions});
-    }
-    position_max.assign(static_cast<size_t>(L.padded_positions), 0);
-    alive.assign(static_cast<size_t>(L.padded_positions), T(0));
-    std::fill(alive.begin(), alive.begin() + L.positions, T(1));
-    frozen_present = 0;
+    present[static_cast<size_t>(to)] = present[static_cast<size_t>(from)];
   };
+  std::vector<int64_t> stopped;              // slots stopping now, increasing
+  // (from, to) slots of the running samples still to move, `to` increasing.
+  std::vector<std::pair<int64_t, int64_t>> moves;
+  const auto apply_moves = [&](int64_t m0, int64_t m1) {
+    T* y = src_t.data_ptr<T>();
+    at::parallel_for(m0, m1, 64, [&](int64_t a, int64_t e) {
+      for (int64_t m = a; m < e; ++m) {
+        move_slot(y, moves[static_cast<size_t>(m)].first, moves[static_cast<size_t>(m)].second);
+      }
+    });
+  };
+  std::vector<uint8_t> stopping(present.size(), 0);
 
   // One position per sample: the tiles make the stop test themselves, lane
-  // by lane (`alive` is 1 at a running sample's slot, else 0), and list the
-  // slots that stop, so the host visits only those.
+  // by lane, and list the slots that stop, so the host visits only those.
   const bool one_position = S == 1;
   const Vectorized<T> tol_vec(static_cast<T>(args.tol));
-  const Vectorized<T> zero_vec(static_cast<T>(0));
   std::vector<std::vector<int64_t>> tile_hits;
   int64_t k = 0;
-  while (k < K && n_running > 0) {
+  while (k < K && n > 0) {
     if ((k & 7) == 0) {
       poll.stop();
     }
     const bool check = args.tol > 0 && k >= 1 && k % args.check_every == 0;
     const bool measure = check || k == 0 || k == K - 1 || args.trace;
     const T lr = static_cast<T>(lrs.at(k));
-    const int64_t ld = L.padded_positions;
     const T* src = src_t.const_data_ptr<T>();
-    const T* b = Bw.const_data_ptr<T>();
     T* dst = dst_t.data_ptr<T>();
     if (gemm) {
-      at::mm_out(G, A, prefix_view(src_t, {C, ld}));
+      // The GEMM reads every slot: the moves go first.
+      apply_moves(0, static_cast<int64_t>(moves.size()));
+      moves.clear();
+      const int64_t np = L.padded_positions;
+      at::Tensor g = column_block_view(G, C, np, ld);
+      at::mm_out(g, A, column_block_view(src_t, C, np, ld));
     }
     const T* g = gemm ? G.const_data_ptr<T>() : nullptr;
     T* pmax = position_max.data();
-    const T* alive_p = alive.data();
+    T* src_mut = src_t.data_ptr<T>();
     tile_hits.resize(static_cast<size_t>(tiles.count));
+    // On a plain stop test with one position per sample, the tiles stop
+    // their own samples (statistics, result written out): each touches its
+    // own samples only, so that work is spread over the threads too.
+    const bool record_next = k + 1 == 1 || k + 1 == K || args.trace;
+    const bool stop_in_tiles = one_position && check && !record_next;
     at::parallel_for(0, tiles.count, tiles.grain, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
-        int64_t off, n, valid;
-        tiles.bounds(t, off, n, valid);
+        int64_t off, w, valid;
+        tiles.bounds(t, off, w, valid);
+        if (!moves.empty()) {
+          // The running samples moving into this tile's slots, just before
+          // the tile reads them (the slots' lines are then in cache).
+          const auto first = std::lower_bound(
+              moves.begin(), moves.end(), off, [](const auto& m, int64_t v) { return m.second < v; });
+          for (auto it = first; it != moves.end() && it->second < off + w; ++it) {
+            move_slot(src_mut, it->first, it->second);
+          }
+        }
         if (gemm) {
-          update_block<T>(*mix.project, C, g + off, src + off, b + off, dst + off, ld, n, valid, lr, false);
+          update_block<T>(*mix.project, C, g + off, src + off, b + off, dst + off, ld, w, valid, lr, false);
         } else if (measure) {
-          step_block_positions<T>(mix, src + off, b + off, dst + off, ld, n, valid, lr, pmax + off);
+          step_block_positions<T>(mix, src + off, b + off, dst + off, ld, w, valid, lr, pmax + off);
         } else {
-          step_block<T, false>(mix, src + off, b + off, dst + off, ld, n, valid, lr);
+          step_block<T, false>(mix, src + off, b + off, dst + off, ld, w, valid, lr);
         }
         if (!measure) {
           continue;
         }
-        // One group: a tile's offset is its first position. With one
-        // position per sample the stop test is made here, lane by lane, so
-        // the host visits only the tiles where a sample stops.
         std::vector<int64_t>& hits = tile_hits[static_cast<size_t>(t)];
         hits.clear();
-        for (int64_t s = 0; s < n; s += W) {
+        for (int64_t s = 0; s < w; s += W) {
           Vectorized<T> m(static_cast<T>(0));
           if (gemm) {
             // After a GEMM the update is a plain sweep: the changes take
@@ -1089,21 +1061,27 @@ void run_per_sample(
           }
           const int64_t lanes = std::min<int64_t>(W, valid - s);
           if (one_position && check && lanes > 0) {
-            // zero_mask: a bit per lane that is not a hit (below tol, NaN
-            // never is, and still running).
-            const Vectorized<T> hit = (m < tol_vec) & (Vectorized<T>::loadu(alive_p + off + s) > zero_vec);
-            auto bits = static_cast<uint64_t>(~hit.zero_mask()) & ((uint64_t{1} << lanes) - 1);
+            // zero_mask: a bit per lane that is not below tol (NaN never is).
+            auto bits = static_cast<uint64_t>(~(m < tol_vec).zero_mask()) & ((uint64_t{1} << lanes) - 1);
             for (int64_t lane = 0; bits != 0; ++lane, bits >>= 1) {
               if (bits & 1) {
-                hits.push_back(off + s + lane);
+                const int64_t slot = off + s + lane;
+                hits.push_back(slot);
+                if (stop_in_tiles) {
+                  const auto orig = static_cast<size_t>(present[static_cast<size_t>(slot)]);
+                  stats.measured(orig, k, pmax[slot]);
+                  stats.converged[orig] = 1;
+                  stats.iterations[orig] = k + 1;
+                  write_out(dst, slot);
+                }
               }
             }
           }
         }
       }
     });
+    moves.clear();
     std::swap(src_t, dst_t);
-    y_cur = 1 - y_cur;
     ++k;
     if (!measure) {
       continue;
@@ -1113,63 +1091,77 @@ void run_per_sample(
     const bool record = k == 1 || k == K || args.trace;
     const T tol = static_cast<T>(args.tol);
     T iteration_max = 0;
-    const auto stop_sample = [&](size_t i, T m) {
-      const auto orig = static_cast<size_t>(present[i]);
+    const auto stop_sample = [&](int64_t i, T m) {
+      const auto orig = static_cast<size_t>(present[static_cast<size_t>(i)]);
       stats.measured(orig, k - 1, m);
       stats.converged[orig] = 1;
       stats.iterations[orig] = k;
-      running[orig] = 0;
-      alive[i] = 0;
-      stopped_now.push_back(i);
+      stopped.push_back(i);
     };
-    if (one_position && !record) {
+    T* y = src_t.data_ptr<T>();
+    if (stop_in_tiles) {
       for (const auto& hits : tile_hits) {
         for (int64_t i : hits) {
-          stop_sample(static_cast<size_t>(i), pmax[i]);
+          stopped.push_back(i);
+          stopping[static_cast<size_t>(i)] = 1;
         }
       }
     } else {
-      for (size_t i = 0; i < present.size(); ++i) {
-        const auto orig = static_cast<size_t>(present[i]);
-        if (!running[orig]) {
-          continue;
-        }
-        const T* p = pmax + static_cast<int64_t>(i) * S;
+      for (int64_t i = 0; i < n; ++i) {
+        const T* p = pmax + i * S;
         T m = p[0];
         for (int64_t s = 1; s < S; ++s) {
           m = nan_max(m, p[s]);
         }
-        iteration_max = nan_max(iteration_max, m);
+        if (args.trace) {
+          iteration_max = nan_max(iteration_max, m);
+        }
         if (check && m < tol) {
           stop_sample(i, m);
         } else if (record) {
-          stats.measured(orig, k - 1, m);
+          stats.measured(static_cast<size_t>(present[static_cast<size_t>(i)]), k - 1, m);
         }
       }
-    }
-    if (!stopped_now.empty()) {
-      write_out(src_t, stopped_now);
-      n_running -= static_cast<int64_t>(stopped_now.size());
-      frozen_present += static_cast<int64_t>(stopped_now.size());
-      stopped_now.clear();
+      for (int64_t i : stopped) {
+        write_out(y, i);
+        stopping[static_cast<size_t>(i)] = 1;
+      }
     }
     if (args.trace) {
       stats.trace[static_cast<size_t>(k - 1)] = iteration_max;
     }
-    // Compacting costs about one sweep: worth it once an eighth of the
-    // batch is frozen.
-    if (n_running > 0 && frozen_present * 8 >= static_cast<int64_t>(present.size())) {
-      compact();
+    if (stopped.empty()) {
+      continue;
     }
-  }
-  for (size_t i = 0; i < present.size(); ++i) {
-    const auto orig = static_cast<size_t>(present[i]);
-    if (running[orig]) {
-      stats.iterations[orig] = k;
-      stopped_now.push_back(i);
+    // The stopped samples are out: running ones from the end move into
+    // their slots. The pairs are worked out here and copied by the next
+    // sweep, each by the tile its slot falls in; no slot is both a source
+    // and a destination, and the sources lie past the slots swept.
+    for (int64_t i : stopped) {
+      while (n > 0 && stopping[static_cast<size_t>(n - 1)]) {
+        stopping[static_cast<size_t>(--n)] = 0;
+      }
+      if (i >= n) {
+        break;
+      }
+      moves.emplace_back(n - 1, i);
+      stopping[static_cast<size_t>(i)] = 0;
+      --n;
     }
+    while (n > 0 && stopping[static_cast<size_t>(n - 1)]) {
+      stopping[static_cast<size_t>(--n)] = 0;
+    }
+    stopped.clear();
+    L.positions = n * S;
+    L.padded_positions = (L.positions + W - 1) / W * W;
+    tiles = make_tiles<T>(L, gemm, mix.diagonal);
   }
-  write_out(src_t, stopped_now);
+  apply_moves(0, static_cast<int64_t>(moves.size()));
+  const T* y = src_t.const_data_ptr<T>();
+  for (int64_t i = 0; i < n; ++i) {
+    stats.iterations[static_cast<size_t>(present[static_cast<size_t>(i)])] = k;
+    write_out(y, i);
+  }
 }
 
 // True when every entry of the (C, C) row-major A off its diagonal is zero.
