@@ -23,6 +23,25 @@ JIT_WARNINGS = [
 ]
 
 
+def spd_matrix(C, dtype=torch.float64, device="cpu", lo=0.5, hi=1.5, generator=None):
+    """A random symmetric (C, C) matrix with eigenvalues in [lo, hi] (made in
+    float64, then converted): the A of a quadratic_descent problem."""
+    q, _ = torch.linalg.qr(torch.randn(C, C, generator=generator, dtype=torch.float64))
+    eig = torch.rand(C, generator=generator, dtype=torch.float64) * (hi - lo) + lo
+    return ((q * eig) @ q.T).to(dtype=dtype, device=device)
+
+
+def spd_problem(shape, dtype=torch.float64, device="cpu", seed=None):
+    """``(y0, A, b)`` of a quadratic_descent problem of the given (B, C, *spatial)
+    shape: normal y0 and b, A from :func:`spd_matrix`. With ``seed``, from a
+    generator of its own; without, from torch's global one."""
+    g = torch.Generator().manual_seed(seed) if seed is not None else None
+    A = spd_matrix(shape[1], generator=g)
+    y0 = torch.randn(shape, generator=g, dtype=torch.float64)
+    b = torch.randn(shape, generator=g, dtype=torch.float64)
+    return tuple(t.to(dtype=dtype, device=device) for t in (y0, A, b))
+
+
 def bits(t: torch.Tensor) -> torch.Tensor:
     """A bitwise snapshot on the CPU (NaN-safe equality with torch.equal)."""
     t = t.detach().cpu().clone(memory_format=torch.contiguous_format)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import torchiter
-from _util import JIT_WARNINGS, bits
+from _util import JIT_WARNINGS, bits, spd_matrix, spd_problem
 from torchiter.reference import quadratic_descent_reference
 
 OP = torch.ops.torchiter.quadratic_descent
@@ -24,18 +24,12 @@ PROJECTIONS = {
 }
 
 
-def spd(C, dtype=torch.float64, device="cpu", lo=0.5, hi=1.5):
-    """A random symmetric (C, C) matrix with eigenvalues in [lo, hi]."""
-    q, _ = torch.linalg.qr(torch.randn(C, C, dtype=torch.float64))
-    eig = torch.rand(C, dtype=torch.float64) * (hi - lo) + lo
-    return ((q * eig) @ q.T).to(dtype=dtype, device=device)
+spd = spd_matrix
 
 
 def problem(shape, dtype=torch.float64, device="cpu"):
-    C = shape[1]
-    y0 = torch.randn(shape, dtype=torch.float64).to(dtype=dtype, device=device)
-    b = torch.randn(shape, dtype=torch.float64).to(dtype=dtype, device=device)
-    return y0, spd(C, dtype, device), b
+    """``(y0, A, b)`` from torch's global generator (see _util.spd_problem)."""
+    return spd_problem(shape, dtype, device)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)

@@ -10,7 +10,7 @@ inputs. These tests run under every CPU kernel variant (test_cpu_variants.py).
 import pytest
 import torch
 
-from _util import bits
+from _util import bits, spd_problem
 from torchiter.reference import quadratic_descent_reference
 
 OP = torch.ops.torchiter.quadratic_descent
@@ -19,16 +19,6 @@ HALF = [torch.float16, torch.bfloat16]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # Odd channel counts and positions past every vector width, a spatial case.
 SHAPES = [(7, 3), (33, 5), (2, 17, 5), (3, 8, 4, 5), (129, 16)]
-
-
-def spd_problem(shape, dtype, device, seed):
-    g = torch.Generator().manual_seed(seed)
-    C = shape[1]
-    q, _ = torch.linalg.qr(torch.randn(C, C, generator=g, dtype=torch.float64))
-    A = (q * torch.empty(C, dtype=torch.float64).uniform_(0.5, 1.5, generator=g)) @ q.T
-    y0 = torch.randn(shape, generator=g, dtype=torch.float64)
-    b = torch.randn(shape, generator=g, dtype=torch.float64)
-    return tuple(t.to(dtype=dtype, device=device) for t in (y0, A, b))
 
 
 @pytest.mark.parametrize("device", DEVICES)
