@@ -175,6 +175,18 @@ def test_changes_between_forwards_are_decided_again():
     assert m.iteration_stats.change.dtype == torch.float64
 
 
+def test_a_tensor_learning_rate_changed_in_place_is_followed():
+    lr = torch.tensor(0.1)
+    m, (x,) = sm(iteration_optimizer=torch.optim.SGD, it_optim_kwargs=dict(lr=lr), max_iterations=8)
+    ref = copy.deepcopy(m)
+    ref.register_iteration_hook("pre", lambda mod: None)
+    ref_lr = ref.it_optim_kwargs["lr"]
+    for value in (0.1, 0.1, 0.3, 0.05):
+        lr.fill_(value)
+        ref_lr.fill_(value)
+        assert torch.equal(m(x), ref(x))
+
+
 def test_method_overrides_on_the_instance_or_a_subclass_are_honoured():
     m, (x,) = sm(max_iterations=6, iteration_lr=0.1)
     m(x)

@@ -142,10 +142,15 @@ class _Plan:
             if hasattr(cls, name)
         ):
             return None
+        kwargs = attrs["it_optim_kwargs"]
+        if any(isinstance(v, torch.Tensor) for v in kwargs.values()):
+            # A tensor option (a tensor lr) can change in place, unseen by the
+            # comparison that keeps a plan.
+            return None
         group = optimizer.param_groups[0]
         state = module._state()
         plan = _Plan()
-        plan.cls, plan.optim, plan.kwargs = cls, attrs["it_construct_optim"], dict(attrs["it_optim_kwargs"])
+        plan.cls, plan.optim, plan.kwargs = cls, attrs["it_construct_optim"], dict(kwargs)
         plan.lr, plan.maximize, plan.weight_decay = float(group["lr"]), bool(group["maximize"]), group["weight_decay"]
         plan.dtype, plan.device = state.dtype, state.device
         return plan
