@@ -276,8 +276,6 @@ class IterationStats:
             and (self.reversal is None or _cpu_scalar(self.reversal))
             and (losses is None or losses.is_cpu)
         )
-        # Rounded to the statistics' dtype, as the tensor comparison does.
-        limit = _rounded(self.growth_limit * (1 + GROWTH_TOLERANCE), self.growth.dtype)
         if not scalars:
             if (
                 self.late_growth is None
@@ -292,6 +290,7 @@ class IterationStats:
                 # instead of the dozen elementwise ops of `diverging`.
                 if not math.isfinite(float(self.change.max())):
                     return True
+                limit = _rounded(self.growth_limit * (1 + GROWTH_TOLERANCE), self.growth.dtype)
                 if float(self.growth.max()) <= limit:
                     return False
             d = self.diverging
@@ -302,6 +301,8 @@ class IterationStats:
         if losses is not None and losses.numel() > 0:
             if not (math.isfinite(float(losses)) if losses.dim() == 0 else bool(torch.isfinite(losses).all())):
                 return True
+        # Rounded to the statistics' dtype, as the tensor comparison does.
+        limit = _rounded(self.growth_limit * (1 + GROWTH_TOLERANCE), self.growth.dtype)
         # Host reads in the order that ends the test soonest: a converging
         # loop is decided by its growth alone.
         growing = float(self.growth) > limit
