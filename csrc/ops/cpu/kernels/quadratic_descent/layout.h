@@ -1,0 +1,220 @@
+// Layout and tiles of the quadratic_descent kernel: how (batch, C, spatial)
+// positions are packed into the padded working copy (positions along the
+// contiguous dim, one vector lane per position) and back, and how positions
+// are cut into fixed-width tiles whose width depends only on C and the
+// dtype, so that every position sees the same arithmetic at any thread count.
+//
+// Part of the CPU quadratic_descent kernel: included by quadratic_descent.cpp
+// alone, once per instruction-set variant (see kernels.h), so its internal
+// linkage gives every variant its own copy.
+#pragma once
+
+#include "steps.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace torchiter::cpu::CPU_CAPABILITY {
+namespace {
+
+// From this many channels on, the mixing is a BLAS GEMM per iteration: the
+// register-blocked kernel's working set no longer fits the caches.
+constexpr int64_t kGemmMinChannels = 128;
+
+
+// Tile width: a multiple of the vector width such that the three C x tile
+// blocks a tile touches (y, its next value, b) stay within about 40 KiB of L1;
+// a multiple of step_block's full column step (kColumnVectors vectors) when
+// that fits, so that no narrower steps are left over.
+template <typename T>
+int64_t tile_width(int64_t C) {
+  constexpr int64_t W = Vectorized<T>::size();
+  constexpr int64_t step = kColumnVectors<T> * W;
+  const int64_t fit =
+      (40 * 1024) / (3 * std::max<int64_t>(C, 1) * static_cast<int64_t>(sizeof(T)));
+  const int64_t unit = fit >= step ? step : W;
+  return std::clamp<int64_t>((fit / unit) * unit, W, 256);
+}
+
+// How the (batch, C, spatial) positions are laid out in the working copy:
+// `groups` blocks of C rows, each row `padded_positions` long (the
+// `positions` of one group, rounded up to the vector width, zero-filled).
+struct WorkingLayout {
+  int64_t batch, channels, spatial;
+  int64_t groups;           // batch when positions are per sample, else 1
+  int64_t positions;        // positions per group
+  int64_t padded_positions; // positions rounded up to the vector width
+  bool batch_folded;        // positions are (sample, spatial) pairs of one group
+};
+
+template <typename T>
+WorkingLayout working_layout(const at::Tensor& y0, bool gemm) {
+  constexpr int64_t W = Vectorized<T>::size();
+  const auto [B, C, S] = batch_channel_spatial(y0);
+  WorkingLayout L{B, C, S, 0, 0, 0, false};
+  // Few spatial positions: gather all (sample, spatial) positions into one
+  // group so that vector lanes are filled. The GEMM path multiplies A by one
+  // (C, positions) matrix.
+  L.batch_folded = gemm || S < 4 * W;
+  L.groups = L.batch_folded ? 1 : B;
+  L.positions = L.batch_folded ? B * S : S;
+  L.padded_positions = (L.positions + W - 1) / W * W;
+  return L;
+}
+
+// The (B, C) <-> (C, ld) transposes of a batch without spatial dims. With C
+// a compile-time constant (the few channels of pca- or clustering-sized
+// problems) the compiler turns the interleaved accesses into vector
+// shuffles; a runtime C leaves one scalar load and store per element, which
+// for 1000 x 3 costs as much as a dozen iterations of the loop.
+// kC is C when it is a compile-time constant, else 0 and C is `channels`.
+template <typename T, int kC>
+void rows_to_columns(const T* src, int64_t B, int64_t channels, T* dst, int64_t ld) {
+  const int64_t C = kC > 0 ? kC : channels;
+  for (int64_t bb = 0; bb < B; ++bb) {
+    TORCHITER_UNROLL
+    for (int64_t c = 0; c < C; ++c) {
+      dst[c * ld + bb] = src[bb * C + c];
+    }
+  }
+}
+
+template <typename T, int kC>
+void columns_to_rows(const T* src, int64_t ld, int64_t B, int64_t channels, T* dst) {
+  const int64_t C = kC > 0 ? kC : channels;
+  for (int64_t bb = 0; bb < B; ++bb) {
+    TORCHITER_UNROLL
+    for (int64_t c = 0; c < C; ++c) {
+      dst[bb * C + c] = src[c * ld + bb];
+    }
+  }
+}
+
+// Calls f(std::integral_constant<int, C>) for C in 1..8, else f(0) (a
+// runtime C).
+template <typename F>
+void with_small_channels(int64_t C, F&& f) {
+  switch (C) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    case 8: f(std::integral_constant<int, 8>{}); break;
+    default: f(std::integral_constant<int, 0>{}); break;
+  }
+}
+
+// Copies a (batch, C, *spatial) tensor into the working layout. Plain loops:
+// for the small problems this op is for, ATen's reshape/permute/copy chain
+// would cost more than the whole loop.
+template <typename T>
+at::Tensor to_working(const at::Tensor& t, const WorkingLayout& L) {
+  const at::Tensor src_t = t.contiguous();
+  const T* src = src_t.const_data_ptr<T>();
+  const int64_t B = L.batch, C = L.channels, S = L.spatial, ld = L.padded_positions;
+  at::Tensor out = at::empty({L.groups, C, ld}, t.options().memory_format(at::MemoryFormat::Contiguous));
+  T* dst = out.data_ptr<T>();
+  if (L.batch_folded && S == 1) {
+    // (B, C) -> (C, B): each sample's C values read in order, one store to
+    // each row (a loop over a length-1 spatial dim per element would cost
+    // several times the copy itself).
+    with_small_channels(C, [&](auto small) {
+      rows_to_columns<T, decltype(small)::value>(src, B, C, dst, ld);
+    });
+    for (int64_t c = 0; c < C; ++c) {
+      std::fill(dst + c * ld + L.positions, dst + (c + 1) * ld, T(0));
+    }
+    return out;
+  }
+  for (int64_t g = 0; g < L.groups; ++g) {
+    for (int64_t c = 0; c < C; ++c) {
+      T* row = dst + (g * C + c) * ld;
+      if (L.batch_folded) {
+        // Element loops, not copy_n: S is often 1 (a transpose).
+        for (int64_t bb = 0; bb < B; ++bb) {
+          for (int64_t s = 0; s < S; ++s) {
+            row[bb * S + s] = src[(bb * C + c) * S + s];
+          }
+        }
+      } else {
+        std::copy_n(src + (g * C + c) * S, S, row);
+      }
+      std::fill(row + L.positions, row + ld, T(0));
+    }
+  }
+  return out;
+}
+
+// The inverse of to_working: a contiguous tensor of `like`'s shape.
+template <typename T>
+at::Tensor from_working(const at::Tensor& Y, const WorkingLayout& L, const at::Tensor& like) {
+  at::Tensor out = at::empty(like.sizes(), like.options().memory_format(at::MemoryFormat::Contiguous));
+  const T* src = Y.const_data_ptr<T>();
+  T* dst = out.data_ptr<T>();
+  const int64_t B = L.batch, C = L.channels, S = L.spatial, ld = L.padded_positions;
+  if (L.batch_folded && S == 1) {
+    with_small_channels(C, [&](auto small) {
+      columns_to_rows<T, decltype(small)::value>(src, ld, B, C, dst);
+    });
+    return out;
+  }
+  for (int64_t g = 0; g < L.groups; ++g) {
+    for (int64_t c = 0; c < C; ++c) {
+      const T* row = src + (g * C + c) * ld;
+      if (L.batch_folded) {
+        for (int64_t bb = 0; bb < B; ++bb) {
+          for (int64_t s = 0; s < S; ++s) {
+            dst[(bb * C + c) * S + s] = row[bb * S + s];
+          }
+        }
+      } else {
+        std::copy_n(row, S, dst + (g * C + c) * S);
+      }
+    }
+  }
+  return out;
+}
+
+// The fixed tiles of positions the iterations are split into. A tile lies
+// within one group; tiles, not threads, decide what a vector holds, so the
+// split over threads does not change any result.
+struct Tiles {
+  int64_t width;     // positions per tile (a multiple of the vector width)
+  int64_t per_group;
+  int64_t count;
+  int64_t grain;     // tiles per parallel task: ~64k FMAs, so small problems
+                     // stay on the calling thread
+  const WorkingLayout* L;
+
+  // Offset of tile t's first element, its width n and how many of those
+  // positions are real (not padding).
+  void bounds(int64_t t, int64_t& off, int64_t& n, int64_t& valid) const {
+    const int64_t g = t / per_group;
+    const int64_t s0 = (t % per_group) * width;
+    off = g * L->channels * L->padded_positions + s0;
+    n = std::min(width, L->padded_positions - s0);
+    valid = std::max<int64_t>(0, std::min(width, L->positions - s0));
+  }
+};
+
+template <typename T>
+Tiles make_tiles(const WorkingLayout& L, bool gemm, bool diagonal) {
+  constexpr int64_t W = Vectorized<T>::size();
+  const int64_t C = L.channels;
+  Tiles tl;
+  tl.width = gemm ? 64 * W : tile_width<T>(C);
+  tl.per_group = (L.padded_positions + tl.width - 1) / tl.width;
+  tl.count = L.groups * tl.per_group;
+  const int64_t work_per_tile = gemm || diagonal ? C * tl.width : C * C * tl.width;
+  tl.grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, work_per_tile));
+  tl.L = &L;
+  return tl;
+}
+
+} // namespace
+} // namespace torchiter::cpu::CPU_CAPABILITY

@@ -1,0 +1,345 @@
+// Loop drivers of the quadratic_descent kernel for a batch that stops as a
+// whole: run_blocked (no stop test: each tile runs all iterations while it
+// sits in L1), run_diagonal (a diagonal A: one FMA per element), run_sweeps
+// (a stop test or a trace: one parallel sweep over y per iteration, after a
+// BLAS GEMM from kGemmMinChannels channels on), and what they measure for
+// quadratic_descent_ex (LoopStats).
+//
+// Part of the CPU quadratic_descent kernel: included by quadratic_descent.cpp
+// alone, once per instruction-set variant (see kernels.h), so its internal
+// linkage gives every variant its own copy.
+#pragma once
+
+#include "layout.h"
+#include "../../../interrupt.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <utility>
+#include <vector>
+
+namespace torchiter::cpu::CPU_CAPABILITY {
+namespace {
+
+// NaN-propagating max: a NaN change must never pass a stop test.
+template <typename T>
+T nan_max(T a, T b) {
+  return std::isnan(a) || std::isnan(b) ? std::numeric_limits<T>::quiet_NaN() : std::max(a, b);
+}
+
+template <typename T>
+T nan_max_of(const std::vector<T>& v) {
+  T m = 0;
+  for (T x : v) {
+    m = nan_max(m, x);
+  }
+  return m;
+}
+
+// What a loop measures for quadratic_descent_ex, on the host: per sample
+// (per_sample) or for the whole batch (one entry).
+template <typename T>
+struct LoopStats {
+  std::vector<int64_t> iterations;
+  std::vector<uint8_t> converged;
+  std::vector<T> first, last;
+  std::vector<T> trace; // max_iterations entries with trace, NaN until run
+
+  LoopStats(int64_t n, const QuadraticDescentArgs& args)
+      : iterations(static_cast<size_t>(n), 0), converged(static_cast<size_t>(n), 0),
+        first(static_cast<size_t>(n), 0), last(static_cast<size_t>(n), 0),
+        trace(static_cast<size_t>(args.trace ? args.max_iterations : 0),
+              std::numeric_limits<T>::quiet_NaN()) {}
+
+  // Records the change of iteration k for entry i.
+  void measured(size_t i, int64_t k, T change) {
+    if (k == 0) {
+      first[i] = change;
+    }
+    last[i] = change;
+  }
+};
+
+// Where run_blocked reads y0 and b and writes the result: C rows of
+// `row_stride` elements per group, groups `group_stride` apart. Either the
+// working copies (row_stride = padded_positions) or, when positions are per
+// sample, the (batch, C, spatial) tensors themselves (row_stride = spatial):
+// the tile copies already do the packing, so no working copy is made.
+template <typename T>
+struct BlockedIO {
+  const T* y;
+  const T* b;
+  T* out;
+  int64_t row_stride, group_stride;
+};
+
+// No stop test: each tile is copied into three tile-local C x width blocks
+// (allocated once per task, never per iteration; lanes past the real
+// positions zero-filled) and runs all K iterations there before its result
+// is written out. With `stats` the first and the last iteration also
+// measure their change.
+template <typename T>
+void run_blocked(
+    const BlockedIO<T>& io, const ChannelMixing<T>& mix,
+    const Tiles& tiles, int64_t K, LearningRates& lrs, LoopStats<T>* stats,
+    InterruptPoll& poll) {
+  const int64_t C = mix.C;
+  // All K iterations run and every tile needs every rate: a schedule's are
+  // read once, up front.
+  const T lr = static_cast<T>(lrs.at(0));
+  std::vector<T> scheduled(lrs.scheduled() ? static_cast<size_t>(K) : 0);
+  for (size_t k = 0; k < scheduled.size(); ++k) {
+    scheduled[k] = static_cast<T>(lrs.at(static_cast<int64_t>(k)));
+  }
+  const int64_t T_w = tiles.width;
+  const int64_t ld = io.row_stride;
+  std::vector<T> first_max(stats ? static_cast<size_t>(tiles.count) : 0);
+  std::vector<T> last_max(first_max.size());
+  // Threads take `per_grab` tiles at a time from a shared counter instead of
+  // a fixed half each: a core slowed by other work (another process, a
+  // neighbouring VM) then does fewer tiles rather than holding the other
+  // back at the end. Which tiles a thread gets never changes what a tile
+  // computes, so results stay bitwise the same.
+  const int64_t per_grab = std::max<int64_t>(1, tiles.grain / std::max<int64_t>(K, 1));
+  const int64_t grabs = (tiles.count + per_grab - 1) / per_grab;
+  std::atomic<int64_t> next_tile{0};
+  const auto worker = [&](int64_t, int64_t) {
+    std::vector<T> local(static_cast<size_t>(3 * C * T_w));
+    T* cur = local.data();
+    T* nxt = cur + C * T_w;
+    T* bl = nxt + C * T_w;
+    const auto run_tile = [&](int64_t t) {
+      int64_t unused, n, valid;
+      tiles.bounds(t, unused, n, valid);
+      const int64_t off = t / tiles.per_group * io.group_stride + t % tiles.per_group * T_w;
+      for (int64_t c = 0; c < C; ++c) {
+        std::copy_n(io.y + off + c * ld, valid, cur + c * T_w);
+        std::fill(cur + c * T_w + valid, cur + c * T_w + n, T(0));
+        std::copy_n(io.b + off + c * ld, valid, bl + c * T_w);
+        std::fill(bl + c * T_w + valid, bl + c * T_w + n, T(0));
+      }
+      T* src = cur;
+      T* dst = nxt;
+      for (int64_t k = 0; k < K; ++k) {
+        // A tile of a wide layer can take seconds over all K iterations.
+        if ((k & 15) == 15 && poll.stop()) {
+          return;
+        }
+        const T lr_k = scheduled.empty() ? lr : scheduled[static_cast<size_t>(k)];
+        if (stats && (k == 0 || k == K - 1)) {
+          const T m = lane_max(step_block<T, true>(mix, src, bl, dst, T_w, n, valid, lr_k));
+          if (k == 0) {
+            first_max[static_cast<size_t>(t)] = m;
+          }
+          if (k == K - 1) {
+            last_max[static_cast<size_t>(t)] = m;
+          }
+        } else {
+          step_block<T, false>(mix, src, bl, dst, T_w, n, valid, lr_k);
+        }
+        std::swap(src, dst);
+      }
+      for (int64_t c = 0; c < C; ++c) {
+        std::copy_n(src + c * T_w, valid, io.out + off + c * ld);
+      }
+    };
+    for (int64_t t0; (t0 = next_tile.fetch_add(per_grab, std::memory_order_relaxed)) < tiles.count;) {
+      if (poll.stop()) {
+        return;
+      }
+      for (int64_t t = t0; t < std::min(tiles.count, t0 + per_grab); ++t) {
+        run_tile(t);
+      }
+    }
+  };
+  if (grabs > 1) {
+    at::parallel_for(0, grabs, 1, worker);
+  } else {
+    worker(0, grabs);  // small problems stay on the calling thread
+  }
+  if (stats) {
+    stats->measured(0, 0, nan_max_of(first_max));
+    stats->measured(0, K - 1, nan_max_of(last_max));
+    stats->iterations[0] = K;
+  }
+}
+
+// No stop test and a diagonal A: every element follows its own scalar
+// recurrence y <- project(y - lr_k (A_cc y - b)), so each run of
+// kDiagonalVectors vectors of a channel row goes through all K iterations in
+// registers, one read and one write of y in total, with no tiles and no
+// copies. The operations are diagonal_step's, element for element, so the
+// results are those of the tiled path. `groups` groups of C rows of
+// `positions` elements (io's strides); with `stats` the first and the last
+// iteration measure their change.
+constexpr int kDiagonalVectors = 8;
+
+template <typename T>
+void run_diagonal(
+    const BlockedIO<T>& io, const ChannelMixing<T>& mix, int64_t groups, int64_t positions,
+    int64_t K, LearningRates& lrs, LoopStats<T>* stats, InterruptPoll& poll) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  constexpr int64_t kRun = kDiagonalVectors * W;
+  const int64_t C = mix.C;
+  std::vector<T> neg_rates(static_cast<size_t>(K));
+  for (int64_t k = 0; k < K; ++k) {
+    neg_rates[static_cast<size_t>(k)] = static_cast<T>(-lrs.at(k));
+  }
+  const int64_t rows = groups * C;
+  std::vector<T> first_max(stats ? static_cast<size_t>(rows) : 0);
+  std::vector<T> last_max(first_max.size());
+  const VecProjection<T> project = *mix.project;
+  const Vec zero(static_cast<T>(0));
+  const int64_t grain =
+      std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, positions * K));
+  const auto run_rows = [&](int64_t r0, int64_t r1, auto shrink) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t off = r / C * io.group_stride + r % C * io.row_stride;
+      const Vec a(mix.A[(r % C) * (C + 1)]);
+      Vec d_first(static_cast<T>(0)), d_last(static_cast<T>(0));
+      for (int64_t s = 0; s < positions; s += kRun) {
+        const int64_t n = std::min(kRun, positions - s);
+        Vec y[kDiagonalVectors], b[kDiagonalVectors];
+        TORCHITER_UNROLL
+        for (int v = 0; v < kDiagonalVectors; ++v) {
+          // Lanes past n load as zeros; they are never stored.
+          const int64_t lanes = std::clamp<int64_t>(n - v * W, 0, W);
+          y[v] = lanes == W ? Vec::loadu(io.y + off + s + v * W) : Vec::loadu(io.y + off + s + v * W, lanes);
+          b[v] = lanes == W ? Vec::loadu(io.b + off + s + v * W) : Vec::loadu(io.b + off + s + v * W, lanes);
+        }
+        for (int64_t k = 0; k < K; ++k) {
+          // A run goes through all K iterations: with a large K it alone
+          // can take seconds.
+          if ((k & 1023) == 1023 && poll.stop()) {
+            return;
+          }
+          const Vec neg_lr(neg_rates[static_cast<size_t>(k)]);
+          const bool measure = stats && (k == 0 || k == K - 1);
+          TORCHITER_UNROLL
+          for (int v = 0; v < kDiagonalVectors; ++v) {
+            const Vec old = y[v];
+            y[v] = next_value<decltype(shrink)::value>(project, at::vec::fmadd(a, old, zero), b[v], old, neg_lr);
+            if (measure) {
+              const Vec d = masked_delta(y[v], old, n - v * W);
+              if (k == 0) {
+                d_first = max_change(d_first, d);
+              }
+              if (k == K - 1) {
+                d_last = max_change(d_last, d);
+              }
+            }
+          }
+        }
+        TORCHITER_UNROLL
+        for (int v = 0; v < kDiagonalVectors; ++v) {
+          const int64_t lanes = std::clamp<int64_t>(n - v * W, 0, W);
+          if (lanes == W) {
+            y[v].store(io.out + off + s + v * W);
+          } else if (lanes > 0) {
+            y[v].store(io.out + off + s + v * W, static_cast<int>(lanes));
+          }
+        }
+      }
+      if (stats) {
+        first_max[static_cast<size_t>(r)] = lane_max(d_first);
+        last_max[static_cast<size_t>(r)] = lane_max(d_last);
+      }
+    }
+  };
+  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+    project.use_shrink ? run_rows(r0, r1, std::true_type{}) : run_rows(r0, r1, std::false_type{});
+  });
+  if (stats) {
+    stats->measured(0, 0, nan_max_of(first_max));
+    stats->measured(0, K - 1, nan_max_of(last_max));
+    stats->iterations[0] = K;
+  }
+}
+
+// One parallel pass per iteration from Y into a second buffer and back
+// (after a GEMM into G on the GEMM path); when iteration k is a check, each
+// tile records its max |y_k - y_{k-1}| and the loop stops once the maximum
+// is below tol. With `stats` the first and the last iteration (and with a
+// trace every one) are measured too. Y holds the result; returns the
+// iterations run.
+template <typename T>
+int64_t run_sweeps(
+    at::Tensor& Y, const at::Tensor& Bw, const at::Tensor& A,
+    const ChannelMixing<T>& mix, const Tiles& tiles, bool gemm,
+    const QuadraticDescentArgs& args, LearningRates& lrs, LoopStats<T>* stats,
+    InterruptPoll& poll) {
+  const int64_t C = mix.C;
+  const int64_t ld = tiles.L->padded_positions;
+  const int64_t K = args.max_iterations;
+  const bool stop_test = args.tol > 0;
+  const T* b = Bw.const_data_ptr<T>();
+  at::Tensor Y2 = at::empty_like(Y);
+  at::Tensor G = gemm ? at::empty({C, ld}, Y.options()) : at::Tensor();
+  std::vector<T> tile_max(static_cast<size_t>(tiles.count));
+  at::Tensor src_t = Y;
+  at::Tensor dst_t = Y2;
+  int64_t iterations = K;
+  for (int64_t k = 0; k < K; ++k) {
+    // Every 8 sweeps, so that a poll is a negligible share of a small one.
+    if ((k & 7) == 0) {
+      poll.stop();
+    }
+    const bool check = stop_test && k >= 1 && k % args.check_every == 0;
+    const bool measure = check || (stats && (k == 0 || k == K - 1 || args.trace));
+    const T lr = static_cast<T>(lrs.at(k));
+    const T* src = src_t.const_data_ptr<T>();
+    T* dst = dst_t.data_ptr<T>();
+    if (gemm) {
+      at::mm_out(G, A, src_t.view({C, ld}));
+    }
+    const T* g = gemm ? G.const_data_ptr<T>() : nullptr;
+    at::parallel_for(0, tiles.count, tiles.grain, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        int64_t off, n, valid;
+        tiles.bounds(t, off, n, valid);
+        Vectorized<T> dmax(static_cast<T>(0));
+        if (gemm) {
+          dmax = update_block<T>(*mix.project, C, g + off, src + off, b + off, dst + off, ld, n, valid, lr, measure);
+        } else if (measure) {
+          dmax = step_block<T, true>(mix, src + off, b + off, dst + off, ld, n, valid, lr);
+        } else {
+          step_block<T, false>(mix, src + off, b + off, dst + off, ld, n, valid, lr);
+        }
+        tile_max[static_cast<size_t>(t)] = lane_max(dmax);
+      }
+    });
+    std::swap(src_t, dst_t);
+    if (!measure) {
+      continue;
+    }
+    const T m = nan_max_of(tile_max);
+    if (stats) {
+      stats->measured(0, k, m);
+      if (args.trace) {
+        stats->trace[static_cast<size_t>(k)] = m;
+      }
+    }
+    // NaN < tol is false: a diverged loop never counts as converged.
+    if (check && m < static_cast<T>(args.tol)) {
+      iterations = k + 1;
+      if (stats) {
+        stats->converged[0] = 1;
+      }
+      break;
+    }
+  }
+  Y = src_t;
+  if (stats) {
+    stats->iterations[0] = iterations;
+  }
+  return iterations;
+}
+
+} // namespace
+} // namespace torchiter::cpu::CPU_CAPABILITY

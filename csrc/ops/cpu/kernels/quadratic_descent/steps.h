@@ -1,0 +1,386 @@
+// Step primitives of the quadratic_descent kernel: the channel mixing of a
+// block of positions (register-blocked broadcast-FMA chains, the diagonal
+// case, column steps), the projected update of each lane and the lane-wise
+// change it makes. Everything here works on registers and one tile; nothing
+// allocates, loops over iterations or knows the tensor layout.
+//
+// Part of the CPU quadratic_descent kernel: included by quadratic_descent.cpp
+// alone, once per instruction-set variant (see kernels.h), so its internal
+// linkage gives every variant its own copy.
+#pragma once
+
+#include "../kernels.h"
+#include "../vec_math.h"
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <type_traits>
+
+namespace torchiter::cpu::CPU_CAPABILITY {
+namespace {
+
+using at::vec::Vectorized;
+
+
+using at::vec::Vectorized;
+
+// Tallest register block of rows (see "Register blocking" below rows_step).
+constexpr int kMaxRows = 5;
+
+// What one iteration applies to a block of positions: the (C, C) channel
+// mixing matrix A (row-major) and the projection. The blocks it works on are
+// C rows of positions with a row stride `ld` (a multiple of the width).
+template <typename T>
+struct ChannelMixing {
+  const T* A;
+  int64_t C;
+  const VecProjection<T>* project;
+  // How column_step cuts the C rows into register blocks: `blocks` blocks of
+  // `height` rows, the first `taller` of them one row taller. Fixed per call:
+  // worked out per column step, its two integer divisions cost as much as
+  // the whole step does for a handful of channels.
+  int64_t blocks, height, taller;
+  // A has no non-zero entry off its diagonal (a model's competitor at
+  // initialisation, an orthonormal dictionary's D^T D): each channel then
+  // needs one FMA per position instead of C, with the same bits, since the
+  // dense chain adds only exact zeros to A_ii y_i (see diagonal_step).
+  bool diagonal;
+
+  ChannelMixing(const T* A_, int64_t C_, const VecProjection<T>* project_, bool diagonal_)
+      : A(A_), C(C_), project(project_),
+        blocks((C_ + kMaxRows - 1) / kMaxRows),
+        height(blocks > 0 ? C_ / blocks : 0),
+        taller(blocks > 0 ? C_ % blocks : 0),
+        diagonal(diagonal_) {}
+};
+
+// |new - old|, with lanes at or past `lanes` (padding) zeroed: they must not
+// count in the convergence test.
+template <typename T>
+inline Vectorized<T> masked_delta(const Vectorized<T>& nv, const Vectorized<T>& old, int64_t lanes) {
+  using Vec = Vectorized<T>;
+  const Vec d = (nv - old).abs();
+  if (lanes >= Vec::size()) {
+    return d;
+  }
+  return lanes > 0 ? Vec::set(Vec(static_cast<T>(0)), d, lanes) : Vec(static_cast<T>(0));
+}
+
+// max(dmax, d) of two changes |new - old| (sign bits clear), NaN-propagating:
+// a NaN must never pass a stop test. Non-negative floats order like their
+// bit patterns read as signed integers, and a NaN with a clear sign bit
+// reads larger than +inf, so on x86 one integer max does what
+// at::vec::maximum does with a compare and a blend.
+template <typename T>
+inline Vectorized<T> max_change(const Vectorized<T>& dmax, const Vectorized<T>& d) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm512_castsi512_ps(_mm512_max_epi32(_mm512_castps_si512(dmax), _mm512_castps_si512(d)));
+  } else if constexpr (std::is_same_v<T, double>) {
+    return _mm512_castsi512_pd(_mm512_max_epi64(_mm512_castpd_si512(dmax), _mm512_castpd_si512(d)));
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm256_castsi256_ps(_mm256_max_epi32(_mm256_castps_si256(dmax), _mm256_castps_si256(d)));
+  } else if constexpr (std::is_same_v<T, double>) {
+    const __m256i a = _mm256_castpd_si256(dmax), b = _mm256_castpd_si256(d);
+    return _mm256_castsi256_pd(_mm256_blendv_epi8(a, b, _mm256_cmpgt_epi64(b, a)));
+  }
+#endif
+  return at::vec::maximum(dmax, d);
+}
+
+// One iteration's new value of a vector of y: project(y - lr (mixed - b)),
+// mixed being (A y) at those positions. Every path (register-blocked,
+// diagonal, after a GEMM) computes it here, so the paths differ only in how
+// `mixed` is summed.
+template <bool SHRINK, typename T>
+inline Vectorized<T> next_value(
+    const VecProjection<T>& project, const Vectorized<T>& mixed, const Vectorized<T>& b,
+    const Vectorized<T>& y, const Vectorized<T>& neg_lr) {
+  return project.template apply<SHRINK>(at::vec::fmadd(mixed - b, neg_lr, y));
+}
+
+// next_value for the vector at y + off, stored to yn + off; with DELTA,
+// |new - old| (lanes at or past `lanes` zeroed) is folded into dmax.
+template <bool SHRINK, bool DELTA, typename T>
+inline void update_vector(
+    const VecProjection<T>& project, const Vectorized<T>& mixed, const T* y, const T* b,
+    T* yn, int64_t off, const Vectorized<T>& neg_lr, int64_t lanes, Vectorized<T>& dmax) {
+  using Vec = Vectorized<T>;
+  const Vec old = Vec::loadu(y + off);
+  const Vec nv = next_value<SHRINK>(project, mixed, Vec::loadu(b + off), old, neg_lr);
+  nv.store(yn + off);
+  if constexpr (DELTA) {
+    dmax = max_change(dmax, masked_delta(nv, old, lanes));
+  }
+}
+
+// Loops over the register block (R rows x NV vectors) must be unrolled: an
+// accumulator array indexed by a loop variable lives on the stack, and every
+// column step then stores, reloads and re-zeroes all R x NV accumulators.
+#if defined(__clang__)
+#define TORCHITER_UNROLL _Pragma("unroll")
+#elif defined(__GNUC__)
+#define TORCHITER_UNROLL _Pragma("GCC unroll 16")
+#else
+#define TORCHITER_UNROLL
+#endif
+
+// The NV vectors of changes of one column step: lane-wise max |new - old| of
+// each vector of positions over the rows updated (zeros without DELTA).
+template <typename T, int NV>
+using ColumnDeltas = std::array<Vectorized<T>, NV>;
+
+template <typename T, int NV>
+inline ColumnDeltas<T, NV> zero_deltas() {
+  ColumnDeltas<T, NV> d;
+  d.fill(Vectorized<T>(static_cast<T>(0)));
+  return d;
+}
+
+// Updates rows [i, i + R) of the NV * W positions at column s. With DELTA,
+// returns max |new - old| over those rows per vector of positions (lanes at
+// or past `valid` zeroed; NaN if any is NaN). R x NV accumulators share each
+// broadcast of A and each load of y (a register-blocked GEMM). Deltas are
+// returned by value, not folded through a pointer: the stores to yn could
+// alias it, which would serialise the maxima through memory. For the same
+// reason the projection's constants are copied into locals: read through
+// pn.project they would be reloaded after every store.
+template <typename T, int R, int NV, bool DELTA>
+inline ColumnDeltas<T, NV> rows_step(
+    const ChannelMixing<T>& pn, int64_t i, const T* y, const T* b, T* yn,
+    int64_t ld, int64_t s, const Vectorized<T>& neg_lr, int64_t valid) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  const int64_t C = pn.C;
+  Vec acc[R][NV];
+  TORCHITER_UNROLL
+  for (int r = 0; r < R; ++r) {
+    TORCHITER_UNROLL
+    for (int v = 0; v < NV; ++v) {
+      acc[r][v] = Vec(static_cast<T>(0));
+    }
+  }
+  const T* Ai = pn.A + i * C;
+  for (int64_t j = 0; j < C; ++j) {
+    Vec yj[NV];
+    TORCHITER_UNROLL
+    for (int v = 0; v < NV; ++v) {
+      yj[v] = Vec::loadu(y + j * ld + s + v * W);
+    }
+    TORCHITER_UNROLL
+    for (int r = 0; r < R; ++r) {
+      const Vec a(Ai[r * C + j]);
+      TORCHITER_UNROLL
+      for (int v = 0; v < NV; ++v) {
+        acc[r][v] = at::vec::fmadd(a, yj[v], acc[r][v]);
+      }
+    }
+  }
+  const VecProjection<T> project = *pn.project;
+  const auto finish = [&](auto shrink) {
+    ColumnDeltas<T, NV> dmax = zero_deltas<T, NV>();
+    TORCHITER_UNROLL
+    for (int r = 0; r < R; ++r) {
+      TORCHITER_UNROLL
+      for (int v = 0; v < NV; ++v) {
+        update_vector<decltype(shrink)::value, DELTA>(
+            project, acc[r][v], y, b, yn, (i + r) * ld + s + v * W, neg_lr, valid - v * W, dmax[v]);
+      }
+    }
+    return dmax;
+  };
+  return project.use_shrink ? finish(std::true_type{}) : finish(std::false_type{});
+}
+
+// Register blocking: rows_step keeps R x NV accumulators, NV loads of y and
+// a broadcast of A live, so the block must fit the vector registers (32 with
+// AVX-512, 16 otherwise) without spills, and R x NV >= 8 independent FMA
+// chains cover the FMA latency on two ports. kMaxRows x kColumnVectors: 5 x 4
+// (20 + 4 + 1 registers) with 64-byte vectors, 5 x 2 (10 + 2 + 1) otherwise.
+// The blocking only decides which positions share a load: each position's
+// arithmetic is the same, so every variant gives the same bits.
+template <typename T>
+constexpr int kColumnVectors = sizeof(Vectorized<T>) >= 64 ? 4 : 2;
+
+// column_step for a diagonal A. The dense chain starts from +0 and adds
+// A_ij y_j for every j: off the diagonal those products are exact zeros
+// (for finite y), which leave a non-zero sum unchanged, so it ends at
+// fma(A_ii, y_i, +0), which is what this computes (a zero may differ in its
+// sign, which no later step turns into a different non-zero value). A
+// non-finite y_j would make the dense sum NaN in every channel; run() redoes
+// a loop whose result is not finite on the dense path.
+template <typename T, int NV, bool DELTA>
+inline ColumnDeltas<T, NV> diagonal_step(
+    const ChannelMixing<T>& pn, const T* y, const T* b, T* yn, int64_t ld, int64_t s,
+    const Vectorized<T>& neg_lr, int64_t valid) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  const VecProjection<T> project = *pn.project;
+  const Vec zero(static_cast<T>(0));
+  const auto run = [&](auto shrink) {
+    ColumnDeltas<T, NV> dmax = zero_deltas<T, NV>();
+    for (int64_t i = 0; i < pn.C; ++i) {
+      const Vec a(pn.A[i * pn.C + i]);
+      TORCHITER_UNROLL
+      for (int v = 0; v < NV; ++v) {
+        const int64_t off = i * ld + s + v * W;
+        update_vector<decltype(shrink)::value, DELTA>(
+            project, at::vec::fmadd(a, Vec::loadu(y + off), zero), y, b, yn, off, neg_lr,
+            valid - v * W, dmax[v]);
+      }
+    }
+    return dmax;
+  };
+  return project.use_shrink ? run(std::true_type{}) : run(std::false_type{});
+}
+
+// Rows [0, C) in ceil(C / kMaxRows) blocks of near-equal height (e.g. C = 50:
+// ten blocks of 5; C = 64: twelve of 5 and one of 4) instead of full blocks
+// and a short remainder: a block of 1-2 rows does few FMAs per load.
+template <typename T, int NV, bool DELTA>
+inline ColumnDeltas<T, NV> column_step(
+    const ChannelMixing<T>& pn, const T* y, const T* b, T* yn, int64_t ld, int64_t s,
+    const Vectorized<T>& neg_lr, int64_t valid) {
+  static_assert(kMaxRows == 5, "the switch below covers block heights 1..kMaxRows");
+  if (pn.diagonal) {
+    return diagonal_step<T, NV, DELTA>(pn, y, b, yn, ld, s, neg_lr, valid);
+  }
+  ColumnDeltas<T, NV> dmax = zero_deltas<T, NV>();
+  int64_t i = 0;
+  for (int64_t k = 0; k < pn.blocks; ++k) {
+    const int64_t rows = pn.height + (k < pn.taller ? 1 : 0);
+    ColumnDeltas<T, NV> d;
+    switch (rows) {
+      case 5: d = rows_step<T, 5, NV, DELTA>(pn, i, y, b, yn, ld, s, neg_lr, valid); break;
+      case 4: d = rows_step<T, 4, NV, DELTA>(pn, i, y, b, yn, ld, s, neg_lr, valid); break;
+      case 3: d = rows_step<T, 3, NV, DELTA>(pn, i, y, b, yn, ld, s, neg_lr, valid); break;
+      case 2: d = rows_step<T, 2, NV, DELTA>(pn, i, y, b, yn, ld, s, neg_lr, valid); break;
+      default: d = rows_step<T, 1, NV, DELTA>(pn, i, y, b, yn, ld, s, neg_lr, valid); break;
+    }
+    if constexpr (DELTA) {
+      TORCHITER_UNROLL
+      for (int v = 0; v < NV; ++v) {
+        dmax[v] = max_change(dmax[v], d[v]);
+      }
+    }
+    i += rows;
+  }
+  return dmax;
+}
+
+// One iteration over columns [0, n) of a block (n a multiple of the width;
+// lanes at or past `valid` are padding, excluded from the delta). Every lane
+// sees the same sequence of operations whichever block it falls in, so the
+// blocking does not change results. With DELTA, each column step's deltas go
+// to `sink(s, deltas)`, s the column of its first vector.
+template <typename T, bool DELTA, typename Sink>
+inline void step_columns(
+    const ChannelMixing<T>& pn, const T* y, const T* b, T* yn, int64_t ld, int64_t n,
+    int64_t valid, T lr, Sink&& sink) {
+  constexpr int64_t W = Vectorized<T>::size();
+  const Vectorized<T> neg_lr(-lr);
+  constexpr int NV = kColumnVectors<T>;
+  int64_t s = 0;
+  for (; s + NV * W <= n; s += NV * W) {
+    const auto d = column_step<T, NV, DELTA>(pn, y, b, yn, ld, s, neg_lr, valid - s);
+    if constexpr (DELTA) {
+      sink(s, d);
+    }
+  }
+  if constexpr (NV > 2) {
+    // A tile's last, narrower columns (n is a multiple of W, not of NV * W).
+    for (; s + 2 * W <= n; s += 2 * W) {
+      const auto d = column_step<T, 2, DELTA>(pn, y, b, yn, ld, s, neg_lr, valid - s);
+      if constexpr (DELTA) {
+        sink(s, d);
+      }
+    }
+  }
+  for (; s < n; s += W) {
+    const auto d = column_step<T, 1, DELTA>(pn, y, b, yn, ld, s, neg_lr, valid - s);
+    if constexpr (DELTA) {
+      sink(s, d);
+    }
+  }
+}
+
+// step_columns; returns the lane-wise max |delta| over the block (zeros
+// without DELTA).
+template <typename T, bool DELTA>
+inline Vectorized<T> step_block(
+    const ChannelMixing<T>& pn, const T* y, const T* b, T* yn, int64_t ld, int64_t n,
+    int64_t valid, T lr) {
+  Vectorized<T> dmax(static_cast<T>(0));
+  step_columns<T, DELTA>(pn, y, b, yn, ld, n, valid, lr, [&](int64_t, const auto& d) {
+    for (const auto& dv : d) {
+      dmax = max_change(dmax, dv);
+    }
+  });
+  return dmax;
+}
+
+// step_columns, storing each position's max |delta| over the channels to
+// pmax[0, n) (padding lanes 0): the per-sample loop's stop test, measured in
+// the same pass as the update instead of reading y twice more.
+template <typename T>
+inline void step_block_positions(
+    const ChannelMixing<T>& pn, const T* y, const T* b, T* yn, int64_t ld, int64_t n,
+    int64_t valid, T lr, T* pmax) {
+  constexpr int64_t W = Vectorized<T>::size();
+  step_columns<T, true>(pn, y, b, yn, ld, n, valid, lr, [&](int64_t s, const auto& d) {
+    for (size_t v = 0; v < d.size(); ++v) {
+      d[v].store(pmax + s + static_cast<int64_t>(v) * W);
+    }
+  });
+}
+
+// The GEMM path's second half: given G = A·y for columns [0, n) of a block,
+// ynext = project(y - lr (G - b)), one pass over memory. With `delta`,
+// returns the lane-wise max |delta| (by value, as step_block does).
+template <typename T>
+inline Vectorized<T> update_block(
+    const VecProjection<T>& project, int64_t C, const T* G, const T* y,
+    const T* b, T* yn, int64_t ld, int64_t n, int64_t valid, T lr,
+    bool delta) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  const Vec neg_lr(-lr);
+  Vec dmax(static_cast<T>(0));
+  const auto sweep = [&](auto shrink, auto with_delta) {
+    for (int64_t i = 0; i < C; ++i) {
+      for (int64_t s = 0; s < n; s += W) {
+        const int64_t off = i * ld + s;
+        update_vector<decltype(shrink)::value, decltype(with_delta)::value>(
+            project, Vec::loadu(G + off), y, b, yn, off, neg_lr, valid - s, dmax);
+      }
+    }
+  };
+  const auto with_shrink = [&](auto with_delta) {
+    project.use_shrink ? sweep(std::true_type{}, with_delta) : sweep(std::false_type{}, with_delta);
+  };
+  delta ? with_shrink(std::true_type{}) : with_shrink(std::false_type{});
+  return dmax;
+}
+
+
+
+// Max over the lanes of v, NaN-propagating (a NaN must never pass a stop test).
+template <typename T>
+T lane_max(const Vectorized<T>& v) {
+  T buf[Vectorized<T>::size()];
+  v.store(buf);
+  T m = 0;
+  for (auto x : buf) {
+    if (std::isnan(x)) {
+      return x;
+    }
+    m = std::max(m, x);
+  }
+  return m;
+}
+
+} // namespace
+} // namespace torchiter::cpu::CPU_CAPABILITY
