@@ -16,7 +16,7 @@ from torch import nn
 
 import torchiter
 from torchiter import Clamp, IterationLossModule, IterationModule, Projection, SoftThreshold
-from torchiter.optim import SGD, fused_sgd_step
+from torchiter.optim import SGD, fused_sgd_step, sgd as functional_sgd
 from torchiter.projections import fused_projection_args, project_
 
 DTYPES = [torch.float32, torch.float64]
@@ -913,6 +913,32 @@ def test_fused_sgd_step_after_generic_steps_continues_momentum():
             assert fused_sgd_step(opt_a)
         opt_b.step()
     torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_functional_sgd_equals_torch_functional_sgd(nesterov):
+    """torchiter.optim.sgd against torch.optim.sgd.sgd, momentum buffers
+    included: two steps, the first starting the buffers (first_step) on
+    odd-sized and non-contiguous params."""
+    import torch.optim.sgd as torch_sgd
+
+    g = torch.Generator().manual_seed(11)
+    shapes = [(7,), (3, 5)]
+    ps = [torch.randn(*s, generator=g, dtype=torch.float64) for s in shapes]
+    ps.append(torch.randn(6, 4, generator=g, dtype=torch.float64).t())
+    refs = [p.clone() for p in ps]
+    opts = dict(lr=0.05, momentum=0.9, dampening=0.0 if nesterov else 0.2, weight_decay=0.01,
+                nesterov=nesterov, maximize=False)
+    bufs = [torch.full_like(p, float("nan")) for p in ps]
+    ref_bufs = [None] * len(ps)
+    for step in range(2):
+        grads = [torch.randn(p.shape, generator=g, dtype=torch.float64) for p in ps]
+        functional_sgd(ps, grads, bufs, first_step=step == 0, **opts)
+        torch_sgd.sgd(refs, grads, ref_bufs, **opts)
+        for p, r in zip(ps, refs):
+            torch.testing.assert_close(p, r, rtol=1e-12, atol=1e-12)
+        for b, r in zip(bufs, ref_bufs):
+            torch.testing.assert_close(b, r, rtol=1e-12, atol=1e-12)
 
 
 def test_fused_sgd_step_declines_unsupported_groups():

@@ -6,16 +6,21 @@ exactly as ``torch.optim.SGD.step`` would (``state[p]["momentum_buffer"]``),
 so a loop may switch between the fused and the generic step at any time.
 :class:`SGD` is ``torch.optim.SGD`` with an optional projection whose step
 uses it.
+
+The layers follow ``torch/optim/sgd.py``: :func:`_init_group` gathers a param
+group's lists, the functional :func:`sgd` steps them (through
+``torchiter.ops.sgd_step_``, which picks the op's overload for ``lr``), and
+:func:`fused_sgd_step` drives both for an optimizer.
 """
 
-from typing import Any, Callable, Iterable, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 
-from . import _C, _internals
+from . import _C, _internals, ops
 from .projections import ProjectionArgs, fused_projection_args, project_
 
-__all__ = ["SGD", "FastStep", "fused_sgd_step"]
+__all__ = ["SGD", "FastStep", "fused_sgd_step", "sgd"]
 
 _NO_PROJECTION: ProjectionArgs = (0.0, None, None)
 _Number = (int, float)
@@ -39,6 +44,144 @@ class FastStep(NamedTuple):
     projection: Optional[Callable]
     kernel_args: ProjectionArgs
     fused_projection: Optional[Callable]
+
+
+def _group_options(group: Dict[str, Any]) -> Optional[Tuple[Any, ...]]:
+    """``(lr, momentum, dampening, weight_decay, nesterov, maximize)`` of a
+    param group, or None when the kernel cannot take them (a differentiable
+    group, tensor options other than a 0-dim constant ``lr``)."""
+    lr = group["lr"]
+    if group.get("differentiable", False):
+        return None
+    if isinstance(lr, torch.Tensor):
+        if lr.requires_grad or lr.dim() != 0:
+            return None
+    elif not isinstance(lr, _Number):
+        return None
+    momentum, dampening, weight_decay = group["momentum"], group["dampening"], group["weight_decay"]
+    if not (isinstance(momentum, _Number) and isinstance(dampening, _Number) and isinstance(weight_decay, _Number)):
+        return None
+    return lr, momentum, dampening, weight_decay, group["nesterov"], group["maximize"]
+
+
+def _init_group(
+    group: Dict[str, Any],
+    state: Dict[torch.Tensor, Dict[str, Any]],
+    momentum: float,
+    new_buffers: List[Tuple[torch.Tensor, torch.Tensor]],
+    skipped: List[torch.Tensor],
+) -> List[Tuple[List[torch.Tensor], List[torch.Tensor], List[torch.Tensor], bool]]:
+    """The kernel calls of one param group, as ``torch.optim.SGD._init_group``
+    gathers its lists: ``(params, grads, momentum_buffers, first_step)`` for
+    the params that have a gradient (those without go to ``skipped``).
+
+    SGD starts a momentum buffer as a copy of the (decayed) gradient; the
+    kernel's ``first_step`` writes exactly that into a fresh tensor, which is
+    put into the optimizer state (``new_buffers``) once every call succeeded.
+    """
+    params: List[torch.Tensor] = []
+    grads: List[torch.Tensor] = []
+    for p in group["params"]:
+        g = p.grad
+        if g is None:
+            skipped.append(p)
+        else:
+            params.append(p)
+            grads.append(g)
+    if not params:
+        return []
+    if momentum == 0:
+        return [(params, grads, [], False)]
+    old: Tuple[List[torch.Tensor], List[torch.Tensor], List[torch.Tensor]] = ([], [], [])
+    new: Tuple[List[torch.Tensor], List[torch.Tensor], List[torch.Tensor]] = ([], [], [])
+    for p, g in zip(params, grads):
+        buf = state[p].get("momentum_buffer")
+        if buf is None:
+            buf = torch.empty_like(p)
+            new_buffers.append((p, buf))
+            lists = new
+        else:
+            lists = old
+        lists[0].append(p)
+        lists[1].append(g)
+        lists[2].append(buf)
+    return [(*lists, first) for lists, first in ((old, False), (new, True)) if lists[0]]
+
+
+def sgd(
+    params: List[torch.Tensor],
+    grads: List[torch.Tensor],
+    momentum_buffers: List[torch.Tensor],
+    *,
+    lr: Union[float, torch.Tensor],
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool,
+    first_step: bool = False,
+    projection_args: ProjectionArgs = _NO_PROJECTION,
+) -> None:
+    """Functional projected SGD: one fused step over lists of tensors, in place
+    (the counterpart of ``torch.optim.sgd.sgd``, plus the projection).
+
+    Shapes, dtypes and devices as :func:`torchiter.ops.sgd_step_`, which it
+    calls; the update is not recorded by autograd.
+    """
+    shrink, lo, hi = projection_args
+    with torch.no_grad():
+        ops.sgd_step_(
+            params, grads, momentum_buffers, lr, momentum, dampening, weight_decay,
+            nesterov, maximize, first_step, shrink, lo, hi,
+        )
+
+
+def _single_group_step(optimizer: torch.optim.SGD, projection_args: ProjectionArgs) -> Optional[bool]:
+    """The common case (one group of float options, no momentum, every
+    param with a gradient) with the least Python: it runs once per inner
+    iteration. Returns None where the case does not apply."""
+    groups = optimizer.param_groups
+    if len(groups) != 1:
+        return None
+    group = groups[0]
+    lr = group["lr"]
+    weight_decay = group["weight_decay"]
+    if not (
+        group["momentum"] == 0
+        and type(lr) is float
+        and type(weight_decay) in _Number
+        and not group.get("differentiable", False)
+    ):
+        return None
+    params = group["params"]
+    grads = [p.grad for p in params]
+    # A loop, not `None in grads` (which compares tensors with ==) nor all()
+    # over a generator (slower for the usual one or two params).
+    for g in grads:
+        if g is None:
+            return None
+    shrink, lo, hi = projection_args
+    if torch.compiler.is_compiling():
+        # TorchDynamo cannot trace the direct binding below (a graph break
+        # per iteration); the op itself it can.
+        with torch.no_grad():
+            torch.ops.torchiter.sgd_step_(
+                params, grads, [], lr, 0.0, 0.0, weight_decay, False, group["maximize"], False, shrink, lo, hi
+            )
+        # The scheduler's flag is not set here: TorchDynamo before torch 2.13
+        # cannot trace an attribute write on an optimizer (at worst a
+        # scheduler then warns once).
+        return True
+    try:
+        # The op through a direct binding (same dispatcher path as
+        # torch.ops.torchiter.sgd_step_, without its ~2 us of generic
+        # argument parsing, more than a small step costs).
+        _C._sgd_step_no_momentum(params, grads, lr, weight_decay, group["maximize"], shrink, lo, hi)
+    except RuntimeError:
+        # Checked before anything is written: the generic step may run.
+        return False
+    _internals.mark_optimizer_stepped(optimizer)
+    return True
 
 
 def fused_sgd_step(
@@ -79,130 +222,34 @@ def fused_sgd_step(
     # hooks expect to be called.
     if _internals.optimizer_step_hooks_present(optimizer):
         return False
-    groups = optimizer.param_groups
-    if len(groups) == 1:
-        # The common case (one group of float options, no momentum), with the
-        # least Python per iteration: it runs once per inner iteration.
-        group = groups[0]
-        lr = group["lr"]
-        weight_decay = group["weight_decay"]
-        if (
-            group["momentum"] == 0
-            and type(lr) is float
-            and type(weight_decay) in _Number
-            and not group.get("differentiable", False)
-        ):
-            params = group["params"]
-            grads = [p.grad for p in params]
-            # A loop, not `None in grads` (which compares tensors with ==) nor
-            # all() over a generator (slower for the usual one or two params).
-            complete = True
-            for g in grads:
-                if g is None:
-                    complete = False
-                    break
-            if complete:
-                shrink, lo, hi = projection_args
-                if torch.compiler.is_compiling():
-                    # TorchDynamo cannot trace the direct binding below (a
-                    # graph break per iteration); the op itself it can.
-                    with torch.no_grad():
-                        torch.ops.torchiter.sgd_step_(
-                            params, grads, [], lr, 0.0, 0.0, weight_decay, False, group["maximize"], False,
-                            shrink, lo, hi,
-                        )
-                    # The scheduler's flag is not set here: TorchDynamo before
-                    # torch 2.13 cannot trace an attribute write on an
-                    # optimizer (at worst a scheduler then warns once).
-                    return True
-                try:
-                    # The op through a direct binding (same dispatcher path as
-                    # torch.ops.torchiter.sgd_step_, without its ~2 us of
-                    # generic argument parsing, more than a small step costs).
-                    _C._sgd_step_no_momentum(
-                        params, grads, lr, weight_decay, group["maximize"], shrink, lo, hi
-                    )
-                except RuntimeError:
-                    # Checked before anything is written: the generic step may run.
-                    return False
-                _internals.mark_optimizer_stepped(optimizer)
-                return True
-    state = optimizer.state
+    done = _single_group_step(optimizer, projection_args)
+    if done is not None:
+        return done
     calls: List[Tuple[Any, ...]] = []
     new_buffers: List[Tuple[torch.Tensor, torch.Tensor]] = []
     skipped: List[torch.Tensor] = []
     for group in optimizer.param_groups:
-        lr = group["lr"]
-        momentum = group["momentum"]
-        dampening = group["dampening"]
-        weight_decay = group["weight_decay"]
-        if group.get("differentiable", False):
+        options = _group_options(group)
+        if options is None:
             return False
-        if isinstance(lr, torch.Tensor):
-            if lr.requires_grad or lr.dim() != 0:
+        for call in _init_group(group, optimizer.state, options[1], new_buffers, skipped):
+            calls.append((call, options))
+    for i, ((params, grads, bufs, first_step), options) in enumerate(calls):
+        lr, momentum, dampening, weight_decay, nesterov, maximize = options
+        try:
+            sgd(
+                params, grads, bufs, lr=lr, momentum=momentum, dampening=dampening,
+                weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
+                first_step=first_step, projection_args=projection_args,
+            )
+        except RuntimeError:
+            # The op checks all input before writing, so after a failed first
+            # call nothing has changed and the generic step can take over.
+            if i == 0:
                 return False
-        elif not isinstance(lr, _Number):
-            return False
-        if not (
-            isinstance(momentum, _Number)
-            and isinstance(dampening, _Number)
-            and isinstance(weight_decay, _Number)
-        ):
-            return False
-        params: List[torch.Tensor] = []
-        grads: List[torch.Tensor] = []
-        for p in group["params"]:
-            g = p.grad
-            if g is None:
-                skipped.append(p)
-            else:
-                params.append(p)
-                grads.append(g)
-        if not params:
-            continue
-        options = (lr, momentum, dampening, weight_decay, group["nesterov"], group["maximize"])
-        if momentum == 0:
-            calls.append((params, grads, [], options, False))
-            continue
-        # SGD starts a buffer as a copy of the (decayed) gradient; the
-        # kernel's first_step writes exactly that into a fresh tensor.
-        old_p, old_g, old_b, new_p, new_g, new_b = [], [], [], [], [], []
-        for p, g in zip(params, grads):
-            buf = state[p].get("momentum_buffer")
-            if buf is None:
-                buf = torch.empty_like(p)
-                new_p.append(p)
-                new_g.append(g)
-                new_b.append(buf)
-                new_buffers.append((p, buf))
-            else:
-                old_p.append(p)
-                old_g.append(g)
-                old_b.append(buf)
-        if old_p:
-            calls.append((old_p, old_g, old_b, options, False))
-        if new_p:
-            calls.append((new_p, new_g, new_b, options, True))
-    shrink, lo, hi = projection_args
-    packet = torch.ops.torchiter.sgd_step_
-    # The params require grad; like torch.optim's steps, the update is not
-    # recorded by autograd (the op refuses to run where it would be).
-    with torch.no_grad():
-        for i, (params, grads, bufs, options, first_step) in enumerate(calls):
-            lr, momentum, dampening, weight_decay, nesterov, maximize = options
-            # The overload named outright: no overload matching at all.
-            op = packet.tensor_lr if isinstance(lr, torch.Tensor) else packet.default
-            try:
-                op(params, grads, bufs, lr, momentum, dampening, weight_decay,
-                   nesterov, maximize, first_step, shrink, lo, hi)
-            except RuntimeError:
-                # The op checks all input before writing, so after a failed first
-                # call nothing has changed and the generic step can take over.
-                if i == 0:
-                    return False
-                raise
+            raise
     for p, buf in new_buffers:
-        state[p]["momentum_buffer"] = buf
+        optimizer.state[p]["momentum_buffer"] = buf
     if skipped and projection is not None and projection_args != _NO_PROJECTION:
         project_(skipped, projection)
     # An LR scheduler warns unless it sees optimizer.step() called.
