@@ -18,9 +18,18 @@ otherwise. ``iteration_stats.path_reason`` is None when that one ran, else the
 first cause that kept the forward from it, as one sentence. This module holds
 every rule that decides it, so the loops ask here and the sentences users
 read are written once.
+
+Each loop is a strategy object with one entry point, ``run(module, args,
+kwargs)``, that runs the forward's whole inner loop and returns its
+``IterationStats`` (None where the loop records none), or :data:`DECLINED`,
+having changed nothing, when this loop cannot take the forward; the reason is
+then kept for ``path_reason``. :func:`run` tries a module's strategies fastest
+first. What is decided once per configuration is cached by the strategies'
+owners: a model's plan of the whole-loop op (``torchiter.models``, replayed
+while its configuration holds) and the compiled blocks (``compile_iterations``).
 """
 
-from typing import Any, Callable, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -202,6 +211,110 @@ def eager_path(module: Any, base_iteration: Callable) -> Tuple[str, Optional[str
         elif fast.projection is not None and fast.fused_projection is None:
             reason = projection_reason(fast.projection)
     return path, reason
+
+
+class _Declined:
+    def __repr__(self) -> str:
+        return "DECLINED"
+
+
+#: What a strategy's ``run`` returns when its loop cannot take the forward.
+DECLINED: Any = _Declined()
+
+
+class Strategy:
+    """One inner loop. Subclasses set ``path`` and implement :meth:`run`."""
+
+    path = ""
+    # Whether the loop differentiates the loss, and so needs the autograd
+    # modes IterationLossModule._in_loop_modes sets up.
+    uses_autograd = True
+
+    def run(self, module: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+        """Runs the forward's whole inner loop; returns its ``IterationStats``
+        (or None), or :data:`DECLINED` with nothing changed."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<torchiter loop strategy {self.path!r}>"
+
+
+class QuadraticDescentLoop(Strategy):
+    """A model's whole loop as one ``quadratic_descent_ex`` call
+    (``torchiter.models``: modules with ``_fused_loop_args`` and
+    ``_run_fused_loop``, whose loop methods come from ``module._LOOP_MODULES``)."""
+
+    path = QUADRATIC_DESCENT
+    uses_autograd = False
+
+    def run(self, module: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+        reason = quadratic_loop_reason(module, module._LOOP_MODULES)
+        if reason is None:
+            fused = module._fused_loop_args()
+            if not isinstance(fused, str):
+                module._run_fused_loop(*fused)
+                return module.__dict__.get("iteration_stats")
+            reason = fused
+        # The per-iteration loop runs; its statistics name this reason.
+        module.__dict__["_it_loop_reason"] = reason
+        return DECLINED
+
+
+class CompiledLoop(Strategy):
+    """Blocks of iterations compiled by ``torchiter.compile_iterations``."""
+
+    path = COMPILED
+
+    def run(self, module: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+        compiled = module.__dict__.get("_it_compiled")
+        if compiled is None or not compiled.run(module, args, kwargs):
+            return DECLINED
+        return module.__dict__.get("iteration_stats")
+
+
+class EagerLoop(Strategy):
+    """The Python loop: ``fused_step`` while the forward's fused-step plan
+    holds at every step, else ``generic`` (decided step by step, named after
+    the loop by :func:`eager_path`). It takes every forward."""
+
+    path = FUSED_STEP
+
+    def run(self, module: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+        module._eager_loop(*args, **kwargs)
+        return module.__dict__.get("iteration_stats")
+
+
+QUADRATIC_DESCENT_LOOP = QuadraticDescentLoop()
+COMPILED_LOOP = CompiledLoop()
+EAGER_LOOP = EagerLoop()
+
+
+def strategies(module: Any) -> Tuple[Strategy, ...]:
+    """The loops ``module``'s forward may take, fastest first; the last takes any forward."""
+    if getattr(type(module), "_LOOP_MODULES", None) is not None:
+        return (QUADRATIC_DESCENT_LOOP, COMPILED_LOOP, EAGER_LOOP)
+    return (COMPILED_LOOP, EAGER_LOOP)
+
+
+def run(module: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+    """Runs a forward's inner loop: the first of ``module``'s strategies that
+    takes it, those that differentiate the loss under the autograd modes of
+    ``module._in_loop_modes``. Returns the forward's ``IterationStats`` (or None)."""
+    todo = strategies(module)
+    while not todo[0].uses_autograd:
+        out = todo[0].run(module, args, kwargs)
+        if out is not DECLINED:
+            return out
+        todo = todo[1:]
+    return module._in_loop_modes(_run_first, todo, args, kwargs)
+
+
+def _run_first(module: Any, todo: Tuple[Strategy, ...], args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+    for strategy in todo:
+        out = strategy.run(module, args, kwargs)
+        if out is not DECLINED:
+            return out
+    raise AssertionError("the eager loop takes every forward")
 
 
 def stamp(stats: Any, path: str, reason: Optional[str]) -> None:

@@ -108,7 +108,7 @@ _LOOP_MODULES = (__name__, IterationLossModule.__module__)
 # _QuadraticLoopModule.forward) only while each is the library's own.
 _REPLAYED_METHODS = (
     "forward", "pre_iteration", "_prepare", "post_iteration", "iteration", "iteration_set_gradients",
-    "converged", "iteration_parameters", "_state", "_quadratic", "_run_iterations", "_run_loop",
+    "converged", "iteration_parameters", "_state", "_quadratic", "_run_iterations", "_in_loop_modes",
     "_run_fused_loop", "_encode", "_sum", "_check_encoded",
 )
 _REPLAYED_SET = frozenset(_REPLAYED_METHODS)
@@ -180,6 +180,10 @@ class _QuadraticLoopModule(IterationLossModule):
     state), both valid after ``pre_iteration``; their ``iteration_set_gradients``
     sets ``state.grad = A·state − b``.
     """
+
+    # Where the loop methods the whole-loop op reproduces are defined; its
+    # presence gives the module the quadratic_descent strategy (torchiter._loops).
+    _LOOP_MODULES = _LOOP_MODULES
 
     def __init__(self, *, per_sample_stopping: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -364,21 +368,6 @@ class _QuadraticLoopModule(IterationLossModule):
     def _quadratic(self) -> Tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
-    def _run_loop(self, *args: Any, **kwargs: Any) -> None:
-        """The whole loop as one ``quadratic_descent_ex`` call when possible."""
-        reason = _loops.quadratic_loop_reason(self, _LOOP_MODULES)
-        fused = None
-        if reason is None:
-            fused = self._fused_loop_args()
-            if isinstance(fused, str):
-                reason, fused = fused, None
-        if fused is None:
-            # The per-iteration loop runs; its statistics name this reason.
-            self.__dict__["_it_loop_reason"] = reason
-            super()._run_iterations(*args, **kwargs)
-        else:
-            self._run_fused_loop(*fused)
-
     def converged(self, *args: Any, **kwargs: Any) -> bool:
         """``max |y_k − y_{k−1}| < tol`` of the state from the second iteration on (needs ``tol > 0``)."""
         y = self._state().detach()
@@ -471,7 +460,8 @@ class _QuadraticLoopModule(IterationLossModule):
         attrs = self.__dict__
         attrs["_stopped"] = None
         attrs["_it_curvature"] = None
-        _QuadraticLoopModule._run_loop(self, *args, **kwargs)
+        # The strategies of torchiter._loops: the whole-loop op first.
+        IterationLossModule._run_iterations(self, *args, **kwargs)
         stats = attrs.get("iteration_stats")
         curvature = attrs.pop("_it_curvature", None)
         if stats is not None and attrs.get("divergence", "warn") != "ignore":

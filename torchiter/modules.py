@@ -637,7 +637,13 @@ class IterationLossModule(IterationModule):
             project_(self.iteration_parameters(), projection)
 
     def _run_iterations(self, *args: Any, **kwargs: Any) -> None:
-        """The loop, with the autograd modes it needs whatever the caller's.
+        """The inner loop: the fastest one this forward may take (see
+        :func:`torchiter._loops.run`), recording ``iteration_stats``."""
+        _loops.run(self, args, kwargs)
+
+    def _in_loop_modes(self, run: Callable, *args: Any) -> Any:
+        """``run(self, *args)`` with the autograd modes a loop needs whatever
+        the caller's (``args`` ends with the forward's args and kwargs).
 
         The loss is differentiated in every iteration, so under
         ``torch.no_grad()`` or ``torch.inference_mode()`` (evaluation code)
@@ -651,25 +657,18 @@ class IterationLossModule(IterationModule):
             torch.set_autocast_cache_enabled(False)
         try:
             if torch.is_grad_enabled() or not self._loop_uses_autograd():
-                self._iterate(*args, **kwargs)
-            elif torch.is_inference_mode_enabled():
+                return run(self, *args)
+            if torch.is_inference_mode_enabled():
                 with torch.inference_mode(False):
-                    args, kwargs = _normal_tensors(args), {k: _normal_tensor(v) for k, v in kwargs.items()}
+                    *rest, fargs, fkwargs = args
+                    fargs, fkwargs = _normal_tensors(fargs), {k: _normal_tensor(v) for k, v in fkwargs.items()}
                     with torch.enable_grad():
-                        self._iterate(*args, **kwargs)
-            else:
-                with torch.enable_grad():
-                    self._iterate(*args, **kwargs)
+                        return run(self, *rest, fargs, fkwargs)
+            with torch.enable_grad():
+                return run(self, *args)
         finally:
             if autocast_cache:
                 torch.set_autocast_cache_enabled(True)
-
-    def _iterate(self, *args: Any, **kwargs: Any) -> None:
-        # Compiled iterations (torchiter.compile_iterations) when switched on
-        # and possible for this forward; the eager loop otherwise.
-        compiled = self.__dict__.get("_it_compiled")
-        if compiled is None or not compiled.run(self, args, kwargs):
-            self._eager_loop(*args, **kwargs)
 
     def _stats_recorder(self, total: int, per_call: int = 1) -> "_stats.StatsRecorder":
         """A recorder of this forward's statistics over ``total`` steps."""
