@@ -127,16 +127,15 @@ class _Plan:
         stats = attrs.get("iteration_stats")
         if stats is None or stats.path != _loops.QUADRATIC_DESCENT or stats.path_reason is not None:
             return None
-        hooks = attrs["hooks"]
-        if hooks.get("pre") or hooks.get("iteration") or hooks.get("post") or attrs.get("_it_compiled") is not None:
+        if not _Plan._replayable(attrs):
             return None
         optimizer = attrs.get("_it_optimizer")
-        if attrs.get("it_construct_sched") is not None or type(optimizer) not in _loops.SGD_TYPES:
+        if type(optimizer) not in _loops.SGD_TYPES:
             return None
         if getattr(optimizer, "projection", None) is not None or len(optimizer.param_groups) != 1:
             return None
         cls = type(module)
-        if not _REPLAYED_SET.isdisjoint(attrs) or any(
+        if any(
             getattr(getattr(cls, name, None), "__module__", None) not in _LOOP_MODULES
             for name in _REPLAYED_METHODS
             if hasattr(cls, name)
@@ -158,16 +157,21 @@ class _Plan:
     def holds(self, module: "_QuadraticLoopModule", attrs: Dict[str, Any]) -> bool:
         """Whether ``module``'s configuration is still this plan's (the
         tensors' dtype and device are checked once they exist)."""
-        if type(module) is not self.cls:
+        if type(module) is not self.cls or not _Plan._replayable(attrs):
             return False
+        if attrs.get("it_construct_optim") is not self.optim or attrs.get("it_optim_kwargs") != self.kwargs:
+            return False
+        return attrs.get("fixed_point_gradient") is None or not torch.is_grad_enabled()
+
+    @staticmethod
+    def _replayable(attrs: Dict[str, Any]) -> bool:
+        """What a plan needs of a module's settings, whichever they are: no
+        hooks, no compiled iterations, no scheduler, no method replaced on
+        the instance."""
         hooks = attrs["hooks"]
         if hooks.get("pre") or hooks.get("iteration") or hooks.get("post"):
             return False
         if attrs.get("_it_compiled") is not None or attrs.get("it_construct_sched") is not None:
-            return False
-        if attrs.get("it_construct_optim") is not self.optim or attrs.get("it_optim_kwargs") != self.kwargs:
-            return False
-        if attrs.get("fixed_point_gradient") is not None and torch.is_grad_enabled():
             return False
         return _REPLAYED_SET.isdisjoint(attrs)
 
@@ -304,18 +308,8 @@ class _QuadraticLoopModule(IterationLossModule):
             _internals.set_grad_enabled(grad)
             del attrs["_it_running"]
             attrs["_last_iteration_loss"] = _without_graph(attrs.get("_last_iteration_loss"))
-        stats = attrs.get("iteration_stats")
-        if stats is not None:
-            mode = attrs.get("divergence", "warn")
-            try:
-                # A planned loop's values are readable (a plain tensor, no
-                # tracing): check_divergence's own tests are needed only for a report.
-                if not planned or mode != "ignore" and (mode not in _stats.DIVERGENCE_MODES or stats._any_diverging()):
-                    _stats.check_divergence(
-                        stats, mode, type(self).__name__, lambda: self._divergence_hint(stats, args, {})
-                    )
-            finally:
-                stats._initial = None
+        # A planned loop's values are readable (a plain tensor, no tracing).
+        self._report_divergence(args, {}, readable=planned)
         if attrs.get("_it_plan") is None:
             attrs["_it_plan"] = _Plan.of(self)
         return out

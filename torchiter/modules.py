@@ -442,18 +442,29 @@ class IterationLossModule(IterationModule):
             # the module holds it without a graph, which would keep the loop's
             # tensors alive and refuses deepcopy.
             attrs["_last_iteration_loss"] = _without_graph(attrs.get("_last_iteration_loss"))
-        stats = attrs.get("iteration_stats")
-        if stats is not None:
-            try:
-                _stats.check_divergence(
-                    stats,
-                    attrs.get("divergence", "warn"),
-                    type(self).__name__,
-                    lambda: self._divergence_hint(stats, args, kwargs),
-                )
-            finally:
-                stats._initial = None
+        self._report_divergence(args, kwargs)
         return out
+
+    def _report_divergence(self, args: Tuple, kwargs: Dict[str, Any], readable: bool = False) -> None:
+        """Reports this forward's loop as ``divergence`` says, then drops the
+        initial state its statistics kept for the step-size hint.
+
+        ``readable``: the loop's statistics are known to be plain CPU or
+        device values outside tracing, so the test runs directly and
+        ``check_divergence`` is called only to report.
+        """
+        attrs = self.__dict__
+        stats = attrs.get("iteration_stats")
+        if stats is None:
+            return
+        mode = attrs.get("divergence", "warn")
+        try:
+            if not readable or mode != "ignore" and (mode not in _stats.DIVERGENCE_MODES or stats._any_diverging()):
+                _stats.check_divergence(
+                    stats, mode, type(self).__name__, lambda: self._divergence_hint(stats, args, kwargs)
+                )
+        finally:
+            stats._initial = None
 
     def __getstate__(self) -> Dict[str, Any]:
         # A copy made during a forward (by a hook) gets the loss without its graph.
@@ -617,7 +628,7 @@ class IterationLossModule(IterationModule):
         optimizer = attrs["_it_optimizer"]
         # A module projection (nn.ReLU()) lives in _modules: reading it there
         # skips nn.Module.__getattr__'s search, once per iteration.
-        projection = attrs["iteration_projection"] if "iteration_projection" in attrs else attrs["_modules"]["iteration_projection"]
+        projection = _internals.module_attr(self, "iteration_projection")
         fast = attrs["_it_fast"]
         if not (
             fast is not None
