@@ -7,6 +7,7 @@ tests that only read their results; each case compiles a short loop
 """
 
 import copy
+import pickle
 import warnings
 
 import pytest
@@ -164,14 +165,14 @@ def _check_same(eager, comp, out_e, out_c, rtol, atol):
 def test_momentum_nesterov_weight_decay_scheduler_clamp_match_eager(momentum_pair):
     eager, comp, out_e, out_c = momentum_pair
     _check_same(eager, comp, out_e, out_c, rtol=1e-12, atol=1e-12)
-    assert comp._it_compiled.compilations == 2  # blocks of 2 and the remainder of 1
+    assert torchiter.compiled_iterations_info(comp).compilations == 2  # blocks of 2 and the remainder of 1
     assert eager.W.requires_grad and comp.W.requires_grad
 
 
 def test_dampening_maximize_own_projection_lambda_float32_match_eager(other_pair):
     eager, comp, out_e, out_c = other_pair
     _check_same(eager, comp, out_e, out_c, rtol=1e-5, atol=1e-6)
-    assert comp._it_compiled.compilations == 1
+    assert torchiter.compiled_iterations_info(comp).compilations == 1
 
 
 def test_two_iteration_parameters_with_tanh_match_eager(pc_pair):
@@ -181,7 +182,7 @@ def test_two_iteration_parameters_with_tanh_match_eager(pc_pair):
 
 def test_second_forward_and_new_learning_rate_reuse_compiled_code(momentum_pair):
     eager, comp, _, _ = momentum_pair
-    before = comp._it_compiled.compilations
+    before = torchiter.compiled_iterations_info(comp).compilations
     for m in (eager, comp):
         m.it_optim_kwargs["lr"] = 0.005
     try:
@@ -195,8 +196,8 @@ def test_second_forward_and_new_learning_rate_reuse_compiled_code(momentum_pair)
             m.it_optim_kwargs["lr"] = MOMENTUM["it_optim_kwargs"]["lr"]
     torch.testing.assert_close(out_c, out_e, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(out_c2, out_e, rtol=1e-12, atol=1e-12)
-    assert comp._it_compiled.compilations == before
-    assert comp._it_compiled.fallbacks == 0
+    assert torchiter.compiled_iterations_info(comp).compilations == before
+    assert torchiter.compiled_iterations_info(comp).fallbacks == 0
 
 
 def test_remainder_that_cannot_compile_runs_eagerly(monkeypatch, momentum_pair):
@@ -242,7 +243,7 @@ def test_iteration_hooks_run_every_iteration_and_can_stop(pc_pair):
     assert [i for i, _ in seen[id(eager)]] == [0, 1, 2, 3]
     for (_, lc), (_, le) in zip(seen[id(comp)], seen[id(eager)]):
         assert lc == pytest.approx(le, rel=1e-12)
-    assert comp._it_compiled.fallbacks == 0
+    assert torchiter.compiled_iterations_info(comp).fallbacks == 0
 
 
 def test_untraceable_loss_falls_back_with_one_warning_naming_the_reason():
@@ -256,7 +257,7 @@ def test_untraceable_loss_falls_back_with_one_warning_naming_the_reason():
     out_e = eager(X)
     torch.testing.assert_close(out_c, out_e, rtol=0, atol=0)
     torch.testing.assert_close(out_c2, out_e, rtol=0, atol=0)
-    assert comp._it_compiled.compilations == 0 and comp._it_compiled.fallbacks == 2
+    assert torchiter.compiled_iterations_info(comp).compilations == 0 and torchiter.compiled_iterations_info(comp).fallbacks == 2
 
 
 def test_loss_reading_a_second_alias_falls_back():
@@ -292,7 +293,7 @@ def test_unsupported_configurations_fall_back_before_compiling(change, reason):
             pass  # the eager loop's own error (a loss that ignores the tensor)
     messages = [str(w.message) for w in caught if w.category is torchiter.CompiledIterationsWarning]
     assert len(messages) == 1 and reason in messages[0]
-    assert comp._it_compiled.compilations == 0
+    assert torchiter.compiled_iterations_info(comp).compilations == 0
 
 
 def test_argument_requiring_grad_falls_back():
@@ -312,17 +313,17 @@ def test_error_in_loss_leaves_module_usable(other_pair):
         with pytest.raises(RuntimeError):
             comp(bad)
     assert not comp.y.requires_grad and comp.W.requires_grad
-    before = comp._it_compiled.compilations
+    before = torchiter.compiled_iterations_info(comp).compilations
     with warnings.catch_warnings():
         warnings.simplefilter("error", torchiter.CompiledIterationsWarning)
         out = comp(X.float())
     torch.testing.assert_close(out, out_e, rtol=1e-5, atol=1e-6)
-    assert comp._it_compiled.compilations == before
+    assert torchiter.compiled_iterations_info(comp).compilations == before
 
 
 def test_compilations_are_bounded(monkeypatch, other_pair):
     _, comp, _, _ = other_pair
-    monkeypatch.setattr(compiled_mod, "MAX_COMPILATIONS", comp._it_compiled.compilations)
+    monkeypatch.setattr(compiled_mod, "MAX_COMPILATIONS", torchiter.compiled_iterations_info(comp).compilations)
     eager = Quadratic(**OTHER)
     x = X  # float64: a new variant (the loss then computes in float64)
     with pytest.warns(torchiter.CompiledIterationsWarning, match="compiled variants exist already"):
@@ -332,15 +333,19 @@ def test_compilations_are_bounded(monkeypatch, other_pair):
 
 def test_copies_stay_switched_on_without_compiled_code(pc_pair):
     _, comp, _, _ = pc_pair
-    dup = copy.deepcopy(comp)
-    assert dup._it_compiled is not comp._it_compiled
-    assert dup._it_compiled.iterations_per_call == 3 and dup._it_compiled.compilations == 0
+    assert torchiter.compiled_iterations_info(comp).compilations > 0
+    for dup in (copy.deepcopy(comp), pickle.loads(pickle.dumps(comp))):
+        # Its own counters, from zero: the copy compiles its own code.
+        assert torchiter.compiled_iterations_info(dup) == (3, 0, 0)
+        dup(*PC_INPUTS)
+        assert torchiter.compiled_iterations_info(dup).compilations > 0
 
 
 def test_module_without_compile_iterations_is_untouched():
     m = Quadratic(max_iterations=2)
     m(X)
-    assert "_it_compiled" not in m.__dict__
+    assert torchiter.compiled_iterations_info(m) is None
+    assert m.iteration_stats.path == "fused_step"
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True])

@@ -7,7 +7,7 @@ from ._C import cpu_capability
 from . import implicit, models, ops, optim, projections, reference, scripting, stats
 from .implicit import FixedPointGradient
 from .modules import IterationLossModule, IterationModule
-from .compiled import CompiledIterationsWarning, compile_iterations
+from .compiled import CompiledIterationsInfo, CompiledIterationsWarning, compile_iterations, compiled_iterations_info
 from .optim import SGD
 from .stats import DivergenceError, DivergenceWarning, IterationStats
 from .projections import Clamp, Projection, SoftThreshold
@@ -27,6 +27,8 @@ __all__ = [
     "IterationModule",
     "IterationLossModule",
     "compile_iterations",
+    "compiled_iterations_info",
+    "CompiledIterationsInfo",
     "CompiledIterationsWarning",
     "SGD",
     "Projection",

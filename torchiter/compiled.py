@@ -12,7 +12,7 @@ the module's eager loop, with one warning naming the reason.
 import itertools
 import types
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
@@ -523,6 +523,34 @@ class _Entry:
         self.cuda_graph = cuda_graph
         self.ready = False
         self.failed: Optional[str] = None
+
+
+class CompiledIterationsInfo(NamedTuple):
+    """What :func:`compile_iterations` has done for a module so far.
+
+    Attributes:
+        iterations_per_call: the ``iterations_per_call`` asked for, or None
+            (chosen per forward).
+        compilations: compiled variants built (each one graph compilation;
+            a count that keeps growing means shapes, dtypes or options that
+            keep changing).
+        fallbacks: forwards that ran the eager loop instead (each reason is
+            warned once and named in ``iteration_stats.path_reason``).
+    """
+
+    iterations_per_call: Optional[int]
+    compilations: int
+    fallbacks: int
+
+
+def compiled_iterations_info(module: nn.Module) -> Optional[CompiledIterationsInfo]:
+    """The counters of ``module``'s compiled iterations, or None when
+    :func:`compile_iterations` has not switched it on. A copy (deepcopy,
+    pickle) starts from zero: it compiles its own."""
+    state = module.__dict__.get("_it_compiled")
+    if state is None:
+        return None
+    return CompiledIterationsInfo(state.iterations_per_call, state.compilations, state.fallbacks)
 
 
 def compile_iterations(module: IterationLossModule, *, iterations_per_call: Optional[int] = None) -> IterationLossModule:
