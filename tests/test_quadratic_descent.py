@@ -13,7 +13,8 @@ OP = torch.ops.torchiter.quadratic_descent
 # row blocks of every height from 1 to 5 (e.g. 7 = 4 + 3, 13 = 5 + 4 + 4) and
 # position counts around the vector widths and tile widths (90 and 70
 # positions end in column steps narrower than a full one). C >= 128 takes the
-# GEMM-backed path.
+# GEMM-backed path in the plain x86-64 kernel variant (tests/test_cpu_variants.py
+# runs this file under every variant the CPU has).
 SHAPES = [(1000, 3), (100, 10), (33, 1), (5, 70), (7, 5, 3, 3), (4, 3, 40), (2, 13, 9, 11), (3, 50, 23, 23), (2, 6, 2, 2, 2), (37, 130), (2, 150, 3, 5), (3, 2, 90), (2, 7, 5, 14)]
 PROJECTIONS = {
     "none": dict(),

@@ -17,9 +17,9 @@
 // This file picks the driver: to_working() packs y0 and b, run_blocked()
 // (tol == 0: each tile runs all iterations while it sits in L1, one read and
 // one write of y in total) or run_sweeps() (tol > 0: one parallel sweep over y
-// per iteration that also yields max |y_k - y_{k-1}|; from kGemmMinChannels
-// channels on, each sweep follows a BLAS GEMM of A with the (C, positions)
-// matrix), then from_working() unpacks the result, mirroring the CUDA file.
+// per iteration that also yields max |y_k - y_{k-1}|; in the plain x86-64
+// variant from kGemmMinChannels channels on, each sweep follows a BLAS GEMM of
+// A with the (C, positions) matrix), then from_working() unpacks the result, mirroring the CUDA file.
 // When positions are per sample, run_blocked() reads its tiles from y0 and b
 // and writes the result directly, with no working copy.
 #include "quadratic_descent/per_sample.h"

@@ -14,28 +14,38 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <limits>
 #include <vector>
 
 namespace torchiter::cpu::CPU_CAPABILITY {
 namespace {
 
-// From this many channels on, the mixing is a BLAS GEMM per iteration: the
-// register-blocked kernel's working set no longer fits the caches.
+// From this many channels on, the plain x86-64 variant mixes channels with a
+// BLAS GEMM per iteration: with 16-byte vectors its register blocks share
+// each load among too few FMAs to keep up with a BLAS. The AVX2 and AVX-512
+// variants' register-blocked kernel runs at 75-95% of the FMA peak from 64 to
+// 1024 channels, above the BLAS GEMM's rate at every size measured
+// (benchmarks/README.md), and it is bitwise the same at any thread count: it
+// is used at every channel count.
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+constexpr int64_t kGemmMinChannels = std::numeric_limits<int64_t>::max();
+#else
 constexpr int64_t kGemmMinChannels = 128;
+#endif
 
-
-// Tile width: a multiple of the vector width such that the three C x tile
-// blocks a tile touches (y, its next value, b) stay within about 40 KiB of L1;
-// a multiple of step_block's full column step (kColumnVectors vectors) when
-// that fits, so that no narrower steps are left over.
+// Tile width: a multiple of step_block's full column step (kColumnVectors
+// vectors), as wide as keeps the three C x tile blocks a tile touches (y,
+// its next value, b) within about 40 KiB, and never narrower than one full
+// step. A narrower remainder step shares each load of y among fewer FMAs and
+// runs at about half the rate (AVX-512, 1 thread: 59 GFLOP/s at C = 64 and
+// 41 at C = 110-127 with such steps, 82 and 88 without), while blocks that
+// spill from L1 to L2 cost little: a full step feeds 20 FMAs per 4 loads of y.
 template <typename T>
 int64_t tile_width(int64_t C) {
-  constexpr int64_t W = Vectorized<T>::size();
-  constexpr int64_t step = kColumnVectors<T> * W;
+  constexpr int64_t step = kColumnVectors<T> * Vectorized<T>::size();
   const int64_t fit =
       (40 * 1024) / (3 * std::max<int64_t>(C, 1) * static_cast<int64_t>(sizeof(T)));
-  const int64_t unit = fit >= step ? step : W;
-  return std::clamp<int64_t>((fit / unit) * unit, W, 256);
+  return std::clamp<int64_t>((fit / step) * step, step, 256);
 }
 
 // How the (batch, C, spatial) positions are laid out in the working copy:

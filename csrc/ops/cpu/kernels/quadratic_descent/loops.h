@@ -2,7 +2,7 @@
 // whole: run_blocked (no stop test: each tile runs all iterations while it
 // sits in L1), run_diagonal (a diagonal A: one FMA per element), run_sweeps
 // (a stop test or a trace: one parallel sweep over y per iteration, after a
-// BLAS GEMM from kGemmMinChannels channels on), and what they measure for
+// BLAS GEMM from kGemmMinChannels channels on in the plain x86-64 variant), and what they measure for
 // quadratic_descent_ex (LoopStats).
 //
 // Part of the CPU quadratic_descent kernel: included by quadratic_descent.cpp
