@@ -135,16 +135,17 @@ def _dispatch_key(t: torch.Tensor) -> str:
     return {"cpu": "CPU", "cuda": "CUDA", "meta": "Meta"}.get(t.device.type, t.device.type)
 
 
-def quadratic_loop_reason(module: Any, loop_modules: Tuple[str, ...]) -> Optional[str]:
+def quadratic_loop_reason(module: Any) -> Optional[str]:
     """Why a model's forward cannot run as one ``quadratic_descent`` call
-    (the checks that need no tensors), or None."""
+    (the checks that need no tensors), or None. The loop methods must come
+    from the modules in the class's ``_LOOP_MODULES``."""
     if module.hooks["iteration"]:
         return "an 'iteration' hook is registered, so the loop runs one step at a time to call it"
     # The loop methods must be the library's: a user's override of any of
     # them is honoured by running the per-iteration loop.
     cls = type(module)
     for name in ("iteration", "iteration_set_gradients", "converged"):
-        if getattr(getattr(cls, name), "__module__", None) not in loop_modules:
+        if getattr(getattr(cls, name), "__module__", None) not in cls._LOOP_MODULES:
             return f"{cls.__name__} overrides {name}()"
         if name in module.__dict__:
             return f"{name}() is replaced on this {cls.__name__} instance"
@@ -248,7 +249,7 @@ class QuadraticDescentLoop(Strategy):
     uses_autograd = False
 
     def run(self, module: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
-        reason = quadratic_loop_reason(module, module._LOOP_MODULES)
+        reason = quadratic_loop_reason(module)
         if reason is None:
             fused = module._fused_loop_args()
             if not isinstance(fused, str):
@@ -306,15 +307,15 @@ def run(module: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
         if out is not DECLINED:
             return out
         todo = todo[1:]
-    return module._in_loop_modes(_run_first, todo, args, kwargs)
 
+    def run_first(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+        for strategy in todo:
+            out = strategy.run(module, args, kwargs)
+            if out is not DECLINED:
+                return out
+        raise AssertionError("the eager loop takes every forward")
 
-def _run_first(module: Any, todo: Tuple[Strategy, ...], args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
-    for strategy in todo:
-        out = strategy.run(module, args, kwargs)
-        if out is not DECLINED:
-            return out
-    raise AssertionError("the eager loop takes every forward")
+    return module._in_loop_modes(run_first, args, kwargs)
 
 
 def stamp(stats: Any, path: str, reason: Optional[str]) -> None:

@@ -652,9 +652,9 @@ class IterationLossModule(IterationModule):
         :func:`torchiter._loops.run`), recording ``iteration_stats``."""
         _loops.run(self, args, kwargs)
 
-    def _in_loop_modes(self, run: Callable, *args: Any) -> Any:
-        """``run(self, *args)`` with the autograd modes a loop needs whatever
-        the caller's (``args`` ends with the forward's args and kwargs).
+    def _in_loop_modes(self, run: Callable, args: Tuple, kwargs: Dict[str, Any]) -> Any:
+        """``run(args, kwargs)`` (the forward's) with the autograd modes a
+        loop needs whatever the caller's.
 
         The loss is differentiated in every iteration, so under
         ``torch.no_grad()`` or ``torch.inference_mode()`` (evaluation code)
@@ -668,15 +668,14 @@ class IterationLossModule(IterationModule):
             torch.set_autocast_cache_enabled(False)
         try:
             if torch.is_grad_enabled() or not self._loop_uses_autograd():
-                return run(self, *args)
+                return run(args, kwargs)
             if torch.is_inference_mode_enabled():
                 with torch.inference_mode(False):
-                    *rest, fargs, fkwargs = args
-                    fargs, fkwargs = _normal_tensors(fargs), {k: _normal_tensor(v) for k, v in fkwargs.items()}
+                    args, kwargs = _normal_tensors(args), {k: _normal_tensor(v) for k, v in kwargs.items()}
                     with torch.enable_grad():
-                        return run(self, *rest, fargs, fkwargs)
+                        return run(args, kwargs)
             with torch.enable_grad():
-                return run(self, *args)
+                return run(args, kwargs)
         finally:
             if autocast_cache:
                 torch.set_autocast_cache_enabled(True)
