@@ -23,10 +23,10 @@ namespace {
 // From this many channels on, the plain x86-64 variant mixes channels with a
 // BLAS GEMM per iteration: with 16-byte vectors its register blocks share
 // each load among too few FMAs to keep up with a BLAS. The AVX2 and AVX-512
-// variants' register-blocked kernel runs at 75-95% of the FMA peak from 64 to
-// 1024 channels, above the BLAS GEMM's rate at every size measured
-// (benchmarks/README.md), and it is bitwise the same at any thread count: it
-// is used at every channel count.
+// variants' register-blocked kernel runs at 61-92% of the FMA peak from 64 to
+// 1024 channels, at or above torch.mm's rate for the same product
+// (benchmarks/bench_channels.py), and it is bitwise the same at any thread
+// count: it is used at every channel count.
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 constexpr int64_t kGemmMinChannels = std::numeric_limits<int64_t>::max();
 #else

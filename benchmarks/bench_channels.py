@@ -1,0 +1,74 @@
+"""The whole-loop op's arithmetic rate over channel counts, against the FMA peak and torch.mm.
+
+``torch.ops.torchiter.quadratic_descent`` alone (no model, no encoder) on a
+(rows, C) state, 50 iterations, no stop test, float32, for C from 16 to 1,024:
+its GFLOP/s (2·rows·C²·iterations over the median time), that rate over the
+measured FMA peak of one core per thread (``fma_peak.c``, as in
+``bench_threads.py``), and the rate of ``torch.mm`` for the same per-iteration
+product (the (C, C) matrix times the (C, rows) state), which a loop built on a
+BLAS GEMM cannot exceed. The rows default to 4,096 (1,024 from C = 1,024 on).
+
+    python benchmarks/bench_channels.py [--threads 1] [--channels 16,32,...]
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+import torchiter
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import machine_header, median  # noqa: E402
+from bench_threads import fma_peak  # noqa: E402
+
+
+def seconds(fn, calls: int) -> float:
+    fn()
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return median(times)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--channels", default="16,32,50,64,100,128,192,256,512,1024")
+    ap.add_argument("--iterations", type=int, default=50)
+    ap.add_argument("--calls", type=int, default=15, help="timed calls per size (median)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print(machine_header())
+    isa = torchiter.cpu_capability()
+    peak, why = fma_peak(args.threads, isa)
+    print(f"# FMA peak ({isa} FMAs, fma_peak.c, {args.threads} copies): "
+          + (f"{peak:.1f} GFLOP/s" if peak else f"not measured ({why})"))
+    print("| C | rows | quadratic_descent ms | GFLOP/s | of FMA peak | torch.mm GFLOP/s (same product) | op / torch.mm |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    K = args.iterations
+    for C in [int(c) for c in args.channels.split(",")]:
+        rows = 4096 if C < 1024 else 1024
+        g = torch.Generator().manual_seed(0)
+        Q = torch.randn(C, C, generator=g) / C**0.5
+        A = Q @ Q.T + torch.eye(C)  # dense: a diagonal A takes a one-FMA path
+        y0 = torch.zeros(rows, C)
+        b = torch.randn(rows, C, generator=g)
+        t_op = seconds(lambda: torch.ops.torchiter.quadratic_descent(
+            y0, A, b, 0.1, K, 0.0, 1, None, 0.0, 0.0, None), args.calls)
+        Y = torch.randn(C, rows, generator=g)
+        G = torch.empty(C, rows)
+        t_mm = seconds(lambda: torch.mm(A, Y, out=G), args.calls * K)
+        flop = 2.0 * rows * C * C
+        op_rate = flop * K / t_op / 1e9
+        mm_rate = flop / t_mm / 1e9
+        frac = f"{op_rate / peak:.0%}" if peak else "-"
+        print(f"| {C} | {rows} | {t_op * 1e3:.2f} | {op_rate:.0f} | {frac} | {mm_rate:.0f} | {op_rate / mm_rate:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
