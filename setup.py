@@ -152,7 +152,48 @@ class BuildExtension(cpp_extension.BuildExtension):
                     depends=ext.depends,
                 )
             ext.extra_objects = list(ext.extra_objects or []) + objects
+        if _links_libstdcxx_statically(self.compiler, self.build_temp, self.use_ninja):
+            ext.extra_link_args = list(ext.extra_link_args or []) + ["-l:libstdc++.so.6"]
+            print("torchiter build: the linker adds libstdc++ statically (-static-libstdc++ in its "
+                  "configuration); linking the shared libstdc++.so.6 instead, as torch does")
         super().build_extension(ext)
+
+
+def _links_libstdcxx_statically(compiler, build_temp, use_ninja) -> bool:
+    """Whether this toolchain links a C++ shared library against a static libstdc++.
+
+    Some toolchains (a compiler wrapper or specs file that adds
+    ``-static-libstdc++``) do. The extension then carries its own copy of
+    libstdc++ beside the shared one torch loads, and the two disagree about
+    the ids of locale facets: formatting a number into an error message (every
+    ``TORCH_CHECK`` that names a size or an index) reads the wrong facet, which
+    truncated the message on one machine and crashed the process on another.
+    Linking the shared library explicitly, after the objects, keeps libstdc++'s
+    archive out. Found by linking a one-function probe and reading its
+    ``NEEDED`` entries; False where that cannot be done (not Linux/ELF, no
+    readelf), which leaves the link as it was.
+    """
+    import shutil
+    import subprocess
+    import sys
+
+    if not sys.platform.startswith("linux") or shutil.which("readelf") is None:
+        return False
+    probe_dir = os.path.join(build_temp, "libstdcxx_probe")
+    os.makedirs(probe_dir, exist_ok=True)
+    src = os.path.join(probe_dir, "probe.cpp")
+    with open(src, "w") as f:
+        f.write("#include <sstream>\n#include <string>\n"
+                "std::string torchiter_probe(unsigned long n) { std::ostringstream s; s << n; return s.str(); }\n")
+    try:
+        # Under torch's ninja build, compile takes its flags per compiler.
+        objects = compiler.compile([src], output_dir=probe_dir, extra_postargs={"cxx": ["-fPIC"]} if use_ninja else ["-fPIC"])
+        lib = os.path.join(probe_dir, "libprobe.so")
+        compiler.link_shared_object(objects, lib, target_lang="c++")
+        dynamic = subprocess.run(["readelf", "-d", lib], capture_output=True, text=True, check=True).stdout
+    except Exception:  # noqa: BLE001 - a failed probe must not fail the build
+        return False
+    return "libstdc++.so" not in dynamic
 
 
 def extensions():

@@ -93,14 +93,20 @@ def paired_medians(a, b, calls: int):
     return median(ta), median(tb)
 
 
-def per_call(fn, min_time: float) -> float:
-    """Seconds per call of fn (called once first), timed over at least min_time."""
+def per_call(fn, min_time: float, sync=None) -> float:
+    """Seconds per call of fn (called once first), timed over at least min_time.
+
+    ``sync`` (e.g. ``torch.cuda.synchronize``) runs before the clock starts and
+    before it stops, so that queued device work is inside the timing."""
+    sync = sync or (lambda: None)
     fn()
     n = 1
     while True:
+        sync()
         t0 = time.perf_counter()
         for _ in range(n):
             fn()
+        sync()
         dt = time.perf_counter() - t0
         if dt >= min_time:
             return dt / n

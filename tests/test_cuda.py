@@ -449,8 +449,8 @@ def test_quadratic_descent_nsm_workloads():
 
 def test_quadratic_descent_errors():
     y0, A, b = (t.to(DEV) for t in _problem(2, 3, (), torch.float32))
-    with pytest.raises(RuntimeError, match="not supported"):
-        _qd(y0.half(), A.half(), b.half(), 0.1, 3)
+    with pytest.raises(RuntimeError, match="must be a floating tensor"):
+        _qd(y0.int(), A.int(), b.int(), 0.1, 3)
     with pytest.raises(RuntimeError, match="A must have shape"):
         _qd(y0, A[:2], b, 0.1, 3)
     with pytest.raises(RuntimeError, match="share one dtype"):
@@ -497,6 +497,18 @@ def test_quadratic_descent_ex_equals_cpu(dtype, shape, per_sample, trace):
         args = (0.45, 90, 1e-4, 2, kw.get("lrs"), 0.0, 0.0, None, per_sample, trace)
         cpu = torch.ops.torchiter.quadratic_descent_ex(y0, A, b, *args)
         dev = torch.ops.torchiter.quadratic_descent_ex(y0.to(DEV), A.to(DEV), b.to(DEV), *args)
+        it = torchiter.ops.QuadraticDescentResult._fields.index("iterations")
+        d = (cpu[it] - dev[it].cpu()).abs().reshape(-1)
+        if dtype == torch.float32 and d.any() and d.numel() == B:
+            # A sample whose change lands within float32 rounding of tol at a
+            # stop test stops there on one device and one test later on the
+            # other (the kernels sum in different orders). Such ties must be
+            # rare and one test apart; the rest must then agree exactly.
+            assert int(d.max()) <= 2 and int((d > 0).sum()) <= max(1, B // 10), (cpu[it], dev[it])
+            keep = d == 0
+            y0k, bk = y0[keep], b[keep]
+            cpu = torch.ops.torchiter.quadratic_descent_ex(y0k, A, bk, *args)
+            dev = torch.ops.torchiter.quadratic_descent_ex(y0k.to(DEV), A.to(DEV), bk.to(DEV), *args)
         for x, z, name in zip(cpu, dev, torchiter.ops.QuadraticDescentResult._fields):
             assert z.device == y0.to(DEV).device and z.shape == x.shape and z.dtype == x.dtype, name
             if x.is_floating_point():

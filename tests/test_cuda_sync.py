@@ -17,6 +17,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 import warnings
 
@@ -72,17 +73,30 @@ def _no_sync():
 @contextlib.contextmanager
 def _counted_syncs():
     """Counts the synchronising CUDA calls of the block: yields a list that
-    holds the count once the block has run."""
+    holds the count once the block has run.
+
+    c10 reports each one as a warning: a Python warning where the call came
+    through a Python binding (``Tensor.item``), a line on the process's
+    stderr where it came through the dispatcher from C++ (the ops). Both are
+    counted: stderr is redirected at the file-descriptor level meanwhile."""
     torch.cuda.synchronize()
     count = []
-    with warnings.catch_warnings(record=True) as seen:
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as err, warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
+        os.dup2(err.fileno(), 2)
         torch.cuda.set_sync_debug_mode("warn")
         try:
             yield count
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    count.append(sum(SYNC_MESSAGE in str(w.message) for w in seen))
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+        err.seek(0)
+        printed = err.read().decode(errors="replace").count(SYNC_MESSAGE)
+    count.append(printed + sum(SYNC_MESSAGE in str(w.message) for w in seen))
 
 
 def _stop_tests(iterations, check_every):

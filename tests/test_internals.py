@@ -1,8 +1,13 @@
 """Pins the private PyTorch behaviour that torchiter._internals relies on."""
 
+import shutil
+import subprocess
+import sys
+
 import pytest
 import torch
 
+import torchiter
 from torchiter import _internals
 
 
@@ -224,3 +229,16 @@ def test_values_readable_only_for_real_tensors_outside_tracing():
 
     torch.export.export(Plus(), (t,))
     assert seen and not any(seen)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or shutil.which("readelf") is None,
+                    reason="needs Linux and readelf")
+def test_extension_uses_the_shared_libstdcxx():
+    # A toolchain that links libstdc++ statically gives the extension a second
+    # copy beside torch's, and the two disagree about locale facets: numbers in
+    # error messages came out truncated ("grads[") or crashed the process.
+    # setup.py links the shared library then; both symptoms are checked here.
+    dynamic = subprocess.run(["readelf", "-d", torchiter._C.__file__], capture_output=True, text=True, check=True).stdout
+    assert "libstdc++.so" in dynamic
+    with pytest.raises(RuntimeError, match=r"grads\[0\] has shape \[5\] but params\[0\] has shape \[4\]"):
+        torchiter.ops.sgd_step_([torch.randn(4)], [torch.randn(5)], [], 0.1)
