@@ -4,11 +4,17 @@ The contract (docs/ops.md): y0, A and b are widened to float32, the whole loop
 runs there, and y is rounded to the dtype at the end. So the result must equal
 the float32 op on the widened inputs, rounded, bit for bit; and it must lie
 within the dtype's rounding of a float64 reference on the same (rounded)
-inputs. These tests run under every CPU kernel variant (test_cpu_variants.py).
+inputs. The exception, tested at the end: from 32 channels on, where the CPU
+has bfloat16 dot products, a bfloat16 loop's products take y rounded to
+bfloat16 (and so does a float32 loop under PyTorch's "medium" float32 matmul
+precision). These tests run under every CPU kernel variant
+(test_cpu_variants.py).
 """
 
 import pytest
 import torch
+
+import torchiter
 
 from _util import bits, spd_problem
 from torchiter.reference import quadratic_descent_reference
@@ -127,3 +133,92 @@ def test_meta_gives_the_dtype(dtype):
     assert y.device.type == "meta" and y.dtype == dtype and y.shape == (5, 3)
     r = EX(y0, A, b, 0.1, 5, tol=1e-3, per_sample=True)
     assert r[0].dtype == r[3].dtype == r[4].dtype == dtype and r[3].shape == (5,)
+
+
+# ---- Mixing on bfloat16 dot products ------------------------------------------
+# From 32 channels on, the AVX-512 kernels of a CPU with AVX512-BF16 mix a
+# bfloat16 loop's channels on bfloat16 dot products (docs/ops.md): y is rounded
+# to bfloat16 for the product only, accumulation and state stay float32.
+# Elsewhere the loop is the float32 loop rounded once, as above.
+BF16_SHAPES = [(65, 33), (5, 64, 7), (40, 130), (3, 50, 4, 5)]
+
+
+def _bf16_units():
+    """Whether this process's kernels mix on bfloat16 dot products."""
+    if torchiter.cpu_capability() != "avx512":
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "avx512_bf16" in f.read().split()
+    except OSError:
+        return False
+
+
+def _bf16_product_loop(y0, A, b, lr, K, min_=0.0):
+    """The loop in float64 with each product's inputs rounded to bfloat16."""
+    A16 = A.bfloat16().double()
+    y, bd = y0.double(), b.double()
+    for _ in range(K):
+        grad = torch.einsum("ij,bj...->bi...", A16, y.bfloat16().double()) - bd
+        y = (y - lr * grad).clamp(min=min_)
+    return y
+
+
+@pytest.mark.parametrize("shape", BF16_SHAPES, ids=str)
+def test_bfloat16_from_32_channels(shape):
+    y0, A, b = spd_problem(shape, torch.bfloat16, "cpu", seed=len(shape) + shape[1])
+    y, n = OP(y0, A, b, 0.5, 40, min=0.0)
+    assert y.dtype == torch.bfloat16 and int(n) == 40 and not torch.isnan(y).any()
+    ref, _ = quadratic_descent_reference(y0.double(), A.double(), b.double(), 0.5, 40, min=0.0)
+    eps = torch.finfo(torch.bfloat16).eps
+    scale = ref.abs().max()
+    # Within bfloat16's rounding of the exact loop: one rounding at the end
+    # plus the rounded product inputs, which the contraction keeps small.
+    assert (y.double() - ref).abs().max() <= 1.5 * eps * scale
+    y32 = OP(y0.float(), A.float(), b.float(), 0.5, 40, min=0.0)[0].to(torch.bfloat16)
+    if _bf16_units():
+        want = _bf16_product_loop(y0, A, b, 0.5, 40)
+        assert ((y.double() - want).abs() <= eps * want.abs() + 1e-5 * scale).all()
+        assert not torch.equal(bits(y), bits(y32)), "the bfloat16 products did not run"
+    else:
+        assert torch.equal(bits(y), bits(y32))
+
+
+def test_bfloat16_products_are_thread_invariant_and_per_sample():
+    y0, A, b = spd_problem((1500, 40), torch.bfloat16, "cpu", seed=2)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = OP(y0, A, b, 0.5, 30, min=0.0)[0]
+        torch.set_num_threads(max(2, threads))
+        several = OP(y0, A, b, 0.5, 30, min=0.0)[0]
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(bits(one), bits(several))
+    # Per sample, with no sample stopping early, each sample's loop is the
+    # batch-wide one.
+    per = EX(y0, A, b, 0.5, 30, tol=1e-30, per_sample=True, min=0.0)
+    assert torch.equal(bits(per[0]), bits(one)) and (per[1] == 30).all()
+
+
+def test_float32_under_bfloat16_matmul_precision():
+    # Inputs that are bfloat16 values: under "medium" the float32 loop mixes
+    # exactly as a bfloat16 model's (which runs the same float32 loop).
+    y0, A, b = (t.bfloat16().float() for t in spd_problem((300, 64), torch.float32, "cpu", seed=5))
+    want = OP(y0, A, b, 0.5, 40, min=0.0)[0]
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        got = OP(y0, A, b, 0.5, 40, min=0.0)[0]
+    finally:
+        torch.set_float32_matmul_precision(before)
+    # The default precision is bit for bit what it was.
+    assert torch.equal(bits(OP(y0, A, b, 0.5, 40, min=0.0)[0]), bits(want))
+    model = OP(y0.bfloat16(), A.bfloat16(), b.bfloat16(), 0.5, 40, min=0.0)[0]
+    assert torch.equal(bits(got.bfloat16()), bits(model))
+    exact, _ = quadratic_descent_reference(y0.double(), A.double(), b.double(), 0.5, 40, min=0.0)
+    assert (got.double() - exact).abs().max() <= 1.5 * torch.finfo(torch.bfloat16).eps * exact.abs().max()
+    if _bf16_units():
+        assert not torch.equal(bits(got), bits(want)), "the bfloat16 products did not run"
+    else:
+        assert torch.equal(bits(got), bits(want))

@@ -68,6 +68,10 @@ struct QuadraticDescentArgs {
   // Set by quadratic_descent_ex's kernels: measure the statistics below
   // (quadratic_descent skips that work).
   bool stats = false;
+  // Set by the CPU entry points for a bfloat16 loop (run in float32): the
+  // kernel may mix channels on bfloat16 dot products, rounding y to bfloat16
+  // for the product only (see the kernel's steps.h).
+  bool bf16_mixing = false;
 };
 
 // Longest change trace quadratic_descent_ex records (its length is

@@ -4,10 +4,29 @@
 #include "../ops.h"
 #include "capability.h"
 
+#include <ATen/Context.h>
 #include <torch/library.h>
 
 namespace torchiter {
 namespace {
+
+// Where the loop may mix channels on the CPU's bfloat16 dot products (the
+// kernel uses them where the CPU has them, from a few dozen channels on):
+// - a bfloat16 loop (run in float32): A is exactly representable, and y is
+//   rounded to the model's own dtype for the product only;
+// - a float32 loop while PyTorch's float32 matmul precision allows bfloat16
+//   on the CPU (torch.set_float32_matmul_precision("medium"), or
+//   torch.backends.mkldnn.matmul.fp32_precision = "bf16"), as it does for
+//   torch.mm itself: A and y's inputs to the product are rounded to bfloat16.
+// Not float16: its values are not bfloat16 values, and bfloat16 products
+// would lose precision it has. float64 never.
+QuadraticDescentArgs with_mixing_precision(QuadraticDescentArgs args, at::ScalarType dtype) {
+  args.bf16_mixing = args.bf16_mixing || dtype == at::kBFloat16 ||
+      (dtype == at::kFloat &&
+       at::globalContext().float32Precision(at::Float32Backend::MKLDNN, at::Float32Op::MATMUL) ==
+           at::Float32Precision::BF16);
+  return args;
+}
 
 std::tuple<at::Tensor, at::Tensor> quadratic_descent_cpu(
     const at::Tensor& y0, const at::Tensor& A, const at::Tensor& b,
@@ -17,8 +36,9 @@ std::tuple<at::Tensor, at::Tensor> quadratic_descent_cpu(
       y0.device().is_cpu(), "torchiter.quadratic_descent: the CPU kernel got y0 on ",
       y0.device());
   if (is_reduced_float(y0.scalar_type())) {
+    const QuadraticDescentArgs loop_args = with_mixing_precision(args, y0.scalar_type());
     return with_float32_loop(y0.detach(), A.detach(), b.detach(), [&](const auto& y, const auto& a, const auto& c) {
-      return quadratic_descent_cpu(y, a, c, lrs, args);
+      return quadratic_descent_cpu(y, a, c, lrs, loop_args);
     });
   }
   LearningRates host_lrs(lrs, args);
@@ -27,7 +47,8 @@ std::tuple<at::Tensor, at::Tensor> quadratic_descent_cpu(
     return {y0d.clone(at::MemoryFormat::Contiguous),
             at::scalar_tensor(args.max_iterations, y0.options().dtype(at::kLong))};
   }
-  auto r = cpu::cpu_kernels().quadratic_descent(y0d, A.detach(), b.detach(), args, host_lrs);
+  auto r = cpu::cpu_kernels().quadratic_descent(
+      y0d, A.detach(), b.detach(), with_mixing_precision(args, y0.scalar_type()), host_lrs);
   return {r.y, r.iterations};
 }
 
@@ -43,12 +64,14 @@ QuadraticDescentResult quadratic_descent_ex_cpu(
     return quadratic_descent_ex_generic(y0, A, b, lrs, args, &quadratic_descent_cpu);
   }
   if (is_reduced_float(y0.scalar_type())) {
+    const QuadraticDescentArgs loop_args = with_mixing_precision(args, y0.scalar_type());
     return with_float32_loop_ex(y0.detach(), A.detach(), b.detach(), [&](const auto& y, const auto& a, const auto& c) {
-      return quadratic_descent_ex_cpu(y, a, c, lrs, args);
+      return quadratic_descent_ex_cpu(y, a, c, lrs, loop_args);
     });
   }
   LearningRates host_lrs(lrs, args);
-  return cpu::cpu_kernels().quadratic_descent(y0.detach(), A.detach(), b.detach(), args, host_lrs);
+  return cpu::cpu_kernels().quadratic_descent(
+      y0.detach(), A.detach(), b.detach(), with_mixing_precision(args, y0.scalar_type()), host_lrs);
 }
 
 // The device-generic driver (what the CUDA kernel runs) on the CPU, so that

@@ -76,6 +76,34 @@ bool all_finite(const at::Tensor& t) {
   return finite.load();
 }
 
+// A rounded to bfloat16 in pairs (ChannelMixing::A_pairs), where the loop
+// may mix on bfloat16 dot products and this CPU has them; else empty (the
+// mixing stays in float32).
+template <typename T>
+std::vector<uint32_t> bf16_pairs_of(const at::Tensor& A, const QuadraticDescentArgs& args, bool diagonal, bool gemm) {
+  std::vector<uint32_t> pairs;
+#ifdef TORCHITER_BF16_MIXING
+  if constexpr (std::is_same_v<T, float>) {
+    const int64_t C = A.size(0);
+    if (args.bf16_mixing && !diagonal && !gemm && C >= kBf16MinChannels && cpu_has_avx512_bf16()) {
+      const int64_t P = (C + 1) / 2;
+      pairs.resize(static_cast<size_t>(C * P));
+      const float* a = A.const_data_ptr<float>();
+      for (int64_t i = 0; i < C; ++i) {
+        for (int64_t p = 0; p < P; ++p) {
+          const uint32_t lo = bf16_bits(a[i * C + 2 * p]);
+          const uint32_t hi = 2 * p + 1 < C ? bf16_bits(a[i * C + 2 * p + 1]) : 0;
+          pairs[static_cast<size_t>(i * P + p)] = lo | (hi << 16);
+        }
+      }
+    }
+  }
+#else
+  (void)A, (void)args, (void)diagonal, (void)gemm;
+#endif
+  return pairs;
+}
+
 template <typename T>
 QuadraticDescentResult run(
     const at::Tensor& y0, const at::Tensor& A, const at::Tensor& b_in,
@@ -91,13 +119,17 @@ QuadraticDescentResult run(
   at::Tensor y;
   int64_t iterations = args.max_iterations;
   InterruptPoll poll;
+  const std::vector<uint32_t> pairs = bf16_pairs_of<T>(A, args, diagonal, gemm);
+  ChannelMixing<T> mix(A.const_data_ptr<T>(), y0.size(1), &proj, diagonal);
+  if (!pairs.empty()) {
+    mix.A_pairs = pairs.data();
+    mix.pairs = (mix.C + 1) / 2;
+  }
   if (args.per_sample) {
     y = at::empty(y0.sizes(), y0.options().memory_format(at::MemoryFormat::Contiguous));
-    const ChannelMixing<T> mix(A.const_data_ptr<T>(), y0.size(1), &proj, diagonal);
     run_per_sample<T>(y0, b_in, A, mix, gemm, args, lrs, y, *stats, poll);
   } else {
     const WorkingLayout L = working_layout<T>(y0, gemm);
-    const ChannelMixing<T> mix(A.const_data_ptr<T>(), L.channels, &proj, diagonal);
     const Tiles tiles = make_tiles<T>(L, gemm, diagonal);
     LoopStats<T>* st = stats ? &*stats : nullptr;
     const bool blocked = !(args.tol > 0 || gemm || args.trace);

@@ -15,7 +15,10 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <type_traits>
+#include <vector>
 
 namespace torchiter::cpu::CPU_CAPABILITY {
 namespace {
@@ -46,6 +49,12 @@ struct ChannelMixing {
   // needs one FMA per position instead of C, with the same bits, since the
   // dense chain adds only exact zeros to A_ii y_i (see diagonal_step).
   bool diagonal;
+  // Set only where the mixing runs on bfloat16 dot products (bf16_mixing
+  // below): A rounded to bfloat16, row i's pairs (A_i,2p, A_i,2p+1) as one
+  // 32-bit word each, `pairs` = ceil(C / 2) words per row (an odd C's last
+  // pair ends in a zero).
+  const uint32_t* A_pairs = nullptr;
+  int64_t pairs = 0;
 
   ChannelMixing(const T* A_, int64_t C_, const VecProjection<T>* project_, bool diagonal_)
       : A(A_), C(C_), project(project_),
@@ -140,6 +149,30 @@ inline ColumnDeltas<T, NV> zero_deltas() {
   return d;
 }
 
+// The update of rows [i, i + R) of the NV * W positions at column s, given
+// their mixed values acc = (A y) there: next_value stored to yn, and with
+// DELTA the lane-wise max |new - old| per vector of positions.
+template <typename T, int R, int NV, bool DELTA>
+inline ColumnDeltas<T, NV> finish_rows(
+    const ChannelMixing<T>& pn, const Vectorized<T> (&acc)[R][NV], int64_t i, const T* y, const T* b,
+    T* yn, int64_t ld, int64_t s, const Vectorized<T>& neg_lr, int64_t valid) {
+  constexpr int64_t W = Vectorized<T>::size();
+  const VecProjection<T> project = *pn.project;
+  const auto finish = [&](auto shrink) {
+    ColumnDeltas<T, NV> dmax = zero_deltas<T, NV>();
+    TORCHITER_UNROLL
+    for (int r = 0; r < R; ++r) {
+      TORCHITER_UNROLL
+      for (int v = 0; v < NV; ++v) {
+        update_vector<decltype(shrink)::value, DELTA>(
+            project, acc[r][v], y, b, yn, (i + r) * ld + s + v * W, neg_lr, valid - v * W, dmax[v]);
+      }
+    }
+    return dmax;
+  };
+  return project.use_shrink ? finish(std::true_type{}) : finish(std::false_type{});
+}
+
 // Updates rows [i, i + R) of the NV * W positions at column s. With DELTA,
 // returns max |new - old| over those rows per vector of positions (lanes at
 // or past `valid` zeroed; NaN if any is NaN). R x NV accumulators share each
@@ -179,20 +212,7 @@ inline ColumnDeltas<T, NV> rows_step(
       }
     }
   }
-  const VecProjection<T> project = *pn.project;
-  const auto finish = [&](auto shrink) {
-    ColumnDeltas<T, NV> dmax = zero_deltas<T, NV>();
-    TORCHITER_UNROLL
-    for (int r = 0; r < R; ++r) {
-      TORCHITER_UNROLL
-      for (int v = 0; v < NV; ++v) {
-        update_vector<decltype(shrink)::value, DELTA>(
-            project, acc[r][v], y, b, yn, (i + r) * ld + s + v * W, neg_lr, valid - v * W, dmax[v]);
-      }
-    }
-    return dmax;
-  };
-  return project.use_shrink ? finish(std::true_type{}) : finish(std::false_type{});
+  return finish_rows<T, R, NV, DELTA>(pn, acc, i, y, b, yn, ld, s, neg_lr, valid);
 }
 
 // Register blocking: rows_step keeps R x NV accumulators, NV loads of y and
@@ -239,26 +259,23 @@ inline ColumnDeltas<T, NV> diagonal_step(
 
 // Rows [0, C) in ceil(C / kMaxRows) blocks of near-equal height (e.g. C = 50:
 // ten blocks of 5; C = 64: twelve of 5 and one of 4) instead of full blocks
-// and a short remainder: a block of 1-2 rows does few FMAs per load.
-template <typename T, int NV, bool DELTA>
-inline ColumnDeltas<T, NV> column_step(
-    const ChannelMixing<T>& pn, const T* y, const T* b, T* yn, int64_t ld, int64_t s,
-    const Vectorized<T>& neg_lr, int64_t valid) {
+// and a short remainder: a block of 1-2 rows does few FMAs per load. Calls
+// rows(std::integral_constant<int, R>{}, i) for the block of R rows from row
+// i and folds the deltas it returns.
+template <typename T, int NV, bool DELTA, typename Rows>
+inline ColumnDeltas<T, NV> over_row_blocks(const ChannelMixing<T>& pn, Rows&& rows_of) {
   static_assert(kMaxRows == 5, "the switch below covers block heights 1..kMaxRows");
-  if (pn.diagonal) {
-    return diagonal_step<T, NV, DELTA>(pn, y, b, yn, ld, s, neg_lr, valid);
-  }
   ColumnDeltas<T, NV> dmax = zero_deltas<T, NV>();
   int64_t i = 0;
   for (int64_t k = 0; k < pn.blocks; ++k) {
     const int64_t rows = pn.height + (k < pn.taller ? 1 : 0);
     ColumnDeltas<T, NV> d;
     switch (rows) {
-      case 5: d = rows_step<T, 5, NV, DELTA>(pn, i, y, b, yn, ld, s, neg_lr, valid); break;
-      case 4: d = rows_step<T, 4, NV, DELTA>(pn, i, y, b, yn, ld, s, neg_lr, valid); break;
-      case 3: d = rows_step<T, 3, NV, DELTA>(pn, i, y, b, yn, ld, s, neg_lr, valid); break;
-      case 2: d = rows_step<T, 2, NV, DELTA>(pn, i, y, b, yn, ld, s, neg_lr, valid); break;
-      default: d = rows_step<T, 1, NV, DELTA>(pn, i, y, b, yn, ld, s, neg_lr, valid); break;
+      case 5: d = rows_of(std::integral_constant<int, 5>{}, i); break;
+      case 4: d = rows_of(std::integral_constant<int, 4>{}, i); break;
+      case 3: d = rows_of(std::integral_constant<int, 3>{}, i); break;
+      case 2: d = rows_of(std::integral_constant<int, 2>{}, i); break;
+      default: d = rows_of(std::integral_constant<int, 1>{}, i); break;
     }
     if constexpr (DELTA) {
       TORCHITER_UNROLL
@@ -271,6 +288,183 @@ inline ColumnDeltas<T, NV> column_step(
   return dmax;
 }
 
+template <typename T, int NV, bool DELTA>
+inline ColumnDeltas<T, NV> column_step(
+    const ChannelMixing<T>& pn, const T* y, const T* b, T* yn, int64_t ld, int64_t s,
+    const Vectorized<T>& neg_lr, int64_t valid) {
+  if (pn.diagonal) {
+    return diagonal_step<T, NV, DELTA>(pn, y, b, yn, ld, s, neg_lr, valid);
+  }
+  return over_row_blocks<T, NV, DELTA>(pn, [&](auto R, int64_t i) {
+    return rows_step<T, decltype(R)::value, NV, DELTA>(pn, i, y, b, yn, ld, s, neg_lr, valid);
+  });
+}
+
+// The column steps of a block [0, n) (n a multiple of the width): full steps
+// of NVMax vectors, then of 2 and of 1 for a tile's last, narrower columns.
+// Calls col(std::integral_constant<int, NV>{}, s) for the step at column s
+// and, with DELTA, sink(s, deltas).
+template <typename T, int NVMax, bool DELTA, typename Col, typename Sink>
+inline void for_column_steps(int64_t n, Col&& col, Sink&& sink) {
+  constexpr int64_t W = Vectorized<T>::size();
+  const auto run = [&](auto nv, int64_t& s) {
+    constexpr int NV = decltype(nv)::value;
+    for (; s + NV * W <= n; s += NV * W) {
+      const auto d = col(nv, s);
+      if constexpr (DELTA) {
+        sink(s, d);
+      }
+    }
+  };
+  int64_t s = 0;
+  run(std::integral_constant<int, NVMax>{}, s);
+  if constexpr (NVMax > 2) {
+    run(std::integral_constant<int, 2>{}, s);
+  }
+  if constexpr (NVMax > 1) {
+    run(std::integral_constant<int, 1>{}, s);
+  }
+}
+
+// ---- Channel mixing on bfloat16 dot products (AVX512-BF16) -----------------
+// For a bfloat16 model (whose A is exactly a bfloat16 matrix), or a float32
+// one while PyTorch's float32 matmul precision allows bfloat16 (the CPU entry
+// points decide: QuadraticDescentArgs::bf16_mixing), the mixing may take its
+// inputs at bfloat16 width: A is rounded once, each iteration rounds y to
+// bfloat16 for the product only, and VDPBF16PS multiplies
+// pairs of channels into float32 accumulators, twice the FLOPs of an FMA per
+// instruction. The update, projection, stop test and the state itself stay
+// in float32. Only the AVX-512 variant has this path, and only on CPUs with
+// AVX512-BF16 (checked at run time); the functions carry that target
+// themselves, so the variant still runs on AVX-512 CPUs without it. Every
+// position sees the same operations at any thread count, so results stay
+// bitwise thread-invariant; they differ from the float32 mixing by bfloat16
+// rounding of y's inputs to the product.
+#if defined(CPU_CAPABILITY_AVX512) && (defined(__GNUC__) || defined(__clang__))
+#define TORCHITER_BF16_MIXING 1
+#define TORCHITER_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
+
+// Below this many channels the per-iteration packing of y costs more than
+// the faster products save.
+constexpr int64_t kBf16MinChannels = 32;
+
+inline bool cpu_has_avx512_bf16() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512bf16");
+}
+
+// x rounded to bfloat16 (nearest even; NaN stays NaN), as its 16 bits: what
+// converting to torch.bfloat16 gives. Written out here rather than taken from
+// c10::BFloat16 so that no inline function shared with the host code is
+// compiled with this variant's flags.
+inline uint32_t bf16_bits(float x) {
+  if (std::isnan(x)) {
+    return 0x7FC0u;
+  }
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  return (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+}
+
+// Rows (2p, 2p + 1) of y's C x n block (row stride ld, n a multiple of 16)
+// into yp[p * n + s]: position s's two values rounded to bfloat16 (nearest
+// even), the even row in the low half of the word.
+TORCHITER_BF16_TARGET
+inline void pack_pairs(const float* y, int64_t ld, int64_t C, int64_t n, uint32_t* yp) {
+  // Word 2l of the result takes word l of the low row, word 2l + 1 word l of
+  // the high row (the low row fills words 0-15 after the conversion).
+  alignas(64) static constexpr int16_t kInterleave[32] = {
+      0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+      8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i idx = _mm512_load_si512(kInterleave);
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t p = 0; 2 * p < C; ++p) {
+    const float* lo = y + 2 * p * ld;
+    const float* hi = 2 * p + 1 < C ? lo + ld : nullptr;
+    uint32_t* out = yp + p * n;
+    for (int64_t s = 0; s < n; s += 16) {
+      const __m512 h = hi ? _mm512_loadu_ps(hi + s) : zero;
+      const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(h, _mm512_loadu_ps(lo + s));
+      _mm512_storeu_si512(out + s, _mm512_permutexvar_epi16(idx, both));
+    }
+  }
+}
+
+// rows_step on bfloat16 pairs: rows [i, i + R) of the NV * 16 positions at
+// column s, yp the packed block (pack_pairs, row length n).
+template <int R, int NV, bool DELTA>
+TORCHITER_BF16_TARGET inline ColumnDeltas<float, NV> rows_step_bf16(
+    const ChannelMixing<float>& pn, int64_t i, const uint32_t* yp, int64_t n, const float* y,
+    const float* b, float* yn, int64_t ld, int64_t s, const Vectorized<float>& neg_lr, int64_t valid) {
+  constexpr int64_t W = 16;
+  const int64_t P = pn.pairs;
+  __m512 acc[R][NV];
+  TORCHITER_UNROLL
+  for (int r = 0; r < R; ++r) {
+    TORCHITER_UNROLL
+    for (int v = 0; v < NV; ++v) {
+      acc[r][v] = _mm512_setzero_ps();
+    }
+  }
+  const uint32_t* Ai = pn.A_pairs + i * P;
+  for (int64_t p = 0; p < P; ++p) {
+    __m512bh yv[NV];
+    TORCHITER_UNROLL
+    for (int v = 0; v < NV; ++v) {
+      yv[v] = (__m512bh)_mm512_loadu_si512(yp + p * n + s + v * W);
+    }
+    TORCHITER_UNROLL
+    for (int r = 0; r < R; ++r) {
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(Ai[r * P + p]));
+      TORCHITER_UNROLL
+      for (int v = 0; v < NV; ++v) {
+        acc[r][v] = _mm512_dpbf16_ps(acc[r][v], a, yv[v]);
+      }
+    }
+  }
+  Vectorized<float> mixed[R][NV];
+  TORCHITER_UNROLL
+  for (int r = 0; r < R; ++r) {
+    TORCHITER_UNROLL
+    for (int v = 0; v < NV; ++v) {
+      mixed[r][v] = Vectorized<float>(acc[r][v]);
+    }
+  }
+  return finish_rows<float, R, NV, DELTA>(pn, mixed, i, y, b, yn, ld, s, neg_lr, valid);
+}
+
+// column_step on bfloat16 pairs.
+template <int NV, bool DELTA>
+TORCHITER_BF16_TARGET ColumnDeltas<float, NV> column_step_bf16(
+    const ChannelMixing<float>& pn, const uint32_t* yp, int64_t n, const float* y, const float* b,
+    float* yn, int64_t ld, int64_t s, const Vectorized<float>& neg_lr, int64_t valid) {
+  return over_row_blocks<float, NV, DELTA>(pn, [&](auto R, int64_t i) {
+    return rows_step_bf16<decltype(R)::value, NV, DELTA>(pn, i, yp, n, y, b, yn, ld, s, neg_lr, valid);
+  });
+}
+
+// step_columns on bfloat16 pairs: packs the block once, then the same
+// column steps (4, 2, then 1 vector wide).
+template <bool DELTA, typename Sink>
+void step_columns_bf16(
+    const ChannelMixing<float>& pn, const float* y, const float* b, float* yn, int64_t ld, int64_t n,
+    int64_t valid, float lr, Sink&& sink) {
+  // One buffer per thread, grown to the widest block seen: a tile's packed
+  // copy is C / 2 x width words, allocated once rather than per iteration.
+  thread_local std::vector<uint32_t> packed;
+  const size_t need = static_cast<size_t>(pn.pairs * n);
+  if (packed.size() < need) {
+    packed.resize(need);
+  }
+  pack_pairs(y, ld, pn.C, n, packed.data());
+  const uint32_t* yp = packed.data();
+  const Vectorized<float> neg_lr(-lr);
+  for_column_steps<float, 4, DELTA>(n, [&](auto nv, int64_t s) {
+    return column_step_bf16<decltype(nv)::value, DELTA>(pn, yp, n, y, b, yn, ld, s, neg_lr, valid - s);
+  }, sink);
+}
+#endif
+
 // One iteration over columns [0, n) of a block (n a multiple of the width;
 // lanes at or past `valid` are padding, excluded from the delta). Every lane
 // sees the same sequence of operations whichever block it falls in, so the
@@ -280,31 +474,18 @@ template <typename T, bool DELTA, typename Sink>
 inline void step_columns(
     const ChannelMixing<T>& pn, const T* y, const T* b, T* yn, int64_t ld, int64_t n,
     int64_t valid, T lr, Sink&& sink) {
-  constexpr int64_t W = Vectorized<T>::size();
+#ifdef TORCHITER_BF16_MIXING
+  if constexpr (std::is_same_v<T, float>) {
+    if (pn.A_pairs) {
+      step_columns_bf16<DELTA>(pn, y, b, yn, ld, n, valid, lr, sink);
+      return;
+    }
+  }
+#endif
   const Vectorized<T> neg_lr(-lr);
-  constexpr int NV = kColumnVectors<T>;
-  int64_t s = 0;
-  for (; s + NV * W <= n; s += NV * W) {
-    const auto d = column_step<T, NV, DELTA>(pn, y, b, yn, ld, s, neg_lr, valid - s);
-    if constexpr (DELTA) {
-      sink(s, d);
-    }
-  }
-  if constexpr (NV > 2) {
-    // A tile's last, narrower columns (n is a multiple of W, not of NV * W).
-    for (; s + 2 * W <= n; s += 2 * W) {
-      const auto d = column_step<T, 2, DELTA>(pn, y, b, yn, ld, s, neg_lr, valid - s);
-      if constexpr (DELTA) {
-        sink(s, d);
-      }
-    }
-  }
-  for (; s < n; s += W) {
-    const auto d = column_step<T, 1, DELTA>(pn, y, b, yn, ld, s, neg_lr, valid - s);
-    if constexpr (DELTA) {
-      sink(s, d);
-    }
-  }
+  for_column_steps<T, kColumnVectors<T>, DELTA>(n, [&](auto nv, int64_t s) {
+    return column_step<T, decltype(nv)::value, DELTA>(pn, y, b, yn, ld, s, neg_lr, valid - s);
+  }, sink);
 }
 
 // step_columns; returns the lane-wise max |delta| over the block (zeros
