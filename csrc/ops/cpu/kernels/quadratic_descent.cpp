@@ -20,8 +20,10 @@
 // per iteration that also yields max |y_k - y_{k-1}|; in the plain x86-64
 // variant from kGemmMinChannels channels on, each sweep follows a BLAS GEMM of
 // A with the (C, positions) matrix), then from_working() unpacks the result, mirroring the CUDA file.
-// When positions are per sample, run_blocked() reads its tiles from y0 and b
-// and writes the result directly, with no working copy.
+// When positions are per sample, or the batch has no spatial dims and more
+// than a handful of channels, run_blocked() reads its tiles from y0 and b
+// and writes the result directly (transposing (B, C) rows tile by tile, on
+// every thread), with no working copy.
 #include "quadratic_descent/per_sample.h"
 
 #include <ATen/Dispatch.h>
@@ -140,14 +142,24 @@ QuadraticDescentResult run(
         run_blocked<T>(io, mix, tiles, args.max_iterations, lrs, st, poll);
       }
     };
-    if (blocked && !L.batch_folded) {
+    // A batch without spatial dims goes straight into the tiles too (each
+    // tile transposes its rows), except for a handful of channels, where the
+    // working copy's transpose with a compile-time C is the faster one, and
+    // for a diagonal A, whose loop reads rows of positions.
+    const bool rows_in_tiles = blocked && L.batch_folded && L.spatial == 1 && L.channels > 8 && !diagonal;
+    if (blocked && (!L.batch_folded || rows_in_tiles)) {
       // Tiles straight from the inputs into the output: no working copies
-      // (for a large conv layer they cost as much as the loop's own time).
+      // (for a large conv layer they cost as much as the loop's own time,
+      // and they would run on one thread).
       const at::Tensor yc = y0.contiguous();
       const at::Tensor bc = b_in.contiguous();
       y = at::empty(y0.sizes(), y0.options().memory_format(at::MemoryFormat::Contiguous));
       const int64_t S = L.spatial;
-      run_without_test({yc.const_data_ptr<T>(), bc.const_data_ptr<T>(), y.data_ptr<T>(), S, L.channels * S});
+      if (rows_in_tiles) {
+        run_without_test({yc.const_data_ptr<T>(), bc.const_data_ptr<T>(), y.data_ptr<T>(), 1, 0, L.channels});
+      } else {
+        run_without_test({yc.const_data_ptr<T>(), bc.const_data_ptr<T>(), y.data_ptr<T>(), S, L.channels * S});
+      }
     } else {
       at::Tensor Y = to_working<T>(y0, L);
       const at::Tensor Bw = to_working<T>(b_in, L);

@@ -65,17 +65,21 @@ struct LoopStats {
   }
 };
 
-// Where run_blocked reads y0 and b and writes the result: C rows of
-// `row_stride` elements per group, groups `group_stride` apart. Either the
-// working copies (row_stride = padded_positions) or, when positions are per
-// sample, the (batch, C, spatial) tensors themselves (row_stride = spatial):
-// the tile copies already do the packing, so no working copy is made.
+// Where run_blocked reads y0 and b and writes the result: element (channel
+// c, position p) of group g at g * group_stride + c * row_stride +
+// p * position_stride. Either the working copies (row_stride =
+// padded_positions), or the (batch, C, spatial) tensors themselves: per
+// sample (row_stride = spatial), or, for a batch without spatial dims, the
+// (B, C) rows (row_stride 1, position_stride C). The tile copies do the
+// packing (a transpose in the last case), so no working copy is made and
+// the packing is spread over the threads with the tiles.
 template <typename T>
 struct BlockedIO {
   const T* y;
   const T* b;
   T* out;
   int64_t row_stride, group_stride;
+  int64_t position_stride = 1;
 };
 
 // No stop test: each tile is copied into three tile-local C x width blocks
@@ -113,14 +117,29 @@ void run_blocked(
     T* cur = local.data();
     T* nxt = cur + C * T_w;
     T* bl = nxt + C * T_w;
+    const int64_t ps = io.position_stride;
     const auto run_tile = [&](int64_t t) {
       int64_t unused, n, valid;
       tiles.bounds(t, unused, n, valid);
-      const int64_t off = t / tiles.per_group * io.group_stride + t % tiles.per_group * T_w;
+      const int64_t off = t / tiles.per_group * io.group_stride + t % tiles.per_group * T_w * ps;
+      if (ps == 1) {
+        for (int64_t c = 0; c < C; ++c) {
+          std::copy_n(io.y + off + c * ld, valid, cur + c * T_w);
+          std::copy_n(io.b + off + c * ld, valid, bl + c * T_w);
+        }
+      } else {
+        // One position's C values are contiguous: read them in order.
+        for (int64_t p = 0; p < valid; ++p) {
+          const T* yp = io.y + off + p * ps;
+          const T* bp = io.b + off + p * ps;
+          for (int64_t c = 0; c < C; ++c) {
+            cur[c * T_w + p] = yp[c * ld];
+            bl[c * T_w + p] = bp[c * ld];
+          }
+        }
+      }
       for (int64_t c = 0; c < C; ++c) {
-        std::copy_n(io.y + off + c * ld, valid, cur + c * T_w);
         std::fill(cur + c * T_w + valid, cur + c * T_w + n, T(0));
-        std::copy_n(io.b + off + c * ld, valid, bl + c * T_w);
         std::fill(bl + c * T_w + valid, bl + c * T_w + n, T(0));
       }
       T* src = cur;
@@ -144,8 +163,17 @@ void run_blocked(
         }
         std::swap(src, dst);
       }
-      for (int64_t c = 0; c < C; ++c) {
-        std::copy_n(src + c * T_w, valid, io.out + off + c * ld);
+      if (ps == 1) {
+        for (int64_t c = 0; c < C; ++c) {
+          std::copy_n(src + c * T_w, valid, io.out + off + c * ld);
+        }
+      } else {
+        for (int64_t p = 0; p < valid; ++p) {
+          T* op = io.out + off + p * ps;
+          for (int64_t c = 0; c < C; ++c) {
+            op[c * ld] = src[c * T_w + p];
+          }
+        }
       }
     };
     for (int64_t t0; (t0 = next_tile.fetch_add(per_grab, std::memory_order_relaxed)) < tiles.count;) {
