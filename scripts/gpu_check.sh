@@ -12,7 +12,9 @@
 # 4. cuda_graph: the CUDA-graph variant of compiled iterations (test_compiled.py);
 # 5. memcheck, racecheck, synccheck: compute-sanitizer on a short op test
 #    (both ops, every kernel path, a few sizes), where it is installed and runs;
-# 6. bench_cuda: benchmarks/bench_cuda.py.
+# 6. bench_cuda: benchmarks/bench_cuda.py; vs_compile: benchmarks/bench_vs_compile.py
+#    --device cuda (the whole-loop op against a compiled loop, with and without
+#    CUDA graphs).
 # Every step runs even when an earlier one failed (a GPU's time is short); the
 # raw output of each goes to benchmarks/results/<gpu>_<step>.txt (<gpu> as
 # bench_cuda.py names it, e.g. nvidia-h200) and a summary to
@@ -144,7 +146,7 @@ EOF
 
 if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
   TV="$("$PY" -c 'import torch; print(torch.__version__)')"
-  for s in tests backward cuda_graph memcheck racecheck synccheck bench_cuda; do
+  for s in tests backward cuda_graph memcheck racecheck synccheck bench_cuda vs_compile; do
     note "$s: skipped (no CUDA device visible to torch $TV)"
   done
   # What can run without one: the sanitizer's op test on the CPU kernels and
@@ -208,6 +210,7 @@ done
 # kept here as <gpu>_bench_cuda.txt).
 # shellcheck disable=SC2086
 step bench_cuda 240 "$PY" benchmarks/bench_cuda.py --no-save ${GPU_CHECK_BENCH_ARGS:-}
+step vs_compile 300 "$PY" benchmarks/bench_vs_compile.py --device cuda --rounds 3 --min-time 0.1
 
 note "gpu_check: $([ "$FAILED" = 0 ] && echo PASS || echo FAIL) ($((SECONDS - START)) s); outputs in $OUT/${GPU}_*.txt"
 exit "$FAILED"
