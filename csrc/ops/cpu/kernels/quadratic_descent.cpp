@@ -154,12 +154,16 @@ QuadraticDescentResult run(
       const at::Tensor yc = y0.contiguous();
       const at::Tensor bc = b_in.contiguous();
       y = at::empty(y0.sizes(), y0.options().memory_format(at::MemoryFormat::Contiguous));
+      // (B, C, S) as C rows of positions: per sample, rows S apart and
+      // positions adjacent; (B, C) rows, channels adjacent and positions C apart.
       const int64_t S = L.spatial;
+      BlockedIO<T> io{yc.const_data_ptr<T>(), bc.const_data_ptr<T>(), y.data_ptr<T>(), S, L.channels * S};
       if (rows_in_tiles) {
-        run_without_test({yc.const_data_ptr<T>(), bc.const_data_ptr<T>(), y.data_ptr<T>(), 1, 0, L.channels});
-      } else {
-        run_without_test({yc.const_data_ptr<T>(), bc.const_data_ptr<T>(), y.data_ptr<T>(), S, L.channels * S});
+        io.row_stride = 1;
+        io.group_stride = 0;
+        io.position_stride = L.channels;
       }
+      run_without_test(io);
     } else {
       at::Tensor Y = to_working<T>(y0, L);
       const at::Tensor Bw = to_working<T>(b_in, L);

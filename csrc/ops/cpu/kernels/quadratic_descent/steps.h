@@ -348,9 +348,14 @@ inline void for_column_steps(int64_t n, Col&& col, Sink&& sink) {
 // the faster products save.
 constexpr int64_t kBf16MinChannels = 32;
 
+// Asked once per process: the answer cannot change, and the ops call this
+// on every loop that may use the bfloat16 path.
 inline bool cpu_has_avx512_bf16() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512bf16");
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") != 0;
+  }();
+  return has;
 }
 
 // x rounded to bfloat16 (nearest even; NaN stays NaN), as its 16 bits: what
