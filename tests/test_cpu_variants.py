@@ -77,6 +77,8 @@ OP_SUITES = [
     "tests/test_sgd_step.py",
     "tests/test_quadratic_descent.py",
     "tests/test_quadratic_descent_half.py",
+    "tests/test_quadratic_descent_rest.py",
+    "tests/test_quadratic_descent_per_sample_rows.py",
     "tests/test_threads.py",
 ]
 

@@ -19,6 +19,9 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <mutex>
+#include <type_traits>
+#include <cstring>
 #include <numeric>
 #include <utility>
 #include <vector>
@@ -82,16 +85,45 @@ struct BlockedIO {
   int64_t position_stride = 1;
 };
 
+// True when a position whose y0 is +0 and whose b is zero in every channel
+// keeps y = +0 through all iterations of the dense loop, bit for bit: its
+// mixed value is a sum of A_ij * (+0) from +0, which is +0 when every A_ij
+// is finite; +0 - b is then +0, fma(+0, -lr, +0) is +0 for the finite rates
+// the op accepts, and the projection must map +0 to +0 (ReLU, a clamp at 0,
+// soft thresholding; not a clamp to [0.1, 1]).
+template <typename T>
+bool rest_stays_at_zero(const ChannelMixing<T>& mix) {
+  using Vec = Vectorized<T>;
+  for (int64_t i = 0; i < mix.C * mix.C; ++i) {
+    if (!std::isfinite(mix.A[i])) {
+      return false;
+    }
+  }
+  T out[Vec::size()];
+  (*mix.project)(Vec(static_cast<T>(0))).store(out);
+  return std::all_of(std::begin(out), std::end(out), [](T v) { return v == T(0) && !std::signbit(v); });
+}
+
 // No stop test: each tile is copied into three tile-local C x width blocks
 // (allocated once per task, never per iteration; lanes past the real
 // positions zero-filled) and runs all K iterations there before its result
 // is written out. With `stats` the first and the last iteration also
 // measure their change.
+//
+// Positions at rest (y0 = +0 and b = 0 in every channel: the background of
+// an image under a bias-free encoder, a third of MNIST's conv positions)
+// stay at +0 where rest_stays_at_zero holds: they are written as +0 without
+// being iterated, and each thread packs the positions that do move from
+// consecutive tiles into full tiles of its own. Which lane or tile a position
+// runs in never changes its arithmetic, so results are bitwise those of the
+// dense loop at any thread count.
 template <typename T>
 void run_blocked(
     const BlockedIO<T>& io, const ChannelMixing<T>& mix,
     const Tiles& tiles, int64_t K, LearningRates& lrs, LoopStats<T>* stats,
     InterruptPoll& poll) {
+  using Bits = std::conditional_t<sizeof(T) == 8, uint64_t, uint32_t>;
+  constexpr int64_t W = Vectorized<T>::size();
   const int64_t C = mix.C;
   // All K iterations run and every tile needs every rate: a schedule's are
   // read once, up front.
@@ -100,14 +132,16 @@ void run_blocked(
   for (size_t k = 0; k < scheduled.size(); ++k) {
     scheduled[k] = static_cast<T>(lrs.at(static_cast<int64_t>(k)));
   }
+  const bool skip_rest = rest_stays_at_zero(mix);
   const int64_t T_w = tiles.width;
   const int64_t ld = io.row_stride;
-  std::vector<T> first_max(stats ? static_cast<size_t>(tiles.count) : 0);
-  std::vector<T> last_max(first_max.size());
+  const int64_t ps = io.position_stride;
+  T first_max = 0, last_max = 0;
+  std::mutex stats_mutex;
   // Threads take `per_grab` tiles at a time from a shared counter instead of
   // a fixed half each: a core slowed by other work (another process, a
   // neighbouring VM) then does fewer tiles rather than holding the other
-  // back at the end. Which tiles a thread gets never changes what a tile
+  // back at the end. Which tiles a thread gets never changes what a position
   // computes, so results stay bitwise the same.
   const int64_t per_grab = std::max<int64_t>(1, tiles.grain / std::max<int64_t>(K, 1));
   const int64_t grabs = (tiles.count + per_grab - 1) / per_grab;
@@ -117,30 +151,20 @@ void run_blocked(
     T* cur = local.data();
     T* nxt = cur + C * T_w;
     T* bl = nxt + C * T_w;
-    const int64_t ps = io.position_stride;
-    const auto run_tile = [&](int64_t t) {
-      int64_t unused, n, valid;
-      tiles.bounds(t, unused, n, valid);
-      const int64_t off = t / tiles.per_group * io.group_stride + t % tiles.per_group * T_w * ps;
-      if (ps == 1) {
-        for (int64_t c = 0; c < C; ++c) {
-          std::copy_n(io.y + off + c * ld, valid, cur + c * T_w);
-          std::copy_n(io.b + off + c * ld, valid, bl + c * T_w);
-        }
-      } else {
-        // One position's C values are contiguous: read them in order.
-        for (int64_t p = 0; p < valid; ++p) {
-          const T* yp = io.y + off + p * ps;
-          const T* bp = io.b + off + p * ps;
-          for (int64_t c = 0; c < C; ++c) {
-            cur[c * T_w + p] = yp[c * ld];
-            bl[c * T_w + p] = bp[c * ld];
-          }
-        }
-      }
+    // The moving positions gathered so far (columns [0, staged) of cur and
+    // bl) and where each one's C values go: the offset of channel 0 in io.
+    std::vector<int64_t> slot(static_cast<size_t>(T_w));
+    std::vector<Bits> moving(static_cast<size_t>(T_w));
+    int64_t staged = 0;
+    T my_first = 0, my_last = 0;
+    bool measured = false;
+    // Runs all K iterations on the first `count` columns of cur / bl and
+    // writes column p's result to io.out at column_out(p).
+    const auto iterate = [&](int64_t count, auto&& column_out) {
+      const int64_t n = (count + W - 1) / W * W;
       for (int64_t c = 0; c < C; ++c) {
-        std::fill(cur + c * T_w + valid, cur + c * T_w + n, T(0));
-        std::fill(bl + c * T_w + valid, bl + c * T_w + n, T(0));
+        std::fill(cur + c * T_w + count, cur + c * T_w + n, T(0));
+        std::fill(bl + c * T_w + count, bl + c * T_w + n, T(0));
       }
       T* src = cur;
       T* dst = nxt;
@@ -151,28 +175,88 @@ void run_blocked(
         }
         const T lr_k = scheduled.empty() ? lr : scheduled[static_cast<size_t>(k)];
         if (stats && (k == 0 || k == K - 1)) {
-          const T m = lane_max(step_block<T, true>(mix, src, bl, dst, T_w, n, valid, lr_k));
+          const T m = lane_max(step_block<T, true>(mix, src, bl, dst, T_w, n, count, lr_k));
           if (k == 0) {
-            first_max[static_cast<size_t>(t)] = m;
+            my_first = nan_max(my_first, m);
           }
           if (k == K - 1) {
-            last_max[static_cast<size_t>(t)] = m;
+            my_last = nan_max(my_last, m);
           }
+          measured = true;
         } else {
-          step_block<T, false>(mix, src, bl, dst, T_w, n, valid, lr_k);
+          step_block<T, false>(mix, src, bl, dst, T_w, n, count, lr_k);
         }
         std::swap(src, dst);
       }
-      if (ps == 1) {
+      for (int64_t p = 0; p < count; ++p) {
+        T* op = io.out + column_out(p);
         for (int64_t c = 0; c < C; ++c) {
-          std::copy_n(src + c * T_w, valid, io.out + off + c * ld);
+          op[c * ld] = src[c * T_w + p];
         }
-      } else {
-        for (int64_t p = 0; p < valid; ++p) {
-          T* op = io.out + off + p * ps;
-          for (int64_t c = 0; c < C; ++c) {
-            op[c * ld] = src[c * T_w + p];
+      }
+    };
+    const auto run_staged = [&]() {
+      iterate(staged, [&](int64_t p) { return slot[static_cast<size_t>(p)]; });
+      staged = 0;
+    };
+    const auto run_tile = [&](int64_t t) {
+      int64_t unused, n, valid;
+      tiles.bounds(t, unused, n, valid);
+      const int64_t off = t / tiles.per_group * io.group_stride + t % tiles.per_group * T_w * ps;
+      int64_t resting = 0;
+      if (skip_rest) {
+        // Channel by channel, so that the (C, positions) layout reads rows.
+        std::fill_n(moving.begin(), valid, Bits(0));
+        for (int64_t c = 0; c < C; ++c) {
+          const T* yc = io.y + off + c * ld;
+          const T* bc = io.b + off + c * ld;
+          for (int64_t p = 0; p < valid; ++p) {
+            Bits yb, bb;
+            std::memcpy(&yb, yc + p * ps, sizeof(T));
+            std::memcpy(&bb, bc + p * ps, sizeof(T));
+            // y0 must be +0 itself; b may be a zero of either sign.
+            moving[static_cast<size_t>(p)] |= yb | (bb << 1);
           }
+        }
+        for (int64_t p = 0; p < valid; ++p) {
+          resting += moving[static_cast<size_t>(p)] == 0;
+        }
+      }
+      if (resting == 0 && staged == 0) {
+        if (ps == 1) {
+          for (int64_t c = 0; c < C; ++c) {
+            std::copy_n(io.y + off + c * ld, valid, cur + c * T_w);
+            std::copy_n(io.b + off + c * ld, valid, bl + c * T_w);
+          }
+        } else {
+          // One position's C values are contiguous: read them in order.
+          for (int64_t p = 0; p < valid; ++p) {
+            const T* yp = io.y + off + p * ps;
+            const T* bp = io.b + off + p * ps;
+            for (int64_t c = 0; c < C; ++c) {
+              cur[c * T_w + p] = yp[c * ld];
+              bl[c * T_w + p] = bp[c * ld];
+            }
+          }
+        }
+        iterate(valid, [&](int64_t p) { return off + p * ps; });
+        return;
+      }
+      for (int64_t p = 0; p < valid; ++p) {
+        const int64_t base = off + p * ps;
+        if (moving[static_cast<size_t>(p)] == 0) {
+          for (int64_t c = 0; c < C; ++c) {
+            io.out[base + c * ld] = T(0);
+          }
+          continue;
+        }
+        for (int64_t c = 0; c < C; ++c) {
+          cur[c * T_w + staged] = io.y[base + c * ld];
+          bl[c * T_w + staged] = io.b[base + c * ld];
+        }
+        slot[static_cast<size_t>(staged++)] = base;
+        if (staged == T_w) {
+          run_staged();
         }
       }
     };
@@ -184,6 +268,14 @@ void run_blocked(
         run_tile(t);
       }
     }
+    if (staged > 0 && !poll.stop()) {
+      run_staged();
+    }
+    if (measured) {
+      const std::lock_guard<std::mutex> lock(stats_mutex);
+      first_max = nan_max(first_max, my_first);
+      last_max = nan_max(last_max, my_last);
+    }
   };
   if (grabs > 1) {
     at::parallel_for(0, grabs, 1, worker);
@@ -191,8 +283,8 @@ void run_blocked(
     worker(0, grabs);  // small problems stay on the calling thread
   }
   if (stats) {
-    stats->measured(0, 0, nan_max_of(first_max));
-    stats->measured(0, K - 1, nan_max_of(last_max));
+    stats->measured(0, 0, first_max);
+    stats->measured(0, K - 1, last_max);
     stats->iterations[0] = K;
   }
 }

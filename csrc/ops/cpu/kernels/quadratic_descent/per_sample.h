@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <limits>
 #include <numeric>
 #include <utility>
 #include <vector>
@@ -26,6 +27,185 @@ template <typename T>
 inline void copy_short(const T* from, int64_t n, T* to) {
   for (int64_t i = 0; i < n; ++i) {
     to[i] = from[i];
+  }
+}
+
+// quadratic_descent_ex with per_sample for a batch without spatial dims
+// (one position, so one vector lane, per sample), a constant rate, no trace
+// and no GEMM: no sweeps at all. Each thread keeps a tile of running samples
+// in L1 and steps it on its own; a sample that stops (its test passes, or
+// it reaches max_iterations) is written out and the thread's next sample
+// from the batch takes its lane at once, at its own iteration 0. So every
+// sample runs exactly its own iterations, with no barrier per iteration and
+// no lanes idling on stopped samples. A sample's arithmetic is the same in
+// every lane, tile and thread, so results are those of the sweeps, bit for
+// bit, at any thread count.
+template <typename T>
+void run_per_sample_rows(
+    const at::Tensor& y0, const at::Tensor& b_in, const ChannelMixing<T>& mix,
+    const QuadraticDescentArgs& args, T lr, at::Tensor& out, LoopStats<T>& stats,
+    InterruptPoll& poll) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  const int64_t B = y0.size(0), C = mix.C, K = args.max_iterations;
+  const at::Tensor yc = y0.contiguous();
+  const at::Tensor bc = b_in.contiguous();
+  const T* y_in = yc.const_data_ptr<T>();
+  const T* b_rows = bc.const_data_ptr<T>();
+  T* o = out.data_ptr<T>();
+  const bool stop_test = args.tol > 0;
+  const T tol = static_cast<T>(args.tol);
+  const Vec tol_vec(tol);
+  const int64_t T_w = tile_width<T>(C);
+  // Samples are handed out a vector's worth at a time: few enough to keep
+  // the threads' shares even at the end, many enough that the shared
+  // counter is rarely touched.
+  constexpr int64_t kChunk = W;
+  std::atomic<int64_t> next_sample{0};
+  const int64_t tasks = std::clamp<int64_t>((B + T_w - 1) / T_w, 1, at::get_num_threads());
+  const auto worker = [&](int64_t, int64_t) {
+    std::vector<T> local(static_cast<size_t>(3 * C * T_w + T_w));
+    T* cur = local.data();
+    T* nxt = cur + C * T_w;
+    T* bl = nxt + C * T_w;
+    T* pmax = bl + C * T_w;
+    // Per lane: its sample, and the step of this thread at which it entered
+    // (its iterations run are steps - entered).
+    std::vector<int64_t> sample(static_cast<size_t>(T_w)), entered(static_cast<size_t>(T_w));
+    std::vector<uint8_t> done(static_cast<size_t>(T_w), 0);
+    // The lanes stopped by this step, increasing.
+    std::vector<int64_t> finished;
+    finished.reserve(static_cast<size_t>(T_w));
+    int64_t count = 0, steps = 0;
+    int64_t chunk_next = 0, chunk_end = 0;
+    // The earliest step at which a running lane reaches K iterations, and
+    // the lanes that entered since the last step (their change is `first`).
+    int64_t deadline = std::numeric_limits<int64_t>::max();
+    std::vector<int64_t> fresh;
+    fresh.reserve(static_cast<size_t>(T_w));
+    const auto finish = [&](int64_t p, bool converged) {
+      const auto i = static_cast<size_t>(sample[static_cast<size_t>(p)]);
+      stats.last[i] = pmax[p];
+      stats.iterations[i] = steps - entered[static_cast<size_t>(p)];
+      stats.converged[i] = converged ? 1 : 0;
+      T* to = o + static_cast<int64_t>(i) * C;
+      for (int64_t c = 0; c < C; ++c) {
+        to[c] = cur[c * T_w + p];
+      }
+      done[static_cast<size_t>(p)] = 1;
+      finished.push_back(p);
+    };
+    const auto move_lane = [&](int64_t from, int64_t to) {
+      for (int64_t c = 0; c < C; ++c) {
+        cur[c * T_w + to] = cur[c * T_w + from];
+        bl[c * T_w + to] = bl[c * T_w + from];
+      }
+      sample[static_cast<size_t>(to)] = sample[static_cast<size_t>(from)];
+      entered[static_cast<size_t>(to)] = entered[static_cast<size_t>(from)];
+      done[static_cast<size_t>(to)] = 0;
+    };
+    // The thread's next sample of the batch into lane p; false when none is
+    // left.
+    const auto load_next = [&](int64_t p) {
+      if (chunk_next == chunk_end) {
+        chunk_next = std::min(B, next_sample.fetch_add(kChunk, std::memory_order_relaxed));
+        chunk_end = std::min(B, chunk_next + kChunk);
+        if (chunk_next == chunk_end) {
+          return false;
+        }
+      }
+      const int64_t i = chunk_next++;
+      for (int64_t c = 0; c < C; ++c) {
+        cur[c * T_w + p] = y_in[i * C + c];
+        bl[c * T_w + p] = b_rows[i * C + c];
+      }
+      sample[static_cast<size_t>(p)] = i;
+      entered[static_cast<size_t>(p)] = steps;
+      done[static_cast<size_t>(p)] = 0;
+      fresh.push_back(p);
+      deadline = std::min(deadline, steps + K);
+      return true;
+    };
+    while (count < T_w && load_next(count)) {
+      ++count;
+    }
+    while (count > 0) {
+      // Lanes past the running ones are computed with the tile and never
+      // read: zeros keep them finite.
+      const int64_t n = (count + W - 1) / W * W;
+      for (int64_t c = 0; c < C; ++c) {
+        std::fill(cur + c * T_w + count, cur + c * T_w + n, T(0));
+        std::fill(bl + c * T_w + count, bl + c * T_w + n, T(0));
+      }
+      if ((steps & 15) == 15 && poll.stop()) {
+        return;
+      }
+      step_block_positions<T>(mix, cur, bl, nxt, T_w, n, count, lr, pmax);
+      std::swap(cur, nxt);
+      ++steps;
+      for (const int64_t p : fresh) {
+        stats.first[static_cast<size_t>(sample[static_cast<size_t>(p)])] = pmax[p];
+      }
+      fresh.clear();
+      if (steps == deadline) {
+        // Some lanes ran their K iterations: a scan finds them, and the
+        // next deadline among the others.
+        deadline = std::numeric_limits<int64_t>::max();
+        for (int64_t p = 0; p < count; ++p) {
+          const int64_t ran = steps - entered[static_cast<size_t>(p)];
+          const int64_t k = ran - 1;
+          const bool passed = stop_test && k >= 1 && k % args.check_every == 0 && pmax[p] < tol;
+          if (ran == K || passed) {
+            finish(p, passed);
+          } else {
+            deadline = std::min(deadline, entered[static_cast<size_t>(p)] + K);
+          }
+        }
+      } else if (stop_test) {
+        // Only lanes whose change is below tol can stop: a vector compare
+        // finds them (NaN never is below), the rest of the test is theirs.
+        for (int64_t s = 0; s < count; s += W) {
+          const int64_t lanes = std::min<int64_t>(W, count - s);
+          auto bits = static_cast<uint64_t>(~(Vec::loadu(pmax + s) < tol_vec).zero_mask()) &
+              ((uint64_t{1} << lanes) - 1);
+          for (int64_t lane = 0; bits != 0; ++lane, bits >>= 1) {
+            if (bits & 1) {
+              const int64_t p = s + lane;
+              const int64_t k = steps - entered[static_cast<size_t>(p)] - 1;
+              if (k >= 1 && k % args.check_every == 0) {
+                finish(p, true);
+              }
+            }
+          }
+        }
+      }
+      // Each stopped lane takes the thread's next sample at once; when the
+      // batch is used up, the last running lane moves into it instead.
+      // Only the stopped lanes are visited: a scan of every lane per step
+      // would cost as much as the step itself for a few channels.
+      for (const int64_t p : finished) {
+        if (load_next(p)) {
+          continue;
+        }
+        while (count > 0 && done[static_cast<size_t>(count - 1)]) {
+          --count;
+        }
+        if (p >= count) {
+          break;
+        }
+        move_lane(count - 1, p);
+        --count;
+      }
+      while (count > 0 && done[static_cast<size_t>(count - 1)]) {
+        --count;
+      }
+      finished.clear();
+    }
+  };
+  if (tasks > 1) {
+    at::parallel_for(0, tasks, 1, worker);
+  } else {
+    worker(0, 1);
   }
 }
 
@@ -45,6 +225,10 @@ void run_per_sample(
     const ChannelMixing<T>& mix, bool gemm, const QuadraticDescentArgs& args,
     LearningRates& lrs, at::Tensor& out, LoopStats<T>& stats, InterruptPoll& poll) {
   constexpr int64_t W = Vectorized<T>::size();
+  if (y0.numel() == y0.size(0) * y0.size(1) && !gemm && !args.trace && !lrs.scheduled() && args.max_iterations > 0) {
+    run_per_sample_rows<T>(y0, b_in, mix, args, static_cast<T>(lrs.at(0)), out, stats, poll);
+    return;
+  }
   WorkingLayout L = working_layout<T>(y0, /*fold the batch=*/true);
   const int64_t C = L.channels, S = L.spatial, K = args.max_iterations;
   const int64_t ld = L.padded_positions;  // row stride, fixed
