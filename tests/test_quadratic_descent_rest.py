@@ -1,10 +1,11 @@
-"""Positions at rest in quadratic_descent's loop without a stop test.
+"""Positions at rest in quadratic_descent's loop.
 
 A position whose y0 is +0 and whose b is zero in every channel (an image's
 background under a bias-free encoder) stays at +0 through the whole loop
 when A and the rates are finite and the projection maps +0 to +0. The CPU
-kernel then writes it without iterating it and packs the positions that do
-move into full tiles. These tests check that this changes nothing: results
+kernel then writes it without iterating it: without a stop test it packs
+the positions that do move into full tiles, with one (or a trace) it sweeps
+a working copy of the moving positions alone. These tests check that this changes nothing: results
 against the float64 loop, the moving positions bit for bit against the same
 batch with no position at rest, the resting ones +0, thread counts, and the
 cases where a zero does not stay zero.
@@ -52,6 +53,12 @@ def moving_again(b, rest):
     """``b`` with its resting positions nudged off zero: the same batch with
     no position at rest."""
     return b.masked_fill(rest, 1e-30)
+
+
+def iterated_anyway(y0, rest):
+    """``y0`` with -0 at its resting positions: not at rest (only +0 is), so
+    the loop iterates them, and they keep a change of exactly 0."""
+    return torch.where(rest, torch.tensor(-0.0, dtype=y0.dtype), y0)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
@@ -169,3 +176,32 @@ def test_zero_that_does_not_stay_zero_is_iterated(device, case, shape):
         # as the per-iteration loop does.
         assert bool((y[rest] == 0).all())
         assert torch.equal(torch.signbit(y[rest]), torch.signbit(yr[rest]))
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("tol, trace", [(1e-5, False), (0.0, True), (1e-4, True)])
+def test_stop_test_and_trace_as_without_rest(shape, dtype, tol, trace):
+    """With a stop test or a trace the loop sweeps the moving positions
+    alone: the same bits, iteration count and statistics as the batch with
+    no position at rest."""
+    y0, A, b, rest = rest_problem(shape, dtype, seed=shape[1] + 3)
+    r = OP_EX(y0, A, b, 0.4, 300, tol, 1, None, min=0.0, trace=trace)
+    r_all = OP_EX(iterated_anyway(y0, rest), A, b, 0.4, 300, tol, 1, None, min=0.0, trace=trace)
+    assert torch.equal(bits(r[0][~rest]), bits(r_all[0][~rest]))
+    assert torch.equal(bits(r[0][rest]), bits(torch.zeros_like(r[0][rest])))
+    assert bool((r_all[0][rest] == 0).all())
+    for got, want in zip(r[1:], r_all[1:]):
+        assert torch.equal(bits(got), bits(want))
+    if tol > 0:
+        assert 1 < int(r[1]) < 300, "the loop must stop early to test the stop"
+
+
+@pytest.mark.parametrize("shape", [(6, 50, 23, 23), (300, 20), (2, 13, 9, 11)], ids=str)
+def test_stop_test_matches_per_iteration_loop(device, shape):
+    y0, A, b, rest = rest_problem(shape, torch.float64, seed=17)
+    y0, A, b = (t.to(device) for t in (y0, A, b))
+    y, n = OP(y0, A, b, 0.5, 500, tol=1e-7, check_every=3, min=0.0)
+    yr, nr = quadratic_descent_reference(y0, A, b, 0.5, 500, tol=1e-7, check_every=3, min=0.0)
+    assert 1 < nr < 500 and int(n) == nr
+    torch.testing.assert_close(y, yr, rtol=1e-12, atol=1e-12)

@@ -164,6 +164,23 @@ QuadraticDescentResult run(
         io.position_stride = L.channels;
       }
       run_without_test(io);
+    } else if (const std::vector<int64_t> offsets = !blocked && !gemm && rest_stays_at_zero(mix)
+                   ? moving_offsets<T>(y0.contiguous().const_data_ptr<T>(), b_in.contiguous().const_data_ptr<T>(),
+                                       L.batch, L.channels, L.spatial)
+                   : std::vector<int64_t>();
+               static_cast<int64_t>(offsets.size()) < L.batch * L.spatial && !offsets.empty()) {
+      // Positions at rest: the sweeps of a stop test or a trace run over
+      // the moving positions alone. The others stay +0 and change by 0 in
+      // every iteration, which neither the stop test nor the statistics see.
+      const at::Tensor yc = y0.contiguous();
+      const at::Tensor bc = b_in.contiguous();
+      const WorkingLayout Lm = moving_layout<T>(y0, static_cast<int64_t>(offsets.size()));
+      const Tiles tm = make_tiles<T>(Lm, gemm, diagonal);
+      at::Tensor Y = gather_working<T>(yc.const_data_ptr<T>(), offsets, Lm, y0.options());
+      const at::Tensor Bw = gather_working<T>(bc.const_data_ptr<T>(), offsets, Lm, y0.options());
+      iterations = run_sweeps<T>(Y, Bw, A, mix, tm, gemm, args, lrs, st, poll);
+      y = at::zeros(y0.sizes(), y0.options().memory_format(at::MemoryFormat::Contiguous));
+      scatter_working<T>(Y, offsets, Lm, y.data_ptr<T>());
     } else {
       at::Tensor Y = to_working<T>(y0, L);
       const at::Tensor Bw = to_working<T>(b_in, L);

@@ -14,6 +14,8 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstring>
+#include <type_traits>
 #include <limits>
 #include <vector>
 
@@ -188,6 +190,89 @@ at::Tensor from_working(const at::Tensor& Y, const WorkingLayout& L, const at::T
     }
   }
   return out;
+}
+
+// Non-zero unless the element pair can belong to a position at rest (see
+// rest_stays_at_zero): y0 must be +0 itself, b may be a zero of either sign.
+template <typename T>
+inline auto motion_bits(const T* y, const T* b) {
+  using Bits = std::conditional_t<sizeof(T) == 8, uint64_t, uint32_t>;
+  Bits yb, bb;
+  std::memcpy(&yb, y, sizeof(T));
+  std::memcpy(&bb, b, sizeof(T));
+  return static_cast<Bits>(yb | (bb << 1));
+}
+
+// The positions of a contiguous (batch, C, *spatial) pair (y0, b) that are
+// not at rest: y0 is not +0 or b is not zero in some channel (see
+// rest_stays_at_zero). Each is given by the offset of its channel 0, in
+// order; channel c is S elements further per channel.
+template <typename T>
+std::vector<int64_t> moving_offsets(const T* y, const T* b, int64_t B, int64_t C, int64_t S) {
+  using Bits = std::conditional_t<sizeof(T) == 8, uint64_t, uint32_t>;
+  std::vector<uint8_t> moving(static_cast<size_t>(B * S), 0);
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, C * S));
+  at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
+    std::vector<Bits> any(static_cast<size_t>(S));
+    for (int64_t bb = b0; bb < b1; ++bb) {
+      std::fill(any.begin(), any.end(), Bits(0));
+      for (int64_t c = 0; c < C; ++c) {
+        const T* yr = y + (bb * C + c) * S;
+        const T* br = b + (bb * C + c) * S;
+        for (int64_t s = 0; s < S; ++s) {
+          any[static_cast<size_t>(s)] |= motion_bits(yr + s, br + s);
+        }
+      }
+      for (int64_t s = 0; s < S; ++s) {
+        moving[static_cast<size_t>(bb * S + s)] = any[static_cast<size_t>(s)] != 0;
+      }
+    }
+  });
+  std::vector<int64_t> offsets;
+  for (int64_t p = 0; p < B * S; ++p) {
+    if (moving[static_cast<size_t>(p)]) {
+      offsets.push_back(p / S * C * S + p % S);
+    }
+  }
+  return offsets;
+}
+
+// The working layout of the moving positions alone: one group of them.
+template <typename T>
+WorkingLayout moving_layout(const at::Tensor& y0, int64_t moving) {
+  constexpr int64_t W = Vectorized<T>::size();
+  const auto [B, C, S] = batch_channel_spatial(y0);
+  return WorkingLayout{B, C, S, 1, moving, (moving + W - 1) / W * W, true};
+}
+
+// The moving positions of a contiguous (batch, C, *spatial) tensor into
+// the working layout of moving_layout, and back into `out` (whose other
+// positions the caller has set).
+template <typename T>
+at::Tensor gather_working(const T* src, const std::vector<int64_t>& offsets, const WorkingLayout& L, const at::TensorOptions& options) {
+  const int64_t C = L.channels, S = L.spatial, ld = L.padded_positions;
+  at::Tensor out = at::empty({1, C, ld}, options.memory_format(at::MemoryFormat::Contiguous));
+  T* dst = out.data_ptr<T>();
+  for (int64_t c = 0; c < C; ++c) {
+    T* row = dst + c * ld;
+    for (int64_t m = 0; m < L.positions; ++m) {
+      row[m] = src[offsets[static_cast<size_t>(m)] + c * S];
+    }
+    std::fill(row + L.positions, row + ld, T(0));
+  }
+  return out;
+}
+
+template <typename T>
+void scatter_working(const at::Tensor& Y, const std::vector<int64_t>& offsets, const WorkingLayout& L, T* out) {
+  const int64_t C = L.channels, S = L.spatial, ld = L.padded_positions;
+  const T* src = Y.const_data_ptr<T>();
+  for (int64_t c = 0; c < C; ++c) {
+    const T* row = src + c * ld;
+    for (int64_t m = 0; m < L.positions; ++m) {
+      out[offsets[static_cast<size_t>(m)] + c * S] = row[m];
+    }
+  }
 }
 
 // The fixed tiles of positions the iterations are split into. A tile lies

@@ -211,11 +211,7 @@ void run_blocked(
           const T* yc = io.y + off + c * ld;
           const T* bc = io.b + off + c * ld;
           for (int64_t p = 0; p < valid; ++p) {
-            Bits yb, bb;
-            std::memcpy(&yb, yc + p * ps, sizeof(T));
-            std::memcpy(&bb, bc + p * ps, sizeof(T));
-            // y0 must be +0 itself; b may be a zero of either sign.
-            moving[static_cast<size_t>(p)] |= yb | (bb << 1);
+            moving[static_cast<size_t>(p)] |= motion_bits(yc + p * ps, bc + p * ps);
           }
         }
         for (int64_t p = 0; p < valid; ++p) {
