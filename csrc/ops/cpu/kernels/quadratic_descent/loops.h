@@ -158,9 +158,9 @@ void run_blocked(
     int64_t staged = 0;
     T my_first = 0, my_last = 0;
     bool measured = false;
-    // Runs all K iterations on the first `count` columns of cur / bl and
-    // writes column p's result to io.out at column_out(p).
-    const auto iterate = [&](int64_t count, auto&& column_out) {
+    // Runs all K iterations on the first `count` columns of cur / bl;
+    // returns the block holding the result, or nullptr when interrupted.
+    const auto iterate = [&](int64_t count) -> const T* {
       const int64_t n = (count + W - 1) / W * W;
       for (int64_t c = 0; c < C; ++c) {
         std::fill(cur + c * T_w + count, cur + c * T_w + n, T(0));
@@ -171,7 +171,7 @@ void run_blocked(
       for (int64_t k = 0; k < K; ++k) {
         // A tile of a wide layer can take seconds over all K iterations.
         if ((k & 15) == 15 && poll.stop()) {
-          return;
+          return nullptr;
         }
         const T lr_k = scheduled.empty() ? lr : scheduled[static_cast<size_t>(k)];
         if (stats && (k == 0 || k == K - 1)) {
@@ -188,15 +188,17 @@ void run_blocked(
         }
         std::swap(src, dst);
       }
-      for (int64_t p = 0; p < count; ++p) {
-        T* op = io.out + column_out(p);
-        for (int64_t c = 0; c < C; ++c) {
-          op[c * ld] = src[c * T_w + p];
-        }
-      }
+      return src;
     };
     const auto run_staged = [&]() {
-      iterate(staged, [&](int64_t p) { return slot[static_cast<size_t>(p)]; });
+      if (const T* src = iterate(staged)) {
+        for (int64_t p = 0; p < staged; ++p) {
+          T* op = io.out + slot[static_cast<size_t>(p)];
+          for (int64_t c = 0; c < C; ++c) {
+            op[c * ld] = src[c * T_w + p];
+          }
+        }
+      }
       staged = 0;
     };
     const auto run_tile = [&](int64_t t) {
@@ -235,7 +237,22 @@ void run_blocked(
             }
           }
         }
-        iterate(valid, [&](int64_t p) { return off + p * ps; });
+        const T* src = iterate(valid);
+        if (src == nullptr) {
+          return;
+        }
+        if (ps == 1) {
+          for (int64_t c = 0; c < C; ++c) {
+            std::copy_n(src + c * T_w, valid, io.out + off + c * ld);
+          }
+        } else {
+          for (int64_t p = 0; p < valid; ++p) {
+            T* op = io.out + off + p * ps;
+            for (int64_t c = 0; c < C; ++c) {
+              op[c * ld] = src[c * T_w + p];
+            }
+          }
+        }
         return;
       }
       for (int64_t p = 0; p < valid; ++p) {
