@@ -147,12 +147,12 @@ QuadraticDescentResult run(
     // working copy's transpose with a compile-time C is the faster one, and
     // for a diagonal A, whose loop reads rows of positions.
     const bool rows_in_tiles = blocked && L.batch_folded && L.spatial == 1 && L.channels > 8 && !diagonal;
+    const at::Tensor yc = y0.contiguous();
+    const at::Tensor bc = b_in.contiguous();
     if (blocked && (!L.batch_folded || rows_in_tiles)) {
       // Tiles straight from the inputs into the output: no working copies
       // (for a large conv layer they cost as much as the loop's own time,
       // and they would run on one thread).
-      const at::Tensor yc = y0.contiguous();
-      const at::Tensor bc = b_in.contiguous();
       y = at::empty(y0.sizes(), y0.options().memory_format(at::MemoryFormat::Contiguous));
       // (B, C, S) as C rows of positions: per sample, rows S apart and
       // positions adjacent; (B, C) rows, channels adjacent and positions C apart.
@@ -165,15 +165,12 @@ QuadraticDescentResult run(
       }
       run_without_test(io);
     } else if (const std::vector<int64_t> offsets = !blocked && !gemm && rest_stays_at_zero(mix)
-                   ? moving_offsets<T>(y0.contiguous().const_data_ptr<T>(), b_in.contiguous().const_data_ptr<T>(),
-                                       L.batch, L.channels, L.spatial)
+                   ? moving_offsets<T>(yc.const_data_ptr<T>(), bc.const_data_ptr<T>(), L.batch, L.channels, L.spatial)
                    : std::vector<int64_t>();
                static_cast<int64_t>(offsets.size()) < L.batch * L.spatial && !offsets.empty()) {
       // Positions at rest: the sweeps of a stop test or a trace run over
       // the moving positions alone. The others stay +0 and change by 0 in
       // every iteration, which neither the stop test nor the statistics see.
-      const at::Tensor yc = y0.contiguous();
-      const at::Tensor bc = b_in.contiguous();
       const WorkingLayout Lm = moving_layout<T>(y0, static_cast<int64_t>(offsets.size()));
       const Tiles tm = make_tiles<T>(Lm, gemm, diagonal);
       at::Tensor Y = gather_working<T>(yc.const_data_ptr<T>(), offsets, Lm, y0.options());
@@ -182,8 +179,8 @@ QuadraticDescentResult run(
       y = at::zeros(y0.sizes(), y0.options().memory_format(at::MemoryFormat::Contiguous));
       scatter_working<T>(Y, offsets, Lm, y.data_ptr<T>());
     } else {
-      at::Tensor Y = to_working<T>(y0, L);
-      const at::Tensor Bw = to_working<T>(b_in, L);
+      at::Tensor Y = to_working<T>(yc, L);
+      const at::Tensor Bw = to_working<T>(bc, L);
       if (blocked) {
         const int64_t ld = L.padded_positions;
         run_without_test({Y.const_data_ptr<T>(), Bw.const_data_ptr<T>(), Y.data_ptr<T>(), ld, L.channels * ld});
