@@ -172,7 +172,7 @@ grep -q "^registered: FAIL" "$SUMMARY" && FAILED=1
 # 2-4. The CUDA tests. -rs lists why anything skipped.
 PYTEST=("$PY" -m pytest -q -rs -p no:cacheprovider)
 step tests 300 "${PYTEST[@]}" tests/test_cuda*.py tests/test_sgd_step.py tests/test_quadratic_descent.py \
-  tests/test_quadratic_descent_ex.py tests/test_quadratic_descent_rest.py -k cuda
+  tests/test_quadratic_descent_ex.py tests/test_quadratic_descent_rest.py tests/test_quadratic_descent_fixed.py -k cuda
 step backward 120 "${PYTEST[@]}" tests/test_quadratic_descent_grad.py -k cuda
 step cuda_graph 120 "${PYTEST[@]}" tests/test_compiled.py tests/test_cuda.py -k cuda_graph
 

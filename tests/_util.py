@@ -66,3 +66,18 @@ def sgd_option_grid(bounds):
         )
         if not (n and (m == 0 or d != 0))  # nesterov needs momentum and no dampening
     ]
+
+
+def bits_at_thread_counts(fn, counts=(1, 2, 3)):
+    """``bits(fn())`` with torch set to each number of threads in turn
+    (checked to take effect); the setting is restored afterwards."""
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in counts:
+            torch.set_num_threads(threads)
+            assert torch.get_num_threads() == threads
+            results.append(bits(fn()))
+    finally:
+        torch.set_num_threads(before)
+    return results

@@ -14,7 +14,7 @@ cases where a zero does not stay zero.
 import pytest
 import torch
 
-from _util import bits, spd_problem
+from _util import bits, bits_at_thread_counts, spd_problem
 from torchiter.reference import quadratic_descent_reference
 
 OP = torch.ops.torchiter.quadratic_descent
@@ -114,15 +114,7 @@ def test_moving_positions_bitwise_as_without_rest(shape, dtype, proj, precision)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_thread_counts_give_the_same_bits(dtype):
     y0, A, b, rest = rest_problem((24, 50, 23, 23), dtype, seed=3, fraction=0.3)
-    before = torch.get_num_threads()
-    results = []
-    try:
-        for threads in (1, 2, 3):
-            torch.set_num_threads(threads)
-            assert torch.get_num_threads() == threads
-            results.append(bits(OP(y0, A, b, 0.4, 12, min=0.0)[0]))
-    finally:
-        torch.set_num_threads(before)
+    results = bits_at_thread_counts(lambda: OP(y0, A, b, 0.4, 12, min=0.0)[0])
     assert all(torch.equal(results[0], r) for r in results[1:])
 
 

@@ -14,15 +14,18 @@
 //   layout.h      the working copy's layout and the tiles
 //   loops.h       loop drivers for a batch that stops as a whole
 //   per_sample.h  the per-sample batch (quadratic_descent_ex, per_sample)
-// This file picks the driver: to_working() packs y0 and b, run_blocked()
-// (tol == 0: each tile runs all iterations while it sits in L1, one read and
-// one write of y in total) or run_sweeps() (tol > 0: one parallel sweep over y
+// This file picks the driver: to_working() packs y0 and b, run_lanes()
+// (tol == 0 and one rate: each thread's tile in L1 runs positions until they
+// reach a fixed point or max_iterations, refilling their lanes as they
+// stop), run_blocked() (tol == 0 with a schedule, or a handful of channels:
+// each tile runs all iterations while it sits in L1, one read and one write
+// of y in total) or run_sweeps() (tol > 0: one parallel sweep over y
 // per iteration that also yields max |y_k - y_{k-1}|; in the plain x86-64
 // variant from kGemmMinChannels channels on, each sweep follows a BLAS GEMM of
 // A with the (C, positions) matrix), then from_working() unpacks the result, mirroring the CUDA file.
 // When positions are per sample, or the batch has no spatial dims and more
-// than a handful of channels, run_blocked() reads its tiles from y0 and b
-// and writes the result directly (transposing (B, C) rows tile by tile, on
+// than a handful of channels, run_lanes() and run_blocked() read from y0 and b
+// and write the result directly (transposing (B, C) rows tile by tile, on
 // every thread), with no working copy.
 #include "quadratic_descent/per_sample.h"
 
@@ -138,6 +141,8 @@ QuadraticDescentResult run(
     const auto run_without_test = [&](const BlockedIO<T>& io) {
       if (diagonal) {
         run_diagonal<T>(io, mix, L.groups, L.positions, args.max_iterations, lrs, st, poll);
+      } else if (!lrs.scheduled() && args.max_iterations > 0 && L.channels > 8) {
+        run_lanes<T>(io, mix, L.groups, L.positions, args.max_iterations, static_cast<T>(lrs.at(0)), st, poll);
       } else {
         run_blocked<T>(io, mix, tiles, args.max_iterations, lrs, st, poll);
       }

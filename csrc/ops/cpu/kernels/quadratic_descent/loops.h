@@ -302,6 +302,340 @@ void run_blocked(
   }
 }
 
+// No stop test and one rate for every iteration, where positions reach a
+// fixed point of the loop's own arithmetic: an iteration that leaves every
+// channel of a position bit for bit unchanged (a change of exactly 0, values
+// finite, zeros keeping their sign) is the same function of the same bits as
+// the next one, so every later iteration leaves it unchanged too. A
+// contracting loop gets there long before max_iterations in float32 (the
+// MNIST conv layer: 99.9% of its positions by iteration 26 of 40), and
+// positions at rest (see rest_stays_at_zero) are there from the start.
+//
+// Each thread keeps a tile of running positions in L1, each lane at its own
+// iteration count; a lane whose position is fixed, or has run K iterations,
+// is written out and takes the thread's next position at once (as
+// run_per_sample_rows does with samples), and once the positions are used up
+// the tile narrows. Every position runs the arithmetic of the dense loop in
+// whichever lane it sits, and stops only where that loop would no longer
+// change it, so results are those of run_blocked, bit for bit, at any thread
+// count. Positions are numbered group by group: position p of group g
+// starts at g * io.group_stride + p * io.position_stride. With `stats`, each
+// position's first iteration and its K-th (a fixed one changes by 0) are
+// measured.
+// Per lane of [0, n) of two C-row blocks (row stride ld): zero where every
+// channel has the same bits in a and b. One XOR and one OR per element, in
+// integer vectors: a float compare would equate -0 with +0.
+template <typename T, typename Bits>
+void changed_lanes(const T* a, const T* b, int64_t C, int64_t ld, int64_t n, Bits* out) {
+  using IV = Vectorized<std::conditional_t<sizeof(T) == 8, int64_t, int32_t>>;
+  static_assert(IV::size() == Vectorized<T>::size() && sizeof(Bits) == sizeof(T));
+  for (int64_t s = 0; s < n; s += IV::size()) {
+    IV acc(0);
+    for (int64_t c = 0; c < C; ++c) {
+      const auto* ra = reinterpret_cast<const typename IV::value_type*>(a + c * ld + s);
+      const auto* rb = reinterpret_cast<const typename IV::value_type*>(b + c * ld + s);
+      acc = acc | (IV::loadu(ra) ^ IV::loadu(rb));
+      // Once every lane has a changed channel the rest cannot matter: in a
+      // loop still on its way, that is within the first few channels. (Read
+      // as floats, a lane whose only difference is a sign bit looks zero
+      // and merely keeps the scan going.)
+      if ((c & 3) == 3 && at::vec::cast<T>(acc).zero_mask() == 0) {
+        break;
+      }
+    }
+    acc.store(reinterpret_cast<typename IV::value_type*>(out + s));
+  }
+}
+
+// A thread's tile for the drivers in which every lane runs its own item at
+// its own iteration count (run_lanes: positions; run_per_sample_rows:
+// samples): C x width blocks of y, its next value and b, each lane's change
+// in the last measured step, and per lane its item and the step at which it
+// entered. A lane that stops takes the thread's next item at once; once
+// there are none, the last running lane moves into it instead, so the tile
+// only narrows and no lane idles. An item's arithmetic is the same in every
+// lane, so where it runs never changes its result.
+template <typename T>
+struct LaneTile {
+  int64_t C, width, K;
+  std::vector<T> buffer;
+  T *cur, *nxt, *bl, *pmax;
+  std::vector<int64_t> item, entered;
+  std::vector<uint8_t> done;
+  std::vector<int64_t> finished; // lanes stopped since the last step, increasing
+  std::vector<int64_t> fresh;    // lanes entered since the last step
+  int64_t count = 0, steps = 0;
+  // The earliest step at which a running lane has run K iterations.
+  int64_t deadline = std::numeric_limits<int64_t>::max();
+  // Lanes from here on hold no stopped item's values (see padded).
+  int64_t clean_from = width;
+
+  LaneTile(int64_t C_, int64_t width_, int64_t K_)
+      : C(C_), width(width_), K(K_), buffer(static_cast<size_t>(3 * C_ * width_ + width_)),
+        item(static_cast<size_t>(width_)), entered(static_cast<size_t>(width_)),
+        done(static_cast<size_t>(width_), 0) {
+    cur = buffer.data();
+    nxt = cur + C * width;
+    bl = nxt + C * width;
+    pmax = bl + C * width;
+    finished.reserve(static_cast<size_t>(width));
+    fresh.reserve(static_cast<size_t>(width));
+  }
+  // Lane p, its y and b written, starts item `it` now.
+  void enter(int64_t p, int64_t it) {
+    item[static_cast<size_t>(p)] = it;
+    entered[static_cast<size_t>(p)] = steps;
+    done[static_cast<size_t>(p)] = 0;
+    fresh.push_back(p);
+    deadline = std::min(deadline, steps + K);
+  }
+  int64_t ran(int64_t p) const {
+    return steps - entered[static_cast<size_t>(p)];
+  }
+  // Lane p, its result written out, stops.
+  void stop(int64_t p) {
+    done[static_cast<size_t>(p)] = 1;
+    finished.push_back(p);
+  }
+  // Lanes from the thread's items until the tile is full: load(p) puts the
+  // next one into lane p (and enters it), false once none is left.
+  template <typename Load>
+  void fill(Load&& load) {
+    while (count < width && load(count)) {
+      ++count;
+    }
+  }
+  // The width to step, the running lanes rounded up to the vector width.
+  // The lanes past them are computed with the tile and never read: zeroed
+  // once, as the tile narrows past them, they stay finite.
+  int64_t padded() {
+    constexpr int64_t W = Vectorized<T>::size();
+    const int64_t n = (count + W - 1) / W * W;
+    if (count < clean_from) {
+      for (int64_t c = 0; c < C; ++c) {
+        std::fill(cur + c * width + count, cur + c * width + std::min(n, clean_from), T(0));
+        std::fill(bl + c * width + count, bl + c * width + std::min(n, clean_from), T(0));
+      }
+      clean_from = count;
+    }
+    return n;
+  }
+  void stepped() {
+    std::swap(cur, nxt);
+    ++steps;
+  }
+  // At the deadline: stop_lane(p, ran_all) for every running lane (ran_all:
+  // it has run K iterations) says whether it stopped (written out, stop
+  // called); the others set the next deadline.
+  template <typename Stop>
+  void at_deadline(Stop&& stop_lane) {
+    if (steps != deadline) {
+      return;
+    }
+    deadline = std::numeric_limits<int64_t>::max();
+    for (int64_t p = 0; p < count; ++p) {
+      if (!stop_lane(p, ran(p) == K)) {
+        deadline = std::min(deadline, entered[static_cast<size_t>(p)] + K);
+      }
+    }
+  }
+  // Each stopped lane (in increasing order) takes the thread's next item;
+  // once none is left the last running lane moves into it. Only the stopped
+  // lanes are visited: a scan of every lane per step would cost as much as
+  // the step itself for a few channels.
+  template <typename Load>
+  void refill(Load&& load) {
+    const auto trim = [&] {
+      while (count > 0 && done[static_cast<size_t>(count - 1)]) {
+        --count;
+      }
+    };
+    for (const int64_t p : finished) {
+      if (load(p)) {
+        continue;
+      }
+      trim();
+      if (p >= count) {
+        break;
+      }
+      move(count - 1, p);
+      --count;
+    }
+    trim();
+    finished.clear();
+  }
+
+ private:
+  void move(int64_t from, int64_t to) {
+    for (int64_t c = 0; c < C; ++c) {
+      cur[c * width + to] = cur[c * width + from];
+      bl[c * width + to] = bl[c * width + from];
+    }
+    item[static_cast<size_t>(to)] = item[static_cast<size_t>(from)];
+    entered[static_cast<size_t>(to)] = entered[static_cast<size_t>(from)];
+    done[static_cast<size_t>(to)] = 0;
+  }
+};
+
+#ifndef TORCHITER_CHECK_CHANNELS
+#define TORCHITER_CHECK_CHANNELS 128
+#endif
+constexpr int64_t kCheckChannels = TORCHITER_CHECK_CHANNELS;
+
+template <typename T>
+void run_lanes(
+    const BlockedIO<T>& io, const ChannelMixing<T>& mix, int64_t groups, int64_t positions,
+    int64_t K, T lr, LoopStats<T>* stats, InterruptPoll& poll) {
+  using Vec = Vectorized<T>;
+  using Bits = std::conditional_t<sizeof(T) == 8, uint64_t, uint32_t>;
+  constexpr int64_t W = Vec::size();
+  const int64_t C = mix.C;
+  const int64_t total = groups * positions;
+  const int64_t ld = io.row_stride;
+  const int64_t T_w = tile_width<T>(C);
+  const bool skip_rest = rest_stays_at_zero(mix);
+  // Positions are handed out a few vectors' worth at a time: neighbours
+  // share cache lines of the (C, positions) rows, and the shared counter is
+  // rarely touched.
+  constexpr int64_t kChunk = 4 * W;
+  std::atomic<int64_t> next_position{0};
+  // As run_blocked: ~64k FMAs of work per task, small problems on the
+  // calling thread.
+  const int64_t tasks = std::clamp<int64_t>(
+      std::min(total * C * C * K / (int64_t{1} << 16), (total + W - 1) / W), 1, at::get_num_threads());
+  // Looking for fixed lanes reads the tile once more (less where every lane
+  // soon shows a change), against C FMAs per element for a step: with few
+  // channels it is done every few steps only (a fixed position then runs a
+  // few more iterations that change nothing).
+  const int64_t check_period = std::clamp<int64_t>(kCheckChannels / std::max<int64_t>(C, 1), 1, 8);
+  T first_max = 0, last_max = 0;
+  std::mutex stats_mutex;
+  const auto worker = [&](int64_t, int64_t) {
+    // A lane's item: the offset of its position's channel 0.
+    LaneTile<T> tile(C, T_w, K);
+    std::vector<Bits> changed(static_cast<size_t>(T_w + W));
+    int64_t chunk_next = 0, chunk_end = 0, group = 0, within = 0;
+    int64_t next_check = check_period;
+    T my_first = 0, my_last = 0;
+    const auto finish = [&](int64_t p) {
+      T* to = io.out + tile.item[static_cast<size_t>(p)];
+      for (int64_t c = 0; c < C; ++c) {
+        to[c * ld] = tile.cur[c * T_w + p];
+      }
+      tile.stop(p);
+    };
+    // The thread's next moving position into lane p (positions at rest are
+    // written as +0 on the way); false when none is left.
+    const auto load_next = [&](int64_t p) {
+      for (;;) {
+        if (chunk_next == chunk_end) {
+          chunk_next = std::min(total, next_position.fetch_add(kChunk, std::memory_order_relaxed));
+          chunk_end = std::min(total, chunk_next + kChunk);
+          if (chunk_next == chunk_end) {
+            return false;
+          }
+          // One division per chunk: per position it costs as much as
+          // loading a small one.
+          group = chunk_next / positions;
+          within = chunk_next % positions;
+        }
+        ++chunk_next;
+        const int64_t at = group * io.group_stride + within * io.position_stride;
+        if (++within == positions) {
+          within = 0;
+          ++group;
+        }
+        const T* yp = io.y + at;
+        const T* bp = io.b + at;
+        Bits moving = 0;
+        for (int64_t c = 0; c < C; ++c) {
+          tile.cur[c * T_w + p] = yp[c * ld];
+          tile.bl[c * T_w + p] = bp[c * ld];
+          moving |= motion_bits(yp + c * ld, bp + c * ld);
+        }
+        if (skip_rest && moving == 0) {
+          T* to = io.out + at;
+          for (int64_t c = 0; c < C; ++c) {
+            to[c * ld] = T(0);
+          }
+          continue;
+        }
+        tile.enter(p, at);
+        return true;
+      }
+    };
+    // A lane left bit for bit unchanged is fixed only with finite values:
+    // an infinity or a NaN changes by NaN in the dense loop, which its
+    // statistics must see.
+    const auto finite_lane = [&](int64_t p) {
+      for (int64_t c = 0; c < C; ++c) {
+        if (!std::isfinite(tile.cur[c * T_w + p])) {
+          return false;
+        }
+      }
+      return true;
+    };
+    tile.fill(load_next);
+    while (tile.count > 0) {
+      const int64_t n = tile.padded();
+      if ((tile.steps & 15) == 15 && poll.stop()) {
+        return;
+      }
+      // With stats, a lane's first and K-th iterations measure their change.
+      const bool measure = stats && (!tile.fresh.empty() || tile.steps + 1 == tile.deadline);
+      if (measure) {
+        step_block_positions<T>(mix, tile.cur, tile.bl, tile.nxt, T_w, n, tile.count, lr, tile.pmax);
+      } else {
+        step_block<T, false>(mix, tile.cur, tile.bl, tile.nxt, T_w, n, tile.count, lr);
+      }
+      tile.stepped();
+      if (measure) {
+        for (const int64_t p : tile.fresh) {
+          my_first = nan_max(my_first, tile.pmax[p]);
+        }
+      }
+      tile.fresh.clear();
+      tile.at_deadline([&](int64_t p, bool ran_all) {
+        if (ran_all) {
+          if (stats) {
+            my_last = nan_max(my_last, tile.pmax[p]);
+          }
+          finish(p);
+        }
+        return ran_all;
+      });
+      const auto by_deadline = static_cast<std::ptrdiff_t>(tile.finished.size());
+      if (tile.steps == next_check) {
+        changed_lanes(tile.cur, tile.nxt, C, T_w, tile.count, changed.data());
+        for (int64_t p = 0; p < tile.count; ++p) {
+          if (changed[static_cast<size_t>(p)] == 0 && !tile.done[static_cast<size_t>(p)] && finite_lane(p)) {
+            finish(p);
+          }
+        }
+        next_check = tile.steps + check_period;
+      }
+      // The two scans above each list their lanes in increasing order.
+      std::inplace_merge(tile.finished.begin(), tile.finished.begin() + by_deadline, tile.finished.end());
+      tile.refill(load_next);
+    }
+    if (stats) {
+      const std::lock_guard<std::mutex> lock(stats_mutex);
+      first_max = nan_max(first_max, my_first);
+      last_max = nan_max(last_max, my_last);
+    }
+  };
+  if (tasks > 1) {
+    at::parallel_for(0, tasks, 1, worker);
+  } else {
+    worker(0, 1);
+  }
+  if (stats) {
+    stats->measured(0, 0, first_max);
+    stats->measured(0, K - 1, last_max);
+    stats->iterations[0] = K;
+  }
+}
+
 // No stop test and a diagonal A: every element follows its own scalar
 // recurrence y <- project(y - lr_k (A_cc y - b)), so each run of
 // kDiagonalVectors vectors of a channel row goes through all K iterations in

@@ -64,45 +64,19 @@ void run_per_sample_rows(
   std::atomic<int64_t> next_sample{0};
   const int64_t tasks = std::clamp<int64_t>((B + T_w - 1) / T_w, 1, at::get_num_threads());
   const auto worker = [&](int64_t, int64_t) {
-    std::vector<T> local(static_cast<size_t>(3 * C * T_w + T_w));
-    T* cur = local.data();
-    T* nxt = cur + C * T_w;
-    T* bl = nxt + C * T_w;
-    T* pmax = bl + C * T_w;
-    // Per lane: its sample, and the step of this thread at which it entered
-    // (its iterations run are steps - entered).
-    std::vector<int64_t> sample(static_cast<size_t>(T_w)), entered(static_cast<size_t>(T_w));
-    std::vector<uint8_t> done(static_cast<size_t>(T_w), 0);
-    // The lanes stopped by this step, increasing.
-    std::vector<int64_t> finished;
-    finished.reserve(static_cast<size_t>(T_w));
-    int64_t count = 0, steps = 0;
+    // A lane's item: its sample.
+    LaneTile<T> tile(C, T_w, K);
     int64_t chunk_next = 0, chunk_end = 0;
-    // The earliest step at which a running lane reaches K iterations, and
-    // the lanes that entered since the last step (their change is `first`).
-    int64_t deadline = std::numeric_limits<int64_t>::max();
-    std::vector<int64_t> fresh;
-    fresh.reserve(static_cast<size_t>(T_w));
     const auto finish = [&](int64_t p, bool converged) {
-      const auto i = static_cast<size_t>(sample[static_cast<size_t>(p)]);
-      stats.last[i] = pmax[p];
-      stats.iterations[i] = steps - entered[static_cast<size_t>(p)];
+      const auto i = static_cast<size_t>(tile.item[static_cast<size_t>(p)]);
+      stats.last[i] = tile.pmax[p];
+      stats.iterations[i] = tile.ran(p);
       stats.converged[i] = converged ? 1 : 0;
       T* to = o + static_cast<int64_t>(i) * C;
       for (int64_t c = 0; c < C; ++c) {
-        to[c] = cur[c * T_w + p];
+        to[c] = tile.cur[c * T_w + p];
       }
-      done[static_cast<size_t>(p)] = 1;
-      finished.push_back(p);
-    };
-    const auto move_lane = [&](int64_t from, int64_t to) {
-      for (int64_t c = 0; c < C; ++c) {
-        cur[c * T_w + to] = cur[c * T_w + from];
-        bl[c * T_w + to] = bl[c * T_w + from];
-      }
-      sample[static_cast<size_t>(to)] = sample[static_cast<size_t>(from)];
-      entered[static_cast<size_t>(to)] = entered[static_cast<size_t>(from)];
-      done[static_cast<size_t>(to)] = 0;
+      tile.stop(p);
     };
     // The thread's next sample of the batch into lane p; false when none is
     // left.
@@ -116,62 +90,47 @@ void run_per_sample_rows(
       }
       const int64_t i = chunk_next++;
       for (int64_t c = 0; c < C; ++c) {
-        cur[c * T_w + p] = y_in[i * C + c];
-        bl[c * T_w + p] = b_rows[i * C + c];
+        tile.cur[c * T_w + p] = y_in[i * C + c];
+        tile.bl[c * T_w + p] = b_rows[i * C + c];
       }
-      sample[static_cast<size_t>(p)] = i;
-      entered[static_cast<size_t>(p)] = steps;
-      done[static_cast<size_t>(p)] = 0;
-      fresh.push_back(p);
-      deadline = std::min(deadline, steps + K);
+      tile.enter(p, i);
       return true;
     };
-    while (count < T_w && load_next(count)) {
-      ++count;
-    }
-    while (count > 0) {
-      // Lanes past the running ones are computed with the tile and never
-      // read: zeros keep them finite.
-      const int64_t n = (count + W - 1) / W * W;
-      for (int64_t c = 0; c < C; ++c) {
-        std::fill(cur + c * T_w + count, cur + c * T_w + n, T(0));
-        std::fill(bl + c * T_w + count, bl + c * T_w + n, T(0));
-      }
-      if ((steps & 15) == 15 && poll.stop()) {
+    tile.fill(load_next);
+    while (tile.count > 0) {
+      const int64_t n = tile.padded();
+      if ((tile.steps & 15) == 15 && poll.stop()) {
         return;
       }
-      step_block_positions<T>(mix, cur, bl, nxt, T_w, n, count, lr, pmax);
-      std::swap(cur, nxt);
-      ++steps;
-      for (const int64_t p : fresh) {
-        stats.first[static_cast<size_t>(sample[static_cast<size_t>(p)])] = pmax[p];
+      step_block_positions<T>(mix, tile.cur, tile.bl, tile.nxt, T_w, n, tile.count, lr, tile.pmax);
+      tile.stepped();
+      for (const int64_t p : tile.fresh) {
+        stats.first[static_cast<size_t>(tile.item[static_cast<size_t>(p)])] = tile.pmax[p];
       }
-      fresh.clear();
-      if (steps == deadline) {
+      tile.fresh.clear();
+      if (tile.steps == tile.deadline) {
         // Some lanes ran their K iterations: a scan finds them, and the
         // next deadline among the others.
-        deadline = std::numeric_limits<int64_t>::max();
-        for (int64_t p = 0; p < count; ++p) {
-          const int64_t ran = steps - entered[static_cast<size_t>(p)];
-          const int64_t k = ran - 1;
-          const bool passed = stop_test && k >= 1 && k % args.check_every == 0 && pmax[p] < tol;
-          if (ran == K || passed) {
+        tile.at_deadline([&](int64_t p, bool ran_all) {
+          const int64_t k = tile.ran(p) - 1;
+          const bool passed = stop_test && k >= 1 && k % args.check_every == 0 && tile.pmax[p] < tol;
+          if (ran_all || passed) {
             finish(p, passed);
-          } else {
-            deadline = std::min(deadline, entered[static_cast<size_t>(p)] + K);
+            return true;
           }
-        }
+          return false;
+        });
       } else if (stop_test) {
         // Only lanes whose change is below tol can stop: a vector compare
         // finds them (NaN never is below), the rest of the test is theirs.
-        for (int64_t s = 0; s < count; s += W) {
-          const int64_t lanes = std::min<int64_t>(W, count - s);
-          auto bits = static_cast<uint64_t>(~(Vec::loadu(pmax + s) < tol_vec).zero_mask()) &
+        for (int64_t s = 0; s < tile.count; s += W) {
+          const int64_t lanes = std::min<int64_t>(W, tile.count - s);
+          auto bits = static_cast<uint64_t>(~(Vec::loadu(tile.pmax + s) < tol_vec).zero_mask()) &
               ((uint64_t{1} << lanes) - 1);
           for (int64_t lane = 0; bits != 0; ++lane, bits >>= 1) {
             if (bits & 1) {
               const int64_t p = s + lane;
-              const int64_t k = steps - entered[static_cast<size_t>(p)] - 1;
+              const int64_t k = tile.ran(p) - 1;
               if (k >= 1 && k % args.check_every == 0) {
                 finish(p, true);
               }
@@ -181,25 +140,7 @@ void run_per_sample_rows(
       }
       // Each stopped lane takes the thread's next sample at once; when the
       // batch is used up, the last running lane moves into it instead.
-      // Only the stopped lanes are visited: a scan of every lane per step
-      // would cost as much as the step itself for a few channels.
-      for (const int64_t p : finished) {
-        if (load_next(p)) {
-          continue;
-        }
-        while (count > 0 && done[static_cast<size_t>(count - 1)]) {
-          --count;
-        }
-        if (p >= count) {
-          break;
-        }
-        move_lane(count - 1, p);
-        --count;
-      }
-      while (count > 0 && done[static_cast<size_t>(count - 1)]) {
-        --count;
-      }
-      finished.clear();
+      tile.refill(load_next);
     }
   };
   if (tasks > 1) {
