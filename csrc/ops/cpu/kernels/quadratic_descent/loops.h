@@ -501,8 +501,11 @@ void run_lanes(
   std::atomic<int64_t> next_position{0};
   // As run_blocked: ~64k FMAs of work per task, small problems on the
   // calling thread.
+  // (In double: positions x C^2 x K can pass 2^63 for a huge batch.)
+  const double fmas = static_cast<double>(total) * static_cast<double>(C * C) * static_cast<double>(K);
   const int64_t tasks = std::clamp<int64_t>(
-      std::min(total * C * C * K / (int64_t{1} << 16), (total + W - 1) / W), 1, at::get_num_threads());
+      static_cast<int64_t>(std::min(fmas / 65536.0, static_cast<double>((total + W - 1) / W))), 1,
+      at::get_num_threads());
   // Looking for fixed lanes reads the tile once more (less where every lane
   // soon shows a change), against C FMAs per element for a step: with few
   // channels it is done every few steps only (a fixed position then runs a
@@ -564,6 +567,15 @@ void run_lanes(
         return true;
       }
     };
+    // max |new - old| over lane p's channels in the last step (NaN if any
+    // is): what the measuring step gives it.
+    const auto lane_change = [&](int64_t p) {
+      T m = 0;
+      for (int64_t c = 0; c < C; ++c) {
+        m = nan_max(m, std::abs(tile.cur[c * T_w + p] - tile.nxt[c * T_w + p]));
+      }
+      return m;
+    };
     // A lane left bit for bit unchanged is fixed only with finite values:
     // an infinity or a NaN changes by NaN in the dense loop, which its
     // statistics must see.
@@ -581,24 +593,21 @@ void run_lanes(
       if ((tile.steps & 15) == 15 && poll.stop()) {
         return;
       }
-      // With stats, a lane's first and K-th iterations measure their change.
-      const bool measure = stats && (!tile.fresh.empty() || tile.steps + 1 == tile.deadline);
-      if (measure) {
-        step_block_positions<T>(mix, tile.cur, tile.bl, tile.nxt, T_w, n, tile.count, lr, tile.pmax);
-      } else {
-        step_block<T, false>(mix, tile.cur, tile.bl, tile.nxt, T_w, n, tile.count, lr);
-      }
+      step_block<T, false>(mix, tile.cur, tile.bl, tile.nxt, T_w, n, tile.count, lr);
       tile.stepped();
-      if (measure) {
+      // With stats, a lane's first and K-th iterations measure their change,
+      // lane by lane: a measuring step over the whole tile would cost more
+      // whenever some lane has just entered, which is most steps.
+      if (stats) {
         for (const int64_t p : tile.fresh) {
-          my_first = nan_max(my_first, tile.pmax[p]);
+          my_first = nan_max(my_first, lane_change(p));
         }
       }
       tile.fresh.clear();
       tile.at_deadline([&](int64_t p, bool ran_all) {
         if (ran_all) {
           if (stats) {
-            my_last = nan_max(my_last, tile.pmax[p]);
+            my_last = nan_max(my_last, lane_change(p));
           }
           finish(p);
         }
