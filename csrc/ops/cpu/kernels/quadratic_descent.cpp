@@ -109,6 +109,55 @@ std::vector<uint32_t> bf16_pairs_of(const at::Tensor& A, const QuadraticDescentA
   return pairs;
 }
 
+// Below this share of spared iterations on its sample, a batch goes to
+// run_blocked: where nothing settles, run_lanes' per-position loads and
+// checks cost about 6% more per iteration (the MNIST conv layer late in
+// training, benchmarks/README.md).
+constexpr double kMinSpared = 0.1;
+
+// No stop test and one rate for every iteration (see run_lanes). run_lanes
+// takes a sample of the batch first (a sixteenth of its groups, or of its
+// positions, and at least two tiles' worth); the rest goes to run_lanes too
+// where the sample's positions were spared at least kMinSpared of their
+// iterations, else to run_blocked's tiles. Both compute every position the
+// same way, so the choice only changes the time.
+template <typename T>
+void run_one_rate(
+    const BlockedIO<T>& io, const ChannelMixing<T>& mix, const WorkingLayout& L, int64_t K,
+    LearningRates& lrs, LoopStats<T>* stats, InterruptPoll& poll) {
+  constexpr int64_t W = Vectorized<T>::size();
+  const T lr = static_cast<T>(lrs.at(0));
+  const int64_t total = L.groups * L.positions;
+  const int64_t sample = L.groups > 1
+      ? (L.groups + 15) / 16 * L.positions
+      : std::min(total, (std::max(total / 16, 2 * tile_width<T>(L.channels)) + W - 1) / W * W);
+  const double spared = run_lanes<T>(io, mix, L.positions, 0, sample, K, lr, stats, poll);
+  if (sample >= total || poll.stop()) {
+    return;
+  }
+  if (spared >= kMinSpared) {
+    run_lanes<T>(io, mix, L.positions, sample, total, K, lr, stats, poll);
+    return;
+  }
+  // The rest of the batch on run_blocked's tiles: the groups after the
+  // sample's, or the positions after it (the sample is a multiple of the
+  // vector width, so a working copy's padding still ends the row).
+  WorkingLayout R = L;
+  BlockedIO<T> rest = io;
+  const int64_t shift = L.groups > 1 ? sample / L.positions * io.group_stride : sample * io.position_stride;
+  if (L.groups > 1) {
+    R.groups = L.groups - sample / L.positions;
+  } else {
+    R.positions = L.positions - sample;
+    R.padded_positions = (R.positions + W - 1) / W * W;
+  }
+  rest.y += shift;
+  rest.b += shift;
+  rest.out += shift;
+  const Tiles tiles = make_tiles<T>(R, /*gemm=*/false, /*diagonal=*/false);
+  run_blocked<T>(rest, mix, tiles, K, lrs, stats, poll);
+}
+
 template <typename T>
 QuadraticDescentResult run(
     const at::Tensor& y0, const at::Tensor& A, const at::Tensor& b_in,
@@ -142,7 +191,7 @@ QuadraticDescentResult run(
       if (diagonal) {
         run_diagonal<T>(io, mix, L.groups, L.positions, args.max_iterations, lrs, st, poll);
       } else if (!lrs.scheduled() && args.max_iterations > 0 && L.channels > 8) {
-        run_lanes<T>(io, mix, L.groups, L.positions, args.max_iterations, static_cast<T>(lrs.at(0)), st, poll);
+        run_one_rate<T>(io, mix, L, args.max_iterations, lrs, st, poll);
       } else {
         run_blocked<T>(io, mix, tiles, args.max_iterations, lrs, st, poll);
       }

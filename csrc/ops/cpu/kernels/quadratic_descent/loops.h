@@ -59,6 +59,14 @@ struct LoopStats {
         trace(static_cast<size_t>(args.trace ? args.max_iterations : 0),
               std::numeric_limits<T>::quiet_NaN()) {}
 
+  // Folds in the first and the last change of a loop over part of the
+  // positions of entry 0 (a driver run on a subset of a batch).
+  void measured_part(T first_change, T last_change, int64_t K) {
+    first[0] = nan_max(first[0], first_change);
+    last[0] = nan_max(last[0], last_change);
+    iterations[0] = K;
+  }
+
   // Records the change of iteration k for entry i.
   void measured(size_t i, int64_t k, T change) {
     if (k == 0) {
@@ -296,32 +304,10 @@ void run_blocked(
     worker(0, grabs);  // small problems stay on the calling thread
   }
   if (stats) {
-    stats->measured(0, 0, first_max);
-    stats->measured(0, K - 1, last_max);
-    stats->iterations[0] = K;
+    stats->measured_part(first_max, last_max, K);
   }
 }
 
-// No stop test and one rate for every iteration, where positions reach a
-// fixed point of the loop's own arithmetic: an iteration that leaves every
-// channel of a position bit for bit unchanged (a change of exactly 0, values
-// finite, zeros keeping their sign) is the same function of the same bits as
-// the next one, so every later iteration leaves it unchanged too. A
-// contracting loop gets there long before max_iterations in float32 (the
-// MNIST conv layer: 99.9% of its positions by iteration 26 of 40), and
-// positions at rest (see rest_stays_at_zero) are there from the start.
-//
-// Each thread keeps a tile of running positions in L1, each lane at its own
-// iteration count; a lane whose position is fixed, or has run K iterations,
-// is written out and takes the thread's next position at once (as
-// run_per_sample_rows does with samples), and once the positions are used up
-// the tile narrows. Every position runs the arithmetic of the dense loop in
-// whichever lane it sits, and stops only where that loop would no longer
-// change it, so results are those of run_blocked, bit for bit, at any thread
-// count. Positions are numbered group by group: position p of group g
-// starts at g * io.group_stride + p * io.position_stride. With `stats`, each
-// position's first iteration and its K-th (a fixed one changes by 0) are
-// measured.
 // Per lane of [0, n) of two C-row blocks (row stride ld): zero where every
 // channel has the same bits in a and b. One XOR and one OR per element, in
 // integer vectors: a float compare would equate -0 with +0.
@@ -482,15 +468,36 @@ struct LaneTile {
 #endif
 constexpr int64_t kCheckChannels = TORCHITER_CHECK_CHANNELS;
 
+// No stop test and one rate for every iteration, where positions reach a
+// fixed point of the loop's own arithmetic: an iteration that leaves every
+// channel of a position bit for bit unchanged (a change of exactly 0, values
+// finite, zeros keeping their sign) is the same function of the same bits as
+// the next one, so every later iteration leaves it unchanged too. A
+// contracting loop gets there long before max_iterations in float32 (the
+// MNIST conv layer: 99.9% of its positions by iteration 26 of 40), and
+// positions at rest (see rest_stays_at_zero) are there from the start.
+//
+// Each thread keeps a tile of running positions in L1, each lane at its own
+// iteration count; a lane whose position is fixed, or has run K iterations,
+// is written out and takes the thread's next position at once (as
+// run_per_sample_rows does with samples), and once the positions are used up
+// the tile narrows. Every position runs the arithmetic of the dense loop in
+// whichever lane it sits, and stops only where that loop would no longer
+// change it, so results are those of run_blocked, bit for bit, at any thread
+// count. Runs positions [begin, end), numbered group by group (`positions`
+// per group): position p of group g starts at g * io.group_stride +
+// p * io.position_stride. With `stats`, each position's first iteration and
+// its K-th (a fixed one changes by 0) are measured and folded in. Returns the
+// share of the moving positions' K iterations each that they were spared.
 template <typename T>
-void run_lanes(
-    const BlockedIO<T>& io, const ChannelMixing<T>& mix, int64_t groups, int64_t positions,
-    int64_t K, T lr, LoopStats<T>* stats, InterruptPoll& poll) {
+double run_lanes(
+    const BlockedIO<T>& io, const ChannelMixing<T>& mix, int64_t positions, int64_t begin,
+    int64_t end, int64_t K, T lr, LoopStats<T>* stats, InterruptPoll& poll) {
   using Vec = Vectorized<T>;
   using Bits = std::conditional_t<sizeof(T) == 8, uint64_t, uint32_t>;
   constexpr int64_t W = Vec::size();
   const int64_t C = mix.C;
-  const int64_t total = groups * positions;
+  const int64_t total = end;
   const int64_t ld = io.row_stride;
   const int64_t T_w = tile_width<T>(C);
   const bool skip_rest = rest_stays_at_zero(mix);
@@ -498,13 +505,16 @@ void run_lanes(
   // share cache lines of the (C, positions) rows, and the shared counter is
   // rarely touched.
   constexpr int64_t kChunk = 4 * W;
-  std::atomic<int64_t> next_position{0};
+  std::atomic<int64_t> next_position{begin};
+  // Iterations the positions that move ran, and those they were spared.
+  std::atomic<int64_t> ran_total{0}, spared_total{0};
   // As run_blocked: ~64k FMAs of work per task, small problems on the
   // calling thread.
   // (In double: positions x C^2 x K can pass 2^63 for a huge batch.)
-  const double fmas = static_cast<double>(total) * static_cast<double>(C * C) * static_cast<double>(K);
+  const int64_t count = std::max<int64_t>(end - begin, 0);
+  const double fmas = static_cast<double>(count) * static_cast<double>(C * C) * static_cast<double>(K);
   const int64_t tasks = std::clamp<int64_t>(
-      static_cast<int64_t>(std::min(fmas / 65536.0, static_cast<double>((total + W - 1) / W))), 1,
+      static_cast<int64_t>(std::min(fmas / 65536.0, static_cast<double>((count + W - 1) / W))), 1,
       at::get_num_threads());
   // Looking for fixed lanes reads the tile once more (less where every lane
   // soon shows a change), against C FMAs per element for a step: with few
@@ -520,11 +530,14 @@ void run_lanes(
     int64_t chunk_next = 0, chunk_end = 0, group = 0, within = 0;
     int64_t next_check = check_period;
     T my_first = 0, my_last = 0;
+    int64_t my_ran = 0, my_spared = 0;
     const auto finish = [&](int64_t p) {
       T* to = io.out + tile.item[static_cast<size_t>(p)];
       for (int64_t c = 0; c < C; ++c) {
         to[c * ld] = tile.cur[c * T_w + p];
       }
+      my_ran += tile.ran(p);
+      my_spared += K - tile.ran(p);
       tile.stop(p);
     };
     // The thread's next moving position into lane p (positions at rest are
@@ -627,6 +640,8 @@ void run_lanes(
       std::inplace_merge(tile.finished.begin(), tile.finished.begin() + by_deadline, tile.finished.end());
       tile.refill(load_next);
     }
+    ran_total += my_ran;
+    spared_total += my_spared;
     if (stats) {
       const std::lock_guard<std::mutex> lock(stats_mutex);
       first_max = nan_max(first_max, my_first);
@@ -639,10 +654,10 @@ void run_lanes(
     worker(0, 1);
   }
   if (stats) {
-    stats->measured(0, 0, first_max);
-    stats->measured(0, K - 1, last_max);
-    stats->iterations[0] = K;
+    stats->measured_part(first_max, last_max, K);
   }
+  const int64_t all = ran_total.load() + spared_total.load();
+  return all > 0 ? static_cast<double>(spared_total.load()) / static_cast<double>(all) : 0.0;
 }
 
 // No stop test and a diagonal A: every element follows its own scalar
