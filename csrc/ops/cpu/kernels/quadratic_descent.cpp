@@ -144,12 +144,14 @@ void run_one_rate(
   // vector width, so a working copy's padding still ends the row).
   WorkingLayout R = L;
   BlockedIO<T> rest = io;
-  const int64_t shift = L.groups > 1 ? sample / L.positions * io.group_stride : sample * io.position_stride;
+  int64_t shift;
   if (L.groups > 1) {
     R.groups = L.groups - sample / L.positions;
+    shift = sample / L.positions * io.group_stride;
   } else {
     R.positions = L.positions - sample;
     R.padded_positions = (R.positions + W - 1) / W * W;
+    shift = sample * io.position_stride;
   }
   rest.y += shift;
   rest.b += shift;

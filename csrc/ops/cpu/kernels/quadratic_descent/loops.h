@@ -391,6 +391,15 @@ struct LaneTile {
       ++count;
     }
   }
+  // Before each step: false once no lane runs or the loop is interrupted
+  // (polled every 16 steps), else n = the width to step (see padded).
+  bool next_step(InterruptPoll& poll, int64_t& n) {
+    if (count == 0 || ((steps & 15) == 15 && poll.stop())) {
+      return false;
+    }
+    n = padded();
+    return true;
+  }
   // The width to step, the running lanes rounded up to the vector width.
   // The lanes past them are computed with the tile and never read: zeroed
   // once, as the tile narrows past them, they stay finite.
@@ -497,7 +506,6 @@ double run_lanes(
   using Bits = std::conditional_t<sizeof(T) == 8, uint64_t, uint32_t>;
   constexpr int64_t W = Vec::size();
   const int64_t C = mix.C;
-  const int64_t total = end;
   const int64_t ld = io.row_stride;
   const int64_t T_w = tile_width<T>(C);
   const bool skip_rest = rest_stays_at_zero(mix);
@@ -545,8 +553,8 @@ double run_lanes(
     const auto load_next = [&](int64_t p) {
       for (;;) {
         if (chunk_next == chunk_end) {
-          chunk_next = std::min(total, next_position.fetch_add(kChunk, std::memory_order_relaxed));
-          chunk_end = std::min(total, chunk_next + kChunk);
+          chunk_next = std::min(end, next_position.fetch_add(kChunk, std::memory_order_relaxed));
+          chunk_end = std::min(end, chunk_next + kChunk);
           if (chunk_next == chunk_end) {
             return false;
           }
@@ -601,11 +609,7 @@ double run_lanes(
       return true;
     };
     tile.fill(load_next);
-    while (tile.count > 0) {
-      const int64_t n = tile.padded();
-      if ((tile.steps & 15) == 15 && poll.stop()) {
-        return;
-      }
+    for (int64_t n; tile.next_step(poll, n);) {
       step_block<T, false>(mix, tile.cur, tile.bl, tile.nxt, T_w, n, tile.count, lr);
       tile.stepped();
       // With stats, a lane's first and K-th iterations measure their change,

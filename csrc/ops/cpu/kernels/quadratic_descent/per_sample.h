@@ -97,11 +97,7 @@ void run_per_sample_rows(
       return true;
     };
     tile.fill(load_next);
-    while (tile.count > 0) {
-      const int64_t n = tile.padded();
-      if ((tile.steps & 15) == 15 && poll.stop()) {
-        return;
-      }
+    for (int64_t n; tile.next_step(poll, n);) {
       step_block_positions<T>(mix, tile.cur, tile.bl, tile.nxt, T_w, n, tile.count, lr, tile.pmax);
       tile.stepped();
       for (const int64_t p : tile.fresh) {
