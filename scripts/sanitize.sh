@@ -27,7 +27,7 @@ UBSAN_LIB="$(gcc -print-file-name=libubsan.so)"
 TESTS=("$@")
 if [ ${#TESTS[@]} -eq 0 ]; then
   TESTS=(tests/test_sgd_step.py tests/test_quadratic_descent.py tests/test_quadratic_descent_ex.py
-         tests/test_quadratic_descent_rest.py tests/test_quadratic_descent_fixed.py tests/test_quadratic_descent_per_sample_rows.py
+         tests/test_quadratic_descent_rest.py tests/test_quadratic_descent_fixed.py tests/test_quadratic_descent_ahead.py tests/test_quadratic_descent_per_sample_rows.py
          tests/test_no_silent_failures.py tests/test_properties.py tests/test_modules.py tests/test_models.py)
 fi
 echo "== running under the sanitizers: ${TESTS[*]}"

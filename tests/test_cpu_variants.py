@@ -79,6 +79,7 @@ OP_SUITES = [
     "tests/test_quadratic_descent_half.py",
     "tests/test_quadratic_descent_rest.py",
     "tests/test_quadratic_descent_fixed.py",
+    "tests/test_quadratic_descent_ahead.py",
     "tests/test_quadratic_descent_per_sample_rows.py",
     "tests/test_threads.py",
 ]

@@ -222,6 +222,34 @@ def test_per_sample_bitwise_at_any_thread_count(threads):
     assert len(set(want.iterations.tolist())) > 10
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+def test_per_sample_spatial_bitwise_at_any_thread_count(threads):
+    # Samples of several positions each (399 here) straddle tiles that
+    # different threads sweep; once a sample stops, a running one moves into
+    # its slot, which must happen before any thread reads that slot. Samples
+    # of different scales stop at different iterations, so moves happen
+    # throughout, and repeated calls catch a race as well as a wrong result.
+    torch.manual_seed(11)
+    B, C = 10, 9
+    A = spd(C, dtype=torch.float32)
+    b = torch.randn(B, C, 19, 21) * torch.logspace(-3, 1, B).view(B, 1, 1, 1)
+    y0 = torch.zeros_like(b)
+    alone = [quadratic_descent_ex(y0[i : i + 1], A, b[i : i + 1], 0.1, 150, 1e-3) for i in range(B)]
+    assert len({int(a.iterations) for a in alone}) > 3
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        assert torch.get_num_threads() == threads
+        for _ in range(5):
+            r = quadratic_descent_ex(y0, A, b, 0.1, 150, 1e-3, per_sample=True)
+            for i, a in enumerate(alone):
+                assert int(r.iterations[i]) == int(a.iterations), i
+                assert torch.equal(r.y[i], a.y[0]), i
+                assert torch.equal(r.change[i], a.change) and torch.equal(r.growth[i], a.growth), i
+    finally:
+        torch.set_num_threads(old)
+
+
 def test_errors_name_the_op_and_argument():
     y0, A, b = scaled_problem((3, 2), seed=9)
     with pytest.raises(RuntimeError, match=r"torchiter.quadratic_descent_ex: trace=True records max_iterations"):

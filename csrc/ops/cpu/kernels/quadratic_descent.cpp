@@ -19,10 +19,12 @@
 // reach a fixed point or max_iterations, refilling their lanes as they
 // stop), run_blocked() (tol == 0 with a schedule, or a handful of channels:
 // each tile runs all iterations while it sits in L1, one read and one write
-// of y in total) or run_sweeps() (tol > 0: one parallel sweep over y
-// per iteration that also yields max |y_k - y_{k-1}|; in the plain x86-64
-// variant from kGemmMinChannels channels on, each sweep follows a BLAS GEMM of
-// A with the (C, positions) matrix), then from_working() unpacks the result, mirroring the CUDA file.
+// of y in total), run_tiles_ahead() (tol > 0: tiles run ahead in L1 while
+// their own change shows the stop test cannot pass, and meet where it might)
+// or run_sweeps() (a trace, or in the plain x86-64 variant from
+// kGemmMinChannels channels on: one parallel sweep over y per iteration that
+// also yields max |y_k - y_{k-1}|, after a BLAS GEMM of A with the
+// (C, positions) matrix), then from_working() unpacks the result, mirroring the CUDA file.
 // When positions are per sample, or the batch has no spatial dims and more
 // than a handful of channels, run_lanes() and run_blocked() read from y0 and b
 // and write the result directly (transposing (B, C) rows tile by tile, on
@@ -198,6 +200,13 @@ QuadraticDescentResult run(
         run_blocked<T>(io, mix, tiles, args.max_iterations, lrs, st, poll);
       }
     };
+    // A stop test: tiles that run ahead in L1 (run_tiles_ahead), or one sweep
+    // per iteration where each follows a GEMM or a trace wants every
+    // iteration's change.
+    const auto with_test = [&](at::Tensor& Y, const at::Tensor& Bw, const Tiles& tl) {
+      return gemm || args.trace ? run_sweeps<T>(Y, Bw, A, mix, tl, gemm, args, lrs, st, poll)
+                                : run_tiles_ahead<T>(Y, Bw, mix, tl, args, lrs, st, poll);
+    };
     // A batch without spatial dims goes straight into the tiles too (each
     // tile transposes its rows), except for a handful of channels, where the
     // working copy's transpose with a compile-time C is the faster one, and
@@ -231,7 +240,7 @@ QuadraticDescentResult run(
       const Tiles tm = make_tiles<T>(Lm, gemm, diagonal);
       at::Tensor Y = gather_working<T>(yc.const_data_ptr<T>(), offsets, Lm, y0.options());
       const at::Tensor Bw = gather_working<T>(bc.const_data_ptr<T>(), offsets, Lm, y0.options());
-      iterations = run_sweeps<T>(Y, Bw, A, mix, tm, gemm, args, lrs, st, poll);
+      iterations = with_test(Y, Bw, tm);
       y = at::zeros(y0.sizes(), y0.options().memory_format(at::MemoryFormat::Contiguous));
       scatter_working<T>(Y, offsets, Lm, y.data_ptr<T>());
     } else {
@@ -241,7 +250,7 @@ QuadraticDescentResult run(
         const int64_t ld = L.padded_positions;
         run_without_test({Y.const_data_ptr<T>(), Bw.const_data_ptr<T>(), Y.data_ptr<T>(), ld, L.channels * ld});
       } else {
-        iterations = run_sweeps<T>(Y, Bw, A, mix, tiles, gemm, args, lrs, st, poll);
+        iterations = with_test(Y, Bw, tiles);
       }
       y = from_working<T>(Y, L, y0);
     }

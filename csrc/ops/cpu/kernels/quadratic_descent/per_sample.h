@@ -104,19 +104,7 @@ void run_per_sample_rows(
         stats.first[static_cast<size_t>(tile.item[static_cast<size_t>(p)])] = tile.pmax[p];
       }
       tile.fresh.clear();
-      if (tile.steps == tile.deadline) {
-        // Some lanes ran their K iterations: a scan finds them, and the
-        // next deadline among the others.
-        tile.at_deadline([&](int64_t p, bool ran_all) {
-          const int64_t k = tile.ran(p) - 1;
-          const bool passed = stop_test && k >= 1 && k % args.check_every == 0 && tile.pmax[p] < tol;
-          if (ran_all || passed) {
-            finish(p, passed);
-            return true;
-          }
-          return false;
-        });
-      } else if (stop_test) {
+      if (stop_test) {
         // Only lanes whose change is below tol can stop: a vector compare
         // finds them (NaN never is below), the rest of the test is theirs.
         for (int64_t s = 0; s < tile.count; s += W) {
@@ -133,6 +121,22 @@ void run_per_sample_rows(
             }
           }
         }
+      }
+      // Lanes that ran their K iterations without passing: a scan at the
+      // deadline finds them, and the next deadline among the others. Kept
+      // apart from the test, which would cost an integer division per lane
+      // there: with samples entering at different steps, some lane reaches
+      // K on most steps.
+      if (tile.steps == tile.deadline) {
+        const auto by_test = static_cast<std::ptrdiff_t>(tile.finished.size());
+        tile.at_deadline([&](int64_t p, bool ran_all) {
+          if (ran_all) {
+            finish(p, false);
+          }
+          return ran_all;
+        });
+        // Both scans list their lanes in increasing order.
+        std::inplace_merge(tile.finished.begin(), tile.finished.begin() + by_test, tile.finished.end());
       }
       // Each stopped lane takes the thread's next sample at once; when the
       // batch is used up, the last running lane moves into it instead.
@@ -238,10 +242,13 @@ void run_per_sample(
     const T lr = static_cast<T>(lrs.at(k));
     const T* src = src_t.const_data_ptr<T>();
     T* dst = dst_t.data_ptr<T>();
-    if (gemm) {
-      // The GEMM reads every slot: the moves go first.
+    if (gemm || S > 1) {
+      // The GEMM reads every slot, and a slot of several positions can
+      // straddle tiles that other threads sweep: the moves go first.
       apply_moves(0, static_cast<int64_t>(moves.size()));
       moves.clear();
+    }
+    if (gemm) {
       const int64_t np = L.padded_positions;
       at::Tensor g = column_block_view(G, C, np, ld);
       at::mm_out(g, A, column_block_view(src_t, C, np, ld));
@@ -368,9 +375,10 @@ void run_per_sample(
       continue;
     }
     // The stopped samples are out: running ones from the end move into
-    // their slots. The pairs are worked out here and copied by the next
-    // sweep, each by the tile its slot falls in; no slot is both a source
-    // and a destination, and the sources lie past the slots swept.
+    // their slots. The pairs are worked out here and copied before the
+    // next sweep, or with one position per sample by the sweep itself, each
+    // by the tile its slot falls in; no slot is both a source and a
+    // destination, and the sources lie past the slots swept.
     for (int64_t i : stopped) {
       while (n > 0 && stopping[static_cast<size_t>(n - 1)]) {
         stopping[static_cast<size_t>(--n)] = 0;

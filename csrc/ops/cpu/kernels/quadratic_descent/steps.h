@@ -129,6 +129,16 @@ inline void update_vector(
 // Loops over the register block (R rows x NV vectors) must be unrolled: an
 // accumulator array indexed by a loop variable lives on the stack, and every
 // column step then stores, reloads and re-zeroes all R x NV accumulators.
+// A column step of a few channels is a few hundred FMAs: called out of line
+// (GCC's choice where the step's deltas go to memory, as in the per-sample
+// loop) it ran a third slower than inlined, reloading the mixing's fields
+// and re-zeroing its accumulators around every call.
+#if defined(__GNUC__) || defined(__clang__)
+#define TORCHITER_INLINE inline __attribute__((always_inline))
+#else
+#define TORCHITER_INLINE inline
+#endif
+
 #if defined(__clang__)
 #define TORCHITER_UNROLL _Pragma("unroll")
 #elif defined(__GNUC__)
@@ -263,7 +273,7 @@ inline ColumnDeltas<T, NV> diagonal_step(
 // rows(std::integral_constant<int, R>{}, i) for the block of R rows from row
 // i and folds the deltas it returns.
 template <typename T, int NV, bool DELTA, typename Rows>
-inline ColumnDeltas<T, NV> over_row_blocks(const ChannelMixing<T>& pn, Rows&& rows_of) {
+TORCHITER_INLINE ColumnDeltas<T, NV> over_row_blocks(const ChannelMixing<T>& pn, Rows&& rows_of) {
   static_assert(kMaxRows == 5, "the switch below covers block heights 1..kMaxRows");
   ColumnDeltas<T, NV> dmax = zero_deltas<T, NV>();
   int64_t i = 0;
@@ -289,7 +299,7 @@ inline ColumnDeltas<T, NV> over_row_blocks(const ChannelMixing<T>& pn, Rows&& ro
 }
 
 template <typename T, int NV, bool DELTA>
-inline ColumnDeltas<T, NV> column_step(
+TORCHITER_INLINE ColumnDeltas<T, NV> column_step(
     const ChannelMixing<T>& pn, const T* y, const T* b, T* yn, int64_t ld, int64_t s,
     const Vectorized<T>& neg_lr, int64_t valid) {
   if (pn.diagonal) {
