@@ -844,9 +844,9 @@ int64_t run_sweeps(
 
 // run_sweeps' loop (a stop test, no GEMM, no trace) with each tile kept in
 // L1 for many iterations instead of one parallel sweep over y per iteration,
-// which reads and writes all of y from L2 or memory every iteration (1.3-2x
-// the time per iteration of the tiled loop, from 10 to 64 channels) and
-// meets the other threads at a barrier every iteration.
+// which reads and writes all of y from L2 or memory every iteration and
+// meets the other threads at a barrier every iteration (AVX2, 1 thread,
+// 4096 rows: 1.24x at 64 channels, 1.0-1.1x at 10-32).
 //
 // The stop test needs every tile's change at the same iteration, so tiles
 // run ahead only as far as the test cannot stop the loop. Each round starts
