@@ -207,7 +207,7 @@ build_fingerprint() {
   {
     (cd "$ROOT" && find csrc setup.py pyproject.toml -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum)
     "$PY" -c "import sys, torch; print(sys.version, torch.__version__, torch.version.cuda)" 2>/dev/null
-    for v in FORCE_CUDA FORCE_ONLY_CPU TORCHITER_NO_CUDA TORCHITER_CPU_VARIANTS TORCH_CUDA_ARCH_LIST CUDA_HOME; do
+    for v in FORCE_CUDA FORCE_ONLY_CPU TORCHITER_NO_CUDA TORCHITER_CPU_VARIANTS TORCHITER_CXXFLAGS TORCH_CUDA_ARCH_LIST CUDA_HOME; do
       echo "$v=${!v:-}"
     done
     grep -m1 '^flags' /proc/cpuinfo 2>/dev/null || uname -m

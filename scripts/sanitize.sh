@@ -18,7 +18,8 @@ SAN="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-fram
 echo "== building torchiter with ASan + UBSan into $OUT"
 # The plain x86-64 kernel variant only: the others run the same code on
 # wider vectors, and three sanitized builds would triple CI's build time.
-(cd "$OUT" && CFLAGS="$SAN" LDFLAGS="$SAN" FORCE_ONLY_CPU=1 TORCHITER_CPU_VARIANTS=default MAX_JOBS="${MAX_JOBS:-2}" \
+# -g1: line tables for the reports' stack traces, at little compile time.
+(cd "$OUT" && CFLAGS="$SAN" LDFLAGS="$SAN" TORCHITER_CXXFLAGS="-g1" FORCE_ONLY_CPU=1 TORCHITER_CPU_VARIANTS=default MAX_JOBS="${MAX_JOBS:-2}" \
   "$PY" setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1) || { tail -50 "$OUT/build.log"; exit 1; }
 # Python itself is not instrumented: the runtimes are preloaded. Leak checks
 # are off (the interpreter keeps its own allocations until exit).
@@ -26,8 +27,11 @@ ASAN_LIB="$(gcc -print-file-name=libasan.so)"
 UBSAN_LIB="$(gcc -print-file-name=libubsan.so)"
 TESTS=("$@")
 if [ ${#TESTS[@]} -eq 0 ]; then
+  # test_cpu_variants.py's op suites (OP_SUITES there) and more: this build
+  # is the plain x86-64 variant, so CI runs that variant's suites here.
   TESTS=(tests/test_sgd_step.py tests/test_quadratic_descent.py tests/test_quadratic_descent_ex.py
-         tests/test_quadratic_descent_rest.py tests/test_quadratic_descent_fixed.py tests/test_quadratic_descent_ahead.py tests/test_quadratic_descent_per_sample_rows.py
+         tests/test_quadratic_descent_half.py tests/test_quadratic_descent_rest.py tests/test_quadratic_descent_fixed.py
+         tests/test_quadratic_descent_ahead.py tests/test_quadratic_descent_per_sample_rows.py tests/test_threads.py
          tests/test_no_silent_failures.py tests/test_properties.py tests/test_modules.py tests/test_models.py)
 fi
 echo "== running under the sanitizers: ${TESTS[*]}"

@@ -162,6 +162,7 @@ def test_package_rejects_bad_input_like_eager(all_ops_package):
         package(g, y0, A, b, lrs[:5])  # fewer rates than iterations
 
 
+@pytest.mark.slow  # builds a C++ program against LibTorch: about three minutes on 2 cores
 def test_cpp_program_runs_a_package_like_eager_python(cpp_runner, tmp_path):
     """examples/cpp/save_package.py, then torchiter_aoti_run: the walk-through of docs/deployment.md."""
     program = cpp_runner.parent / "torchiter_aoti_run"

@@ -85,11 +85,19 @@ OP_SUITES = [
 ]
 
 
+# TORCHITER_TEST_VARIANTS (comma-separated) narrows the variants run here:
+# CI sets it to leave out `default`, whose op suites its sanitizer part runs
+# (scripts/sanitize.sh builds that variant alone).
+_ONLY = [v.strip() for v in os.environ.get("TORCHITER_TEST_VARIANTS", "").split(",") if v.strip()]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("capability", [c for c in ALL if c != torchiter.cpu_capability()])
 def test_op_suites_under_variant(capability):
     if capability not in SUPPORTED:
         pytest.skip(f"this CPU does not run the {capability} variant")
+    if _ONLY and capability not in _ONLY:
+        pytest.skip(f"TORCHITER_TEST_VARIANTS={','.join(_ONLY)} leaves out {capability}")
     env = dict(os.environ, TORCHITER_CPU_CAPABILITY=capability)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     proc = subprocess.run(
