@@ -112,6 +112,40 @@ bool rest_stays_at_zero(const ChannelMixing<T>& mix) {
   return std::all_of(std::begin(out), std::end(out), [](T v) { return v == T(0) && !std::signbit(v); });
 }
 
+// Runs task(grab) once per parallel task (on the calling thread alone where
+// one grab covers every tile); grab(t0, t1) hands the task tiles [t0, t1),
+// `per_grab` at a time from a shared counter, and is false once none are
+// left. Against a fixed share per thread, a core slowed by other work (another
+// process, a neighbouring VM) then does fewer tiles rather than holding the
+// others back at the end. Which tiles a task gets must never change what a
+// position computes, so that results stay bitwise the same.
+template <typename Task>
+void for_tiles(int64_t count, int64_t per_grab, Task&& task) {
+  const int64_t grabs = (count + per_grab - 1) / per_grab;
+  std::atomic<int64_t> next{0};
+  const auto worker = [&](int64_t, int64_t) {
+    task([&](int64_t& t0, int64_t& t1) {
+      t0 = next.fetch_add(per_grab, std::memory_order_relaxed);
+      t1 = std::min(count, t0 + per_grab);
+      return t0 < count;
+    });
+  };
+  if (grabs > 1) {
+    at::parallel_for(0, grabs, 1, worker);
+  } else {
+    worker(0, grabs);
+  }
+}
+
+// Copies `rows` rows of n elements, rows `from_ld` apart in `from` and
+// `to_ld` apart in `to`: a tile into its L1 block and back.
+template <typename T>
+void copy_rows(const T* from, int64_t from_ld, T* to, int64_t to_ld, int64_t rows, int64_t n) {
+  for (int64_t r = 0; r < rows; ++r) {
+    std::copy_n(from + r * from_ld, n, to + r * to_ld);
+  }
+}
+
 // No stop test: each tile is copied into three tile-local C x width blocks
 // (allocated once per task, never per iteration; lanes past the real
 // positions zero-filled) and runs all K iterations there before its result
@@ -146,15 +180,8 @@ void run_blocked(
   const int64_t ps = io.position_stride;
   T first_max = 0, last_max = 0;
   std::mutex stats_mutex;
-  // Threads take `per_grab` tiles at a time from a shared counter instead of
-  // a fixed half each: a core slowed by other work (another process, a
-  // neighbouring VM) then does fewer tiles rather than holding the other
-  // back at the end. Which tiles a thread gets never changes what a position
-  // computes, so results stay bitwise the same.
   const int64_t per_grab = std::max<int64_t>(1, tiles.grain / std::max<int64_t>(K, 1));
-  const int64_t grabs = (tiles.count + per_grab - 1) / per_grab;
-  std::atomic<int64_t> next_tile{0};
-  const auto worker = [&](int64_t, int64_t) {
+  for_tiles(tiles.count, per_grab, [&](auto&& grab) {
     std::vector<T> local(static_cast<size_t>(3 * C * T_w));
     T* cur = local.data();
     T* nxt = cur + C * T_w;
@@ -230,10 +257,8 @@ void run_blocked(
       }
       if (resting == 0 && staged == 0) {
         if (ps == 1) {
-          for (int64_t c = 0; c < C; ++c) {
-            std::copy_n(io.y + off + c * ld, valid, cur + c * T_w);
-            std::copy_n(io.b + off + c * ld, valid, bl + c * T_w);
-          }
+          copy_rows(io.y + off, ld, cur, T_w, C, valid);
+          copy_rows(io.b + off, ld, bl, T_w, C, valid);
         } else {
           // One position's C values are contiguous: read them in order.
           for (int64_t p = 0; p < valid; ++p) {
@@ -250,9 +275,7 @@ void run_blocked(
           return;
         }
         if (ps == 1) {
-          for (int64_t c = 0; c < C; ++c) {
-            std::copy_n(src + c * T_w, valid, io.out + off + c * ld);
-          }
+          copy_rows(src, T_w, io.out + off, ld, C, valid);
         } else {
           for (int64_t p = 0; p < valid; ++p) {
             T* op = io.out + off + p * ps;
@@ -281,11 +304,11 @@ void run_blocked(
         }
       }
     };
-    for (int64_t t0; (t0 = next_tile.fetch_add(per_grab, std::memory_order_relaxed)) < tiles.count;) {
+    for (int64_t t0, t1; grab(t0, t1);) {
       if (poll.stop()) {
         return;
       }
-      for (int64_t t = t0; t < std::min(tiles.count, t0 + per_grab); ++t) {
+      for (int64_t t = t0; t < t1; ++t) {
         run_tile(t);
       }
     }
@@ -297,12 +320,7 @@ void run_blocked(
       first_max = nan_max(first_max, my_first);
       last_max = nan_max(last_max, my_last);
     }
-  };
-  if (grabs > 1) {
-    at::parallel_for(0, grabs, 1, worker);
-  } else {
-    worker(0, grabs);  // small problems stay on the calling thread
-  }
+  });
   if (stats) {
     stats->measured_part(first_max, last_max, K);
   }
@@ -422,11 +440,15 @@ struct LaneTile {
   // At the deadline: stop_lane(p, ran_all) for every running lane not yet
   // stopped in this step (ran_all: it has run K iterations) says whether it
   // stopped (written out, stop called); the others set the next deadline.
+  // Call it after any other scan of this step that stops lanes: its stops
+  // are merged into theirs, so `finished` stays in increasing order for
+  // refill.
   template <typename Stop>
   void at_deadline(Stop&& stop_lane) {
     if (steps != deadline) {
       return;
     }
+    const auto before = static_cast<std::ptrdiff_t>(finished.size());
     // In a local: the member, written through `this` in the loop, would be
     // stored and reloaded for every lane.
     int64_t next = std::numeric_limits<int64_t>::max();
@@ -439,6 +461,7 @@ struct LaneTile {
       }
     }
     deadline = next;
+    std::inplace_merge(finished.begin(), finished.begin() + before, finished.end());
   }
   // Each stopped lane (in increasing order) takes the thread's next item;
   // once none is left the last running lane moves into it. Only the stopped
@@ -627,6 +650,17 @@ double run_lanes(
         }
       }
       tile.fresh.clear();
+      // A fixed lane that also reached its K-th iteration stops here: its
+      // change, 0, cannot raise the measured maximum.
+      if (tile.steps == next_check) {
+        changed_lanes(tile.cur, tile.nxt, C, T_w, tile.count, changed.data());
+        for (int64_t p = 0; p < tile.count; ++p) {
+          if (changed[static_cast<size_t>(p)] == 0 && finite_lane(p)) {
+            finish(p);
+          }
+        }
+        next_check = tile.steps + check_period;
+      }
       tile.at_deadline([&](int64_t p, bool ran_all) {
         if (ran_all) {
           if (stats) {
@@ -636,18 +670,6 @@ double run_lanes(
         }
         return ran_all;
       });
-      const auto by_deadline = static_cast<std::ptrdiff_t>(tile.finished.size());
-      if (tile.steps == next_check) {
-        changed_lanes(tile.cur, tile.nxt, C, T_w, tile.count, changed.data());
-        for (int64_t p = 0; p < tile.count; ++p) {
-          if (changed[static_cast<size_t>(p)] == 0 && !tile.done[static_cast<size_t>(p)] && finite_lane(p)) {
-            finish(p);
-          }
-        }
-        next_check = tile.steps + check_period;
-      }
-      // The two scans above each list their lanes in increasing order.
-      std::inplace_merge(tile.finished.begin(), tile.finished.begin() + by_deadline, tile.finished.end());
       tile.refill(load_next);
     }
     ran_total += my_ran;
@@ -892,10 +914,8 @@ int64_t run_tiles_ahead(
   const auto run_tile = [&](size_t t, int64_t until, bool ahead, int64_t measure_at, T* cur, T* nxt, T* bl) {
     int64_t off, n, valid;
     tiles.bounds(static_cast<int64_t>(t), off, n, valid);
-    for (int64_t c = 0; c < C; ++c) {
-      std::copy_n(y + off + c * ld, n, cur + c * T_w);
-      std::copy_n(b + off + c * ld, n, bl + c * T_w);
-    }
+    copy_rows(y + off, ld, cur, T_w, C, n);
+    copy_rows(b + off, ld, bl, T_w, C, n);
     T* src = cur;
     T* dst = nxt;
     int64_t k = reached[t];
@@ -929,32 +949,22 @@ int64_t run_tiles_ahead(
       }
     }
     reached[t] = k;
-    for (int64_t c = 0; c < C; ++c) {
-      std::copy_n(src + c * T_w, n, y + off + c * ld);
-    }
+    copy_rows(src, T_w, y + off, ld, C, n);
   };
-  // Calls run_tile for every tile not yet at `until`, tiles handed out from a
-  // shared counter as in run_blocked.
+  // Calls run_tile for every tile not yet at `until`.
   const auto round = [&](int64_t until, bool ahead, int64_t measure_at, int64_t length) {
     const int64_t per_grab = std::max<int64_t>(1, tiles.grain / std::max<int64_t>(length, 1));
-    const int64_t grabs = (tiles.count + per_grab - 1) / per_grab;
-    std::atomic<int64_t> next{0};
-    const auto worker = [&](int64_t, int64_t) {
+    for_tiles(tiles.count, per_grab, [&](auto&& grab) {
       std::vector<T> local(static_cast<size_t>(3 * C * T_w));
-      for (int64_t t0; (t0 = next.fetch_add(per_grab, std::memory_order_relaxed)) < tiles.count;) {
-        for (int64_t t = t0; t < std::min(tiles.count, t0 + per_grab) && !aborted; ++t) {
+      for (int64_t t0, t1; grab(t0, t1);) {
+        for (int64_t t = t0; t < t1 && !aborted; ++t) {
           if (reached[static_cast<size_t>(t)] < until) {
             run_tile(static_cast<size_t>(t), until, ahead, measure_at, local.data(),
                      local.data() + C * T_w, local.data() + 2 * C * T_w);
           }
         }
       }
-    };
-    if (grabs > 1) {
-      at::parallel_for(0, grabs, 1, worker);
-    } else {
-      worker(0, grabs);
-    }
+    });
     // Raises a pending interrupt on this thread; the caller's result is not used.
     return !poll.stop() && !aborted;
   };

@@ -127,17 +127,12 @@ void run_per_sample_rows(
       // apart from the test, which would cost an integer division per lane
       // there: with samples entering at different steps, some lane reaches
       // K on most steps.
-      if (tile.steps == tile.deadline) {
-        const auto by_test = static_cast<std::ptrdiff_t>(tile.finished.size());
-        tile.at_deadline([&](int64_t p, bool ran_all) {
-          if (ran_all) {
-            finish(p, false);
-          }
-          return ran_all;
-        });
-        // Both scans list their lanes in increasing order.
-        std::inplace_merge(tile.finished.begin(), tile.finished.begin() + by_test, tile.finished.end());
-      }
+      tile.at_deadline([&](int64_t p, bool ran_all) {
+        if (ran_all) {
+          finish(p, false);
+        }
+        return ran_all;
+      });
       // Each stopped lane takes the thread's next sample at once; when the
       // batch is used up, the last running lane moves into it instead.
       tile.refill(load_next);
