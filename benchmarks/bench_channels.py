@@ -8,7 +8,12 @@ measured FMA peak of one core per thread (``fma_peak.c``, as in
 product (the (C, C) matrix times the (C, rows) state), which a loop built on a
 BLAS GEMM cannot exceed. The rows default to 4,096 (1,024 from C = 1,024 on).
 
-    python benchmarks/bench_channels.py [--threads 1] [--channels 16,32,...]
+``--dtype bfloat16`` runs the op and ``torch.mm`` on bfloat16 tensors: on a
+CPU with AVX512-BF16 the op's mixing then takes bfloat16 products (see
+docs/ops.md), and its rate is set against the peak of those instructions
+(``fma_peak.c avx512bf16``: twice the float32 FMA's FLOPs per instruction).
+
+    python benchmarks/bench_channels.py [--threads 1] [--channels 16,32,...] [--dtype bfloat16]
 """
 
 import argparse
@@ -35,33 +40,49 @@ def seconds(fn, calls: int) -> float:
     return median(times)
 
 
+def _cpu_flag(name: str) -> bool:
+    """`name` is among the CPU flags Linux lists (False elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and name in line.split() for line in f)
+    except OSError:
+        return False
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--channels", default="16,32,50,64,100,128,192,256,512,1024")
     ap.add_argument("--iterations", type=int, default=50)
     ap.add_argument("--calls", type=int, default=15, help="timed calls per size (median)")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     args = ap.parse_args()
+    dtype = getattr(torch, args.dtype)
     torch.set_num_threads(args.threads)
     print(machine_header())
     isa = torchiter.cpu_capability()
+    if dtype == torch.bfloat16:
+        # The bfloat16 products exist only in the AVX-512 kernels, on CPUs that
+        # have AVX512-BF16; elsewhere the op runs its float32 mixing.
+        isa = "avx512bf16" if isa == "avx512" and _cpu_flag("avx512_bf16") else isa
     peak, why = fma_peak(args.threads, isa)
-    print(f"# FMA peak ({isa} FMAs, fma_peak.c, {args.threads} copies): "
+    what = "VDPBF16PS" if isa == "avx512bf16" else f"{isa} FMAs"
+    print(f"# {args.dtype}; peak ({what}, fma_peak.c, {args.threads} copies): "
           + (f"{peak:.1f} GFLOP/s" if peak else f"not measured ({why})"))
-    print("| C | rows | quadratic_descent ms | GFLOP/s | of FMA peak | torch.mm GFLOP/s (same product) | op / torch.mm |")
+    print("| C | rows | quadratic_descent ms | GFLOP/s | of peak | torch.mm GFLOP/s (same product) | op / torch.mm |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     K = args.iterations
     for C in [int(c) for c in args.channels.split(",")]:
         rows = 4096 if C < 1024 else 1024
         g = torch.Generator().manual_seed(0)
         Q = torch.randn(C, C, generator=g) / C**0.5
-        A = Q @ Q.T + torch.eye(C)  # dense: a diagonal A takes a one-FMA path
-        y0 = torch.zeros(rows, C)
-        b = torch.randn(rows, C, generator=g)
+        A = (Q @ Q.T + torch.eye(C)).to(dtype)  # dense: a diagonal A takes a one-FMA path
+        y0 = torch.zeros(rows, C, dtype=dtype)
+        b = torch.randn(rows, C, generator=g).to(dtype)
         t_op = seconds(lambda: torch.ops.torchiter.quadratic_descent(
             y0, A, b, 0.1, K, 0.0, 1, None, 0.0, 0.0, None), args.calls)
-        Y = torch.randn(C, rows, generator=g)
-        G = torch.empty(C, rows)
+        Y = torch.randn(C, rows, generator=g).to(dtype)
+        G = torch.empty(C, rows, dtype=dtype)
         t_mm = seconds(lambda: torch.mm(A, Y, out=G), args.calls * K)
         flop = 2.0 * rows * C * C
         op_rate = flop * K / t_op / 1e9

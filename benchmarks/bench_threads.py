@@ -80,7 +80,7 @@ def gemm_peak(threads, min_run_time):
 
 
 # Compiler flags of the FMA probe per kernel variant (x86-64 only).
-PROBE_FLAGS = {"avx2": ["-mavx2", "-mfma"], "avx512": ["-mavx512f"]}
+PROBE_FLAGS = {"avx2": ["-mavx2", "-mfma"], "avx512": ["-mavx512f"], "avx512bf16": ["-mavx512f", "-mavx512bf16"]}
 
 
 def fma_peak(threads, isa, seconds=1.0):
