@@ -424,6 +424,11 @@ _INTERRUPT_SCRIPT = textwrap.dedent(
     import os, signal, sys, threading, time
     import torch, torchiter
     threads, C, kind, tol, per_sample = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], float(sys.argv[4]), sys.argv[5] == "1"
+    # Ctrl-C as an interactive Python has it: a process started with SIGINT
+    # ignored (a background job of a non-interactive shell, as CI runners
+    # may start the suite) passes that on, and Python then installs no
+    # KeyboardInterrupt handler, so the signal below would be dropped.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     R = torch.randn(C, C)
