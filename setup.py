@@ -211,7 +211,7 @@ def extensions():
     # vector body and the partial-load tails round identically.
     # -g0: Python's own CFLAGS ask for debug info, which makes every compile
     # of torch's headers about 40% slower and the library five times larger.
-    # TORCHITER_CXXFLAGS adds flags after these (scripts/sanitize.sh: -O1 -g).
+    # TORCHITER_CXXFLAGS adds flags after these (scripts/sanitize.sh: -g1).
     cxx = ["-O3", "-g0", std, "-ffp-contract=off", "-fvisibility=hidden"] + _openmp_flags()
     cxx += shlex.split(os.environ.get("TORCHITER_CXXFLAGS", ""))
     # TORCHITER_CPU_VARIANTS=default builds the plain x86-64 variant alone

@@ -21,6 +21,15 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def cpu_has_flag(name: str) -> bool:
+    """``name`` (e.g. ``avx512_bf16``) is among the CPU flags Linux lists; False elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and name in line.split() for line in f)
+    except OSError:
+        return False
+
+
 def machine_header(device: str = "cpu") -> str:
     """Two lines naming the machine, the software and the command that ran."""
     dev = cpu_model()

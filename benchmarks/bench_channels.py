@@ -26,7 +26,7 @@ import torch
 import torchiter
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import machine_header, median  # noqa: E402
+from _common import cpu_has_flag, machine_header, median  # noqa: E402
 from bench_threads import fma_peak  # noqa: E402
 
 
@@ -38,15 +38,6 @@ def seconds(fn, calls: int) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return median(times)
-
-
-def _cpu_flag(name: str) -> bool:
-    """`name` is among the CPU flags Linux lists (False elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and name in line.split() for line in f)
-    except OSError:
-        return False
 
 
 def main():
@@ -64,7 +55,7 @@ def main():
     if dtype == torch.bfloat16:
         # The bfloat16 products exist only in the AVX-512 kernels, on CPUs that
         # have AVX512-BF16; elsewhere the op runs its float32 mixing.
-        isa = "avx512bf16" if isa == "avx512" and _cpu_flag("avx512_bf16") else isa
+        isa = "avx512bf16" if isa == "avx512" and cpu_has_flag("avx512_bf16") else isa
     peak, why = fma_peak(args.threads, isa)
     what = "VDPBF16PS" if isa == "avx512bf16" else f"{isa} FMAs"
     print(f"# {args.dtype}; peak ({what}, fma_peak.c, {args.threads} copies): "

@@ -27,12 +27,19 @@ ASAN_LIB="$(gcc -print-file-name=libasan.so)"
 UBSAN_LIB="$(gcc -print-file-name=libubsan.so)"
 TESTS=("$@")
 if [ ${#TESTS[@]} -eq 0 ]; then
-  # test_cpu_variants.py's op suites (OP_SUITES there) and more: this build
-  # is the plain x86-64 variant, so CI runs that variant's suites here.
-  TESTS=(tests/test_sgd_step.py tests/test_quadratic_descent.py tests/test_quadratic_descent_ex.py
-         tests/test_quadratic_descent_half.py tests/test_quadratic_descent_rest.py tests/test_quadratic_descent_fixed.py
-         tests/test_quadratic_descent_ahead.py tests/test_quadratic_descent_per_sample_rows.py tests/test_threads.py
-         tests/test_no_silent_failures.py tests/test_properties.py tests/test_modules.py tests/test_models.py)
+  # test_cpu_variants.py's op suites (its OP_SUITES, read from there so the
+  # two lists cannot drift apart) and more: this build is the plain x86-64
+  # variant, so CI runs that variant's suites here.
+  mapfile -t TESTS < <("$PY" - tests/test_cpu_variants.py <<'EOF'
+import ast, sys
+for node in ast.parse(open(sys.argv[1]).read()).body:
+    if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "OP_SUITES" for t in node.targets):
+        print("\n".join(ast.literal_eval(node.value)))
+EOF
+  )
+  [ ${#TESTS[@]} -gt 0 ] || { echo "== no OP_SUITES list found in tests/test_cpu_variants.py"; exit 1; }
+  TESTS+=(tests/test_quadratic_descent_ex.py tests/test_no_silent_failures.py tests/test_properties.py
+          tests/test_modules.py tests/test_models.py)
 fi
 echo "== running under the sanitizers: ${TESTS[*]}"
 LD_PRELOAD="$ASAN_LIB:$UBSAN_LIB" \
