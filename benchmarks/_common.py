@@ -38,10 +38,14 @@ def machine_header(device: str = "cpu") -> str:
     cmd = " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable)] + sys.argv)
     import torchiter
 
-    isa = f"torchiter CPU kernels {torchiter.cpu_capability()}"
+    isa = f"torchiter CPU kernels {torchiter.cpu_capability()}, bfloat16 mixing on {torchiter.cpu_bfloat16_units()}"
     # Variables that narrow torchiter's, ATen's or MKL's instruction set are
     # part of the command that ran.
-    forced = [f"{k}={os.environ[k]}" for k in ("TORCHITER_CPU_CAPABILITY", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS") if k in os.environ]
+    forced = [
+        f"{k}={os.environ[k]}"
+        for k in ("TORCHITER_CPU_CAPABILITY", "TORCHITER_AMX", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS")
+        if k in os.environ
+    ]
     if forced:
         isa += f" ({', '.join(forced)})"
     load = ""

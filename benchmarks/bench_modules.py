@@ -18,6 +18,7 @@ Run: ``python3 benchmarks/bench_modules.py [--sizes 64 4096] [--min-run-time 1.0
 """
 
 import argparse
+import os
 import platform
 import statistics
 import sys
@@ -30,6 +31,9 @@ import torch.utils.benchmark as benchmark
 from torch import nn
 
 import torchiter
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import cpu_model  # noqa: E402
 
 ITERATIONS = 100
 CHANNELS = 16  # k: outputs per sample; the state has size batch * k
@@ -220,17 +224,8 @@ def cpu_time(run: Callable[[], Any], number: int) -> float:
 
 
 def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
     return (
-        f"{platform.platform()}; {cpu}; torch {torch.__version__}; "
+        f"{platform.platform()}; {cpu_model()}; torch {torch.__version__}; "
         f"{torch.get_num_threads()} threads; python {platform.python_version()}"
     )
 

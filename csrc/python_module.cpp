@@ -79,6 +79,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "x86). The widest one the CPU supports, unless the environment variable "
       "TORCHITER_CPU_CAPABILITY names a narrower one.");
   m.def(
+      "cpu_bfloat16_units",
+      [] {
+        // A bad TORCHITER_AMX is an error here on every CPU, not only where
+        // the kernels would read it.
+        torchiter::cpu::amx_request();
+        return std::string(torchiter::cpu::cpu_kernels().bf16_mixing_units());
+      },
+      "What the CPU kernels mix a bfloat16 loop's channels on (and a float32 "
+      "loop's, under torch.set_float32_matmul_precision('medium')): 'amx' "
+      "(tile instructions, TDPBF16PS), 'avx512_bf16' (VDPBF16PS), or 'none' "
+      "(float32 FMAs on bfloat16 values). 'amx-emulated' where the "
+      "environment variable TORCHITER_AMX=emulate runs the AMX code on a "
+      "software model of the tiles, for tests.");
+  m.def(
       "_cpu_capabilities",
       [] {
         std::vector<std::string> names;

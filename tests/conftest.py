@@ -38,7 +38,8 @@ def pytest_collection_modifyitems(config, items):
 def pytest_report_header(config):
     return (
         f"torchiter CPU kernels: {torchiter.cpu_capability()} variant "
-        f"(this CPU runs: {', '.join(torchiter._C._cpu_capabilities())}); {torch.get_num_threads()} torch threads"
+        f"(this CPU runs: {', '.join(torchiter._C._cpu_capabilities())}); "
+        f"bfloat16 mixing on {torchiter.cpu_bfloat16_units()}; {torch.get_num_threads()} torch threads"
     )
 
 

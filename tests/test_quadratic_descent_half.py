@@ -145,13 +145,7 @@ BF16_SHAPES = [(65, 33), (5, 64, 7), (40, 130), (3, 50, 4, 5)]
 
 def _bf16_units():
     """Whether this process's kernels mix on bfloat16 dot products."""
-    if torchiter.cpu_capability() != "avx512":
-        return False
-    try:
-        with open("/proc/cpuinfo") as f:
-            return "avx512_bf16" in f.read().split()
-    except OSError:
-        return False
+    return torchiter.cpu_bfloat16_units() != "none"
 
 
 def _bf16_product_loop(y0, A, b, lr, K, min_=0.0):

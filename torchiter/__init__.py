@@ -3,7 +3,7 @@
 import torch  # noqa: F401  (loads libtorch before the op library)
 
 from . import _C  # noqa: F401  (registers torch.ops.torchiter.*)
-from ._C import cpu_capability
+from ._C import cpu_bfloat16_units, cpu_capability
 from . import implicit, models, ops, optim, projections, reference, scripting, stats
 from .implicit import FixedPointGradient
 from .modules import IterationLossModule, IterationModule
@@ -15,6 +15,7 @@ from .projections import Clamp, Projection, SoftThreshold
 __version__ = "0.1.0"
 
 __all__ = [
+    "cpu_bfloat16_units",
     "cpu_capability",
     "implicit",
     "models",

@@ -41,12 +41,13 @@ CpuKernels kernels_of(CpuCapability c) {
   switch (c) {
 #ifdef TORCHITER_CPU_X86_VARIANTS
     case CpuCapability::kAvx512:
-      return {c, &AVX512::sgd_step_kernel, &AVX512::quadratic_descent_kernel};
+      return {c, &AVX512::sgd_step_kernel, &AVX512::quadratic_descent_kernel, &AVX512::bf16_mixing_units};
     case CpuCapability::kAvx2:
-      return {c, &AVX2::sgd_step_kernel, &AVX2::quadratic_descent_kernel};
+      return {c, &AVX2::sgd_step_kernel, &AVX2::quadratic_descent_kernel, &AVX2::bf16_mixing_units};
 #endif
     default:
-      return {CpuCapability::kDefault, &DEFAULT::sgd_step_kernel, &DEFAULT::quadratic_descent_kernel};
+      return {CpuCapability::kDefault, &DEFAULT::sgd_step_kernel, &DEFAULT::quadratic_descent_kernel,
+              &DEFAULT::bf16_mixing_units};
   }
 }
 
@@ -101,6 +102,34 @@ std::vector<CpuCapability> supported_capabilities() {
   }
 #endif
   return out;
+}
+
+AmxRequest amx_request() {
+  static const AmxRequest request = [] {
+    const char* env = std::getenv("TORCHITER_AMX");
+    const std::string want = env && *env ? env : "auto";
+    if (want == "auto" || want == "1") {
+      return AmxRequest::kAuto;
+    }
+    if (want == "0") {
+      return AmxRequest::kOff;
+    }
+    if (want == "force") {
+      return AmxRequest::kForce;
+    }
+    TORCH_CHECK(
+        want == "emulate", "torchiter: TORCHITER_AMX must be one of auto, 1, 0, emulate, force, got '", want, "'");
+    return AmxRequest::kEmulate;
+  }();
+  return request;
+}
+
+void kernel_error(const char* message) {
+  TORCH_CHECK(false, message);
+}
+
+void kernel_warning_once(const char* message) {
+  TORCH_WARN_ONCE(message);
 }
 
 const CpuKernels& cpu_kernels() {

@@ -17,6 +17,7 @@ struct CpuKernels {
   CpuCapability capability;
   decltype(&DEFAULT::sgd_step_kernel) sgd_step;
   decltype(&DEFAULT::quadratic_descent_kernel) quadratic_descent;
+  decltype(&DEFAULT::bf16_mixing_units) bf16_mixing_units;
 };
 
 // The variant in use, chosen on first use: the widest one that this library

@@ -9,10 +9,23 @@
 #include "../../ops.h"
 #include "../../step_plan.h"
 
+#include <string>
 #include <tuple>
 #include <vector>
 
 namespace torchiter::cpu {
+
+// Services of the host code to the variants, defined in capability.cpp
+// (compiled without instruction-set flags): a variant that formatted a
+// message or threw through c10's macros would instantiate their inline
+// helpers with its own flags, and the linker may hand those copies to host
+// code as well (tests/test_cpu_variants.py checks the machine code for it).
+enum class AmxRequest { kAuto, kOff, kEmulate, kForce };
+// TORCHITER_AMX (auto, 1, 0, emulate or force), read once; throws on
+// another value.
+AmxRequest amx_request();
+[[noreturn]] void kernel_error(const char* message);
+void kernel_warning_once(const char* message);
 
 // Declares the entry points of one variant; a kernel file defines them in
 // namespace torchiter::cpu::CPU_CAPABILITY.
@@ -31,7 +44,11 @@ namespace torchiter::cpu {
       const at::Tensor& A,                                                  \
       const at::Tensor& b,                                                  \
       const QuadraticDescentArgs& args,                                     \
-      LearningRates& lrs);
+      LearningRates& lrs);                                                  \
+  /* What a loop that may mix on bfloat16 products (QuadraticDescentArgs:: \
+     bf16_mixing) runs them on: "amx", "amx-emulated", "avx512_bf16", or   \
+     "none" (it mixes in float32). */                                       \
+  const char* bf16_mixing_units();
 
 namespace DEFAULT {
 TORCHITER_CPU_KERNEL_ENTRY_POINTS

@@ -11,6 +11,8 @@
 //
 // The kernel is split by role, each part in quadratic_descent/:
 //   steps.h       step primitives (mixing a tile's block, the projected update)
+//   amx.h         the bfloat16 mixing on AMX tiles (hardware or emulated)
+//   columns.h     one iteration of a block, on the mixing the loop asked for
 //   layout.h      the working copy's layout and the tiles
 //   loops.h       loop drivers for a batch that stops as a whole
 //   per_sample.h  the per-sample batch (quadratic_descent_ex, per_sample)
@@ -83,24 +85,47 @@ bool all_finite(const at::Tensor& t) {
   return finite.load();
 }
 
-// A rounded to bfloat16 in pairs (ChannelMixing::A_pairs), where the loop
-// may mix on bfloat16 dot products and this CPU has them; else empty (the
+// A rounded to bfloat16 in pairs, where the loop may mix on bfloat16 dot
+// products and this CPU has them: for VDPBF16PS (ChannelMixing::A_pairs) or,
+// where the CPU has AMX-BF16, for the tiles (A_tiles); else both empty (the
 // mixing stays in float32).
+struct Bf16Pairs {
+  std::vector<uint32_t> pairs, tiles;
+  int64_t tile_pairs = 0;
+  bool emulated = false;
+
+  void attach(ChannelMixing<float>& mix) const {
+    if (!tiles.empty()) {
+      mix.A_tiles = tiles.data();
+      mix.tile_pairs = tile_pairs;
+      mix.amx_emulated = emulated;
+    } else if (!pairs.empty()) {
+      mix.A_pairs = pairs.data();
+      mix.pairs = (mix.C + 1) / 2;
+    }
+  }
+};
+
 template <typename T>
-std::vector<uint32_t> bf16_pairs_of(const at::Tensor& A, const QuadraticDescentArgs& args, bool diagonal, bool gemm) {
-  std::vector<uint32_t> pairs;
+Bf16Pairs bf16_pairs_of(const at::Tensor& A, const QuadraticDescentArgs& args, bool diagonal, bool gemm) {
+  Bf16Pairs out;
 #ifdef TORCHITER_BF16_MIXING
   if constexpr (std::is_same_v<T, float>) {
     const int64_t C = A.size(0);
     if (args.bf16_mixing && !diagonal && !gemm && C >= kBf16MinChannels && cpu_has_avx512_bf16()) {
-      const int64_t P = (C + 1) / 2;
-      pairs.resize(static_cast<size_t>(C * P));
       const float* a = A.const_data_ptr<float>();
+#ifdef TORCHITER_AMX_MIXING
+      if (const AmxMode mode = amx_mode(); mode != AmxMode::kOff) {
+        out.tiles = amx_pairs_of(a, C, out.tile_pairs);
+        out.emulated = mode == AmxMode::kEmulated;
+        return out;
+      }
+#endif
+      const int64_t P = (C + 1) / 2;
+      out.pairs.resize(static_cast<size_t>(C * P));
       for (int64_t i = 0; i < C; ++i) {
         for (int64_t p = 0; p < P; ++p) {
-          const uint32_t lo = bf16_bits(a[i * C + 2 * p]);
-          const uint32_t hi = 2 * p + 1 < C ? bf16_bits(a[i * C + 2 * p + 1]) : 0;
-          pairs[static_cast<size_t>(i * P + p)] = lo | (hi << 16);
+          out.pairs[static_cast<size_t>(i * P + p)] = pair_word(a + i * C, C, p);
         }
       }
     }
@@ -108,7 +133,7 @@ std::vector<uint32_t> bf16_pairs_of(const at::Tensor& A, const QuadraticDescentA
 #else
   (void)A, (void)args, (void)diagonal, (void)gemm;
 #endif
-  return pairs;
+  return out;
 }
 
 // Below this share of spared iterations on its sample, a batch goes to
@@ -177,11 +202,10 @@ QuadraticDescentResult run(
   at::Tensor y;
   int64_t iterations = args.max_iterations;
   InterruptPoll poll;
-  const std::vector<uint32_t> pairs = bf16_pairs_of<T>(A, args, diagonal, gemm);
+  const Bf16Pairs pairs = bf16_pairs_of<T>(A, args, diagonal, gemm);
   ChannelMixing<T> mix(A.const_data_ptr<T>(), y0.size(1), &proj, diagonal);
-  if (!pairs.empty()) {
-    mix.A_pairs = pairs.data();
-    mix.pairs = (mix.C + 1) / 2;
+  if constexpr (std::is_same_v<T, float>) {
+    pairs.attach(mix);
   }
   if (args.per_sample) {
     y = at::empty(y0.sizes(), y0.options().memory_format(at::MemoryFormat::Contiguous));
@@ -265,6 +289,25 @@ QuadraticDescentResult run(
 }
 
 } // namespace
+
+const char* bf16_mixing_units() {
+#ifdef TORCHITER_BF16_MIXING
+  if (cpu_has_avx512_bf16()) {
+#ifdef TORCHITER_AMX_MIXING
+    switch (amx_mode()) {
+      case AmxMode::kHardware:
+        return "amx";
+      case AmxMode::kEmulated:
+        return "amx-emulated";
+      case AmxMode::kOff:
+        break;
+    }
+#endif
+    return "avx512_bf16";
+  }
+#endif
+  return "none";
+}
 
 QuadraticDescentResult quadratic_descent_kernel(
     const at::Tensor& y0,

@@ -9,7 +9,7 @@
 // linkage gives every variant its own copy.
 #pragma once
 
-#include "steps.h"
+#include "columns.h"
 
 #include <ATen/Parallel.h>
 

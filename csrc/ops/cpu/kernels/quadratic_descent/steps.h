@@ -55,6 +55,12 @@ struct ChannelMixing {
   // pair ends in a zero).
   const uint32_t* A_pairs = nullptr;
   int64_t pairs = 0;
+  // Set only where the bfloat16 mixing runs on AMX tiles (amx.h): A's pairs
+  // in rows of `tile_pairs` words (ceil(C / 2) rounded up to 16), C rounded
+  // up to 32 rows, zero-padded; on the tile emulation if `amx_emulated`.
+  const uint32_t* A_tiles = nullptr;
+  int64_t tile_pairs = 0;
+  bool amx_emulated = false;
 
   ChannelMixing(const T* A_, int64_t C_, const VecProjection<T>* project_, bool diagonal_)
       : A(A_), C(C_), project(project_),
@@ -381,11 +387,19 @@ inline uint32_t bf16_bits(float x) {
   return (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
 }
 
+// Channels (2p, 2p + 1) of one row of A (C entries) as one word of
+// bfloat16 bits, the even one in the low half (0 past the last channel).
+inline uint32_t pair_word(const float* row, int64_t C, int64_t p) {
+  const uint32_t lo = bf16_bits(row[2 * p]);
+  const uint32_t hi = 2 * p + 1 < C ? bf16_bits(row[2 * p + 1]) : 0;
+  return lo | (hi << 16);
+}
+
 // Rows (2p, 2p + 1) of y's C x n block (row stride ld, n a multiple of 16)
-// into yp[p * n + s]: position s's two values rounded to bfloat16 (nearest
-// even), the even row in the low half of the word.
+// into yp[p * out_ld + s]: position s's two values rounded to bfloat16
+// (nearest even), the even row in the low half of the word.
 TORCHITER_BF16_TARGET
-inline void pack_pairs(const float* y, int64_t ld, int64_t C, int64_t n, uint32_t* yp) {
+inline void pack_pairs(const float* y, int64_t ld, int64_t C, int64_t n, uint32_t* yp, int64_t out_ld) {
   // Word 2l of the result takes word l of the low row, word 2l + 1 word l of
   // the high row (the low row fills words 0-15 after the conversion).
   alignas(64) static constexpr int16_t kInterleave[32] = {
@@ -396,7 +410,7 @@ inline void pack_pairs(const float* y, int64_t ld, int64_t C, int64_t n, uint32_
   for (int64_t p = 0; 2 * p < C; ++p) {
     const float* lo = y + 2 * p * ld;
     const float* hi = 2 * p + 1 < C ? lo + ld : nullptr;
-    uint32_t* out = yp + p * n;
+    uint32_t* out = yp + p * out_ld;
     for (int64_t s = 0; s < n; s += 16) {
       const __m512 h = hi ? _mm512_loadu_ps(hi + s) : zero;
       const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(h, _mm512_loadu_ps(lo + s));
@@ -471,7 +485,7 @@ void step_columns_bf16(
   if (packed.size() < need) {
     packed.resize(need);
   }
-  pack_pairs(y, ld, pn.C, n, packed.data());
+  pack_pairs(y, ld, pn.C, n, packed.data(), n);
   const uint32_t* yp = packed.data();
   const Vectorized<float> neg_lr(-lr);
   for_column_steps<float, 4, DELTA>(n, [&](auto nv, int64_t s) {
@@ -479,59 +493,6 @@ void step_columns_bf16(
   }, sink);
 }
 #endif
-
-// One iteration over columns [0, n) of a block (n a multiple of the width;
-// lanes at or past `valid` are padding, excluded from the delta). Every lane
-// sees the same sequence of operations whichever block it falls in, so the
-// blocking does not change results. With DELTA, each column step's deltas go
-// to `sink(s, deltas)`, s the column of its first vector.
-template <typename T, bool DELTA, typename Sink>
-inline void step_columns(
-    const ChannelMixing<T>& pn, const T* y, const T* b, T* yn, int64_t ld, int64_t n,
-    int64_t valid, T lr, Sink&& sink) {
-#ifdef TORCHITER_BF16_MIXING
-  if constexpr (std::is_same_v<T, float>) {
-    if (pn.A_pairs) {
-      step_columns_bf16<DELTA>(pn, y, b, yn, ld, n, valid, lr, sink);
-      return;
-    }
-  }
-#endif
-  const Vectorized<T> neg_lr(-lr);
-  for_column_steps<T, kColumnVectors<T>, DELTA>(n, [&](auto nv, int64_t s) {
-    return column_step<T, decltype(nv)::value, DELTA>(pn, y, b, yn, ld, s, neg_lr, valid - s);
-  }, sink);
-}
-
-// step_columns; returns the lane-wise max |delta| over the block (zeros
-// without DELTA).
-template <typename T, bool DELTA>
-inline Vectorized<T> step_block(
-    const ChannelMixing<T>& pn, const T* y, const T* b, T* yn, int64_t ld, int64_t n,
-    int64_t valid, T lr) {
-  Vectorized<T> dmax(static_cast<T>(0));
-  step_columns<T, DELTA>(pn, y, b, yn, ld, n, valid, lr, [&](int64_t, const auto& d) {
-    for (const auto& dv : d) {
-      dmax = max_change(dmax, dv);
-    }
-  });
-  return dmax;
-}
-
-// step_columns, storing each position's max |delta| over the channels to
-// pmax[0, n) (padding lanes 0): the per-sample loop's stop test, measured in
-// the same pass as the update instead of reading y twice more.
-template <typename T>
-inline void step_block_positions(
-    const ChannelMixing<T>& pn, const T* y, const T* b, T* yn, int64_t ld, int64_t n,
-    int64_t valid, T lr, T* pmax) {
-  constexpr int64_t W = Vectorized<T>::size();
-  step_columns<T, true>(pn, y, b, yn, ld, n, valid, lr, [&](int64_t s, const auto& d) {
-    for (size_t v = 0; v < d.size(); ++v) {
-      d[v].store(pmax + s + static_cast<int64_t>(v) * W);
-    }
-  });
-}
 
 // The GEMM path's second half: given G = A·y for columns [0, n) of a block,
 // ynext = project(y - lr (G - b)), one pass over memory. With `delta`,
