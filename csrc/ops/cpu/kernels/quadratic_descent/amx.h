@@ -377,6 +377,45 @@ inline std::vector<uint32_t> amx_pairs_of(const float* a, int64_t C, int64_t& tp
   return out;
 }
 
+// One thread's run of steps under one tile configuration: the first
+// session on a thread configures the tiles (LDTILECFG), the last to end
+// releases them (TILERELEASE, also on an exception), so that a thread's
+// share of a loop pays for them once instead of once per step. The loop
+// drivers open one per worker; step_columns_amx opens its own, which only
+// configures where no driver did. Nothing else on the thread runs tile code
+// inside a session.
+inline int& amx_session_depth() {
+  thread_local int depth = 0;
+  return depth;
+}
+
+class AmxSession {
+ public:
+  template <typename T>
+  explicit AmxSession(const ChannelMixing<T>& mix) {
+    if constexpr (std::is_same_v<T, float>) {
+      if (mix.A_tiles) {
+        held_ = true;
+        emulated_ = mix.amx_emulated;
+        if (amx_session_depth()++ == 0) {
+          emulated_ ? AmxEmulated::configure(kernel_tile_config()) : AmxHardware::configure(kernel_tile_config());
+        }
+      }
+    }
+  }
+  ~AmxSession() {
+    if (held_ && --amx_session_depth() == 0) {
+      emulated_ ? AmxEmulated::release() : AmxHardware::release();
+    }
+  }
+  AmxSession(const AmxSession&) = delete;
+  AmxSession& operator=(const AmxSession&) = delete;
+
+ private:
+  bool held_ = false;
+  bool emulated_ = false;
+};
+
 // step_columns on AMX tiles: packs the block (C x n, n a multiple of 16)
 // into pairs with zero padding to whole tiles, then for each block of 32
 // channels x 32 positions the tile sums and, from them, the update of those
@@ -434,9 +473,10 @@ TORCHITER_AMX_TARGET void step_columns_amx(
       }
     }
   };
-  Tiles::configure(kernel_tile_config());
-  project.use_shrink ? run(std::true_type{}) : run(std::false_type{});
-  Tiles::release();
+  {
+    const AmxSession session(pn);
+    project.use_shrink ? run(std::true_type{}) : run(std::false_type{});
+  }
   if constexpr (DELTA) {
     for (int64_t s = 0; s < n; s += W) {
       const ColumnDeltas<float, 1> d{Vec::loadu(changes.data() + s)};
@@ -444,6 +484,21 @@ TORCHITER_AMX_TARGET void step_columns_amx(
     }
   }
 }
+
+} // namespace
+} // namespace torchiter::cpu::CPU_CAPABILITY
+
+#else
+
+namespace torchiter::cpu::CPU_CAPABILITY {
+namespace {
+
+// Without the AMX path a session holds nothing.
+class AmxSession {
+ public:
+  template <typename T>
+  explicit AmxSession(const ChannelMixing<T>&) {}
+};
 
 } // namespace
 } // namespace torchiter::cpu::CPU_CAPABILITY

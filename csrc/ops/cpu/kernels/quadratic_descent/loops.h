@@ -182,6 +182,8 @@ void run_blocked(
   std::mutex stats_mutex;
   const int64_t per_grab = std::max<int64_t>(1, tiles.grain / std::max<int64_t>(K, 1));
   for_tiles(tiles.count, per_grab, [&](auto&& grab) {
+    // Tiles configured once for all of this thread's steps (amx.h).
+    const AmxSession amx_session(mix);
     std::vector<T> local(static_cast<size_t>(3 * C * T_w));
     T* cur = local.data();
     T* nxt = cur + C * T_w;
@@ -561,6 +563,8 @@ double run_lanes(
   T first_max = 0, last_max = 0;
   std::mutex stats_mutex;
   const auto worker = [&](int64_t, int64_t) {
+    // Tiles configured once for all of this thread's steps (amx.h).
+    const AmxSession amx_session(mix);
     // A lane's item: the offset of its position's channel 0.
     LaneTile<T> tile(C, T_w, K);
     std::vector<Bits> changed(static_cast<size_t>(T_w + W));
@@ -823,6 +827,8 @@ int64_t run_sweeps(
     }
     const T* g = gemm ? G.const_data_ptr<T>() : nullptr;
     at::parallel_for(0, tiles.count, tiles.grain, [&](int64_t t0, int64_t t1) {
+      // Tiles configured once for all of this thread's steps (amx.h).
+      const AmxSession amx_session(mix);
       for (int64_t t = t0; t < t1; ++t) {
         int64_t off, n, valid;
         tiles.bounds(t, off, n, valid);
@@ -955,6 +961,8 @@ int64_t run_tiles_ahead(
   const auto round = [&](int64_t until, bool ahead, int64_t measure_at, int64_t length) {
     const int64_t per_grab = std::max<int64_t>(1, tiles.grain / std::max<int64_t>(length, 1));
     for_tiles(tiles.count, per_grab, [&](auto&& grab) {
+      // Tiles configured once for all of this thread's steps (amx.h).
+      const AmxSession amx_session(mix);
       std::vector<T> local(static_cast<size_t>(3 * C * T_w));
       for (int64_t t0, t1; grab(t0, t1);) {
         for (int64_t t = t0; t < t1 && !aborted; ++t) {

@@ -64,6 +64,8 @@ void run_per_sample_rows(
   std::atomic<int64_t> next_sample{0};
   const int64_t tasks = std::clamp<int64_t>((B + T_w - 1) / T_w, 1, at::get_num_threads());
   const auto worker = [&](int64_t, int64_t) {
+    // Tiles configured once for all of this thread's steps (amx.h).
+    const AmxSession amx_session(mix);
     // A lane's item: its sample.
     LaneTile<T> tile(C, T_w, K);
     int64_t chunk_next = 0, chunk_end = 0;
@@ -258,6 +260,8 @@ void run_per_sample(
     const bool record_next = k + 1 == 1 || k + 1 == K || args.trace;
     const bool stop_in_tiles = one_position && check && !record_next;
     at::parallel_for(0, tiles.count, tiles.grain, [&](int64_t t0, int64_t t1) {
+      // Tiles configured once for all of this thread's steps (amx.h).
+      const AmxSession amx_session(mix);
       for (int64_t t = t0; t < t1; ++t) {
         int64_t off, w, valid;
         tiles.bounds(t, off, w, valid);
