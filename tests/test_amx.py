@@ -174,6 +174,40 @@ def test_amx_environment_variable():
     assert UNITS in ("amx", "avx512_bf16", "none")
 
 
+_NESTED = r"""
+import signal, torch, torchiter
+from _util import spd_problem
+OP = torch.ops.torchiter.quadratic_descent
+y0, A, b = spd_problem((3000, 64), torch.bfloat16, "cpu", seed=3)
+y1, A1, b1 = spd_problem((100, 40), torch.bfloat16, "cpu", seed=4)
+inner = []
+def handler(signum, frame):
+    inner.append(OP(y1, A1, b1, 0.5, 5, min=0.0)[0])
+want_inner = OP(y1, A1, b1, 0.5, 5, min=0.0)[0]
+want = OP(y0, A, b, 0.5, 150, min=0.0)[0]
+signal.signal(signal.SIGALRM, handler)
+signal.setitimer(signal.ITIMER_REAL, 0.02, 0.02)
+got = OP(y0, A, b, 0.5, 150, min=0.0)[0]
+signal.setitimer(signal.ITIMER_REAL, 0, 0)
+same = torch.equal(got.view(torch.int16), want.view(torch.int16))
+print(len(inner), same, all(torch.equal(x.view(torch.int16), want_inner.view(torch.int16)) for x in inner))
+"""
+
+
+@needs_bf16
+def test_python_signal_handlers_may_run_tile_code_mid_loop():
+    # The interrupt check between steps runs Python's signal handlers, here
+    # one that runs another bfloat16 loop on the same thread while the outer
+    # loop holds its tile configuration: both give their own results. (On
+    # the hardware the outer loop also configures its tiles again after such
+    # a check, since a handler may have run oneDNN's tile code; the
+    # emulation cannot tell.)
+    proc = _run(_NESTED, "emulate", threads=1)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    calls, same, inner_same = proc.stdout.split()
+    assert int(calls) >= 1 and same == "True" and inner_same == "True", proc.stdout
+
+
 @needs_bf16
 def test_a_failing_tile_self_test_falls_back_quietly():
     # TORCHITER_AMX=force runs the hardware self-test even where CPUID says

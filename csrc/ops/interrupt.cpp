@@ -4,8 +4,13 @@ namespace torchiter {
 namespace {
 
 std::atomic<InterruptCheck> g_check{nullptr};
+thread_local uint64_t t_checks = 0;
 
 } // namespace
+
+uint64_t interrupt_checks_on_this_thread() {
+  return t_checks;
+}
 
 void set_interrupt_check(InterruptCheck check) {
   g_check.store(check, std::memory_order_release);
@@ -28,6 +33,7 @@ bool InterruptPoll::stop() {
     return false;
   }
   next_ = now + kInterval;
+  ++t_checks;
   try {
     check_();
   } catch (...) {

@@ -11,6 +11,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <cstdint>
 #include <thread>
 
 namespace torchiter {
@@ -20,6 +21,12 @@ using InterruptCheck = void (*)();
 
 // Installs the check (nullptr removes it).
 void set_interrupt_check(InterruptCheck check);
+
+// How many times this thread has run the installed check. The check may run
+// any Python code (signal handlers), which may in turn run other kernels:
+// per-thread CPU state kept across stop() calls (the AMX tile configuration)
+// must be set up again when this count has changed.
+uint64_t interrupt_checks_on_this_thread();
 
 // One op call's poller. Made on the calling thread; any thread of the loop
 // may call stop() between units of work (a tile, a run of iterations, a

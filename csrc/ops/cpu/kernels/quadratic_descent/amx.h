@@ -25,6 +25,7 @@
 // code in the AVX-512 variant only.
 #pragma once
 
+#include "../../../interrupt.h"
 #include "steps.h"
 
 #if defined(TORCHITER_BF16_MIXING) && defined(__linux__) && defined(__x86_64__)
@@ -32,6 +33,9 @@
 
 #include <cpuid.h>
 #include <immintrin.h>
+#include <pthread.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -78,7 +82,12 @@ inline TileConfig kernel_tile_config() {
 // The tile instructions themselves. GCC's _tile_* macros take the register
 // number as a literal token, hence one branch per register.
 struct AmxHardware {
+  // GCC's macros tell the compiler of no memory that LDTILECFG and
+  // TILELOADD read (its LDTILECFG names 8 of the 64 bytes): a compiler
+  // barrier makes every earlier store (the config, the packed y) happen
+  // first. TILESTORED's macro has its own.
   TORCHITER_AMX_TARGET static void configure(const TileConfig& c) {
+    __asm__ volatile("" ::: "memory");
     _tile_loadconfig(&c);
   }
   TORCHITER_AMX_TARGET static void release() {
@@ -95,6 +104,7 @@ struct AmxHardware {
   template <int N>
   TORCHITER_AMX_TARGET static void load(const void* base, int64_t stride) {
     static_assert(N >= 4 && N < 8, "operands are tmm4-7");
+    __asm__ volatile("" ::: "memory");
     if constexpr (N == 4) _tile_loadd(4, base, stride);
     else if constexpr (N == 5) _tile_loadd(5, base, stride);
     else if constexpr (N == 6) _tile_loadd(6, base, stride);
@@ -156,6 +166,11 @@ struct AmxEmulated {
     for (int t = 8; t < 16; ++t) {
       fault_unless(c.rows[t] == 0 && c.colsb[t] == 0, "torchiter: emulated AMX: palette 1 has 8 tiles");
     }
+    for (int t = 0; t < 8; ++t) {
+      fault_unless(
+          (c.rows[t] == 0) == (c.colsb[t] == 0) && c.rows[t] <= 16 && c.colsb[t] <= 64,
+          "torchiter: emulated AMX: a tile's rows and bytes per row must both be 0 or within 16 x 64");
+    }
     State& s = state();
     s.config = c;
     s.configured = true;
@@ -196,9 +211,13 @@ struct AmxEmulated {
   }
   // TDPBF16PS: for each row m and float32 column n of D, add A's row m
   // times B's column n pair by pair (the even element first), as the
-  // instruction's reference code orders it.
+  // Intrinsics Guide's reference code orders it. The SDM's pseudo-code
+  // groups the sums differently (even and odd partial sums, added at the
+  // end, with denormals flushed), so the hardware's last bits may differ
+  // from this model's; tests hold the hardware to a tolerance.
   template <int D, int A, int B>
   static void dot() {
+    static_assert(D != A && D != B && A != B, "TDPBF16PS needs three distinct tiles");
     check_tile(D), check_tile(A), check_tile(B);
     State& s = state();
     const TileConfig& c = s.config;
@@ -308,23 +327,38 @@ inline bool amx_self_test() {
   }
   std::vector<float> want(kAmxBlock * kAmxBlock), got(kAmxBlock * kAmxBlock, -1.0f);
   amx_probe_sums<AmxEmulated>(At.data(), yp.data(), want.data());
-  const long pid = syscall(SYS_clone, SIGCHLD, 0, 0, 0, 0);
+  // Every signal blocked across the clone: until the child has reset them,
+  // the parent's handlers (Python's, which write to a descriptor the child
+  // shares) must not run in it. A fault in the tile code is still
+  // delivered (the kernel unblocks a synchronous SIGILL or SIGSEGV), with
+  // the default action.
+  sigset_t all, before;
+  sigfillset(&all);
+  pthread_sigmask(SIG_SETMASK, &all, &before);
+  // Exit signal 0 and __WCLONE below: no SIGCHLD for this child, so neither
+  // an ignored SIGCHLD nor another thread's waitpid(-1) can reap it first.
+  const long pid = syscall(SYS_clone, 0, 0, 0, 0, 0);
   if (pid == 0) {
-    // A fault must end the child quietly, not run the parent's handlers
-    // (Python's faulthandler would print a traceback).
+    // A fault must end the child quietly: default actions (not Python's
+    // faulthandler, which would print a traceback) and no core file of the
+    // whole process.
     struct sigaction dfl {};
     dfl.sa_handler = SIG_DFL;
     for (int sig : {SIGILL, SIGSEGV, SIGBUS, SIGFPE}) {
       sigaction(sig, &dfl, nullptr);
     }
+    const struct rlimit no_core {0, 0};
+    setrlimit(RLIMIT_CORE, &no_core);
+    prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
     amx_probe_sums<AmxHardware>(At.data(), yp.data(), got.data());
     syscall(SYS_exit_group, std::memcmp(got.data(), want.data(), got.size() * sizeof(float)) == 0 ? 0 : 3);
   }
+  pthread_sigmask(SIG_SETMASK, &before, nullptr);
   if (pid < 0) {
     return false;
   }
   int status = 0;
-  while (waitpid(static_cast<pid_t>(pid), &status, 0) < 0) {
+  while (waitpid(static_cast<pid_t>(pid), &status, __WCLONE) < 0) {
     if (errno != EINTR) {
       return false;
     }
@@ -381,12 +415,18 @@ inline std::vector<uint32_t> amx_pairs_of(const float* a, int64_t C, int64_t& tp
 // session on a thread configures the tiles (LDTILECFG), the last to end
 // releases them (TILERELEASE, also on an exception), so that a thread's
 // share of a loop pays for them once instead of once per step. The loop
-// drivers open one per worker; step_columns_amx opens its own, which only
-// configures where no driver did. Nothing else on the thread runs tile code
-// inside a session.
-inline int& amx_session_depth() {
-  thread_local int depth = 0;
-  return depth;
+// drivers open one per worker; step_columns_amx opens its own, which
+// configures where no driver did, and again where the thread has run the
+// interrupt check since (Python signal handlers may have run other tile
+// code, oneDNN's, which sets its own configuration and releases it).
+struct AmxThreadState {
+  int depth = 0;
+  uint64_t checks = 0;  // interrupt_checks_on_this_thread() when configured
+};
+
+inline AmxThreadState& amx_thread() {
+  thread_local AmxThreadState state;
+  return state;
 }
 
 class AmxSession {
@@ -395,16 +435,22 @@ class AmxSession {
   explicit AmxSession(const ChannelMixing<T>& mix) {
     if constexpr (std::is_same_v<T, float>) {
       if (mix.A_tiles) {
-        held_ = true;
         emulated_ = mix.amx_emulated;
-        if (amx_session_depth()++ == 0) {
+        AmxThreadState& t = amx_thread();
+        const uint64_t checks = interrupt_checks_on_this_thread();
+        if (t.depth == 0 || t.checks != checks) {
           emulated_ ? AmxEmulated::configure(kernel_tile_config()) : AmxHardware::configure(kernel_tile_config());
+          t.checks = checks;
         }
+        // Counted once configured: a configuration that throws leaves
+        // the thread as it was.
+        ++t.depth;
+        held_ = true;
       }
     }
   }
   ~AmxSession() {
-    if (held_ && --amx_session_depth() == 0) {
+    if (held_ && --amx_thread().depth == 0) {
       emulated_ ? AmxEmulated::release() : AmxHardware::release();
     }
   }
