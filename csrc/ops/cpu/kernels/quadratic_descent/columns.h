@@ -3,8 +3,8 @@
 // products, or AMX tiles, amx.h). Every loop driver steps its tiles through
 // here.
 //
-// Part of the CPU quadratic_descent kernel: included by quadratic_descent.cpp
-// alone, once per instruction-set variant (see kernels.h).
+// Part of the CPU quadratic_descent kernel: included by layout.h, and so
+// compiled once per instruction-set variant (see kernels.h).
 #pragma once
 
 #include "amx.h"
