@@ -1,6 +1,10 @@
 """Helpers shared by the op tests (CPU and CUDA)."""
 
 import itertools
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
@@ -81,3 +85,38 @@ def bits_at_thread_counts(fn, counts=(1, 2, 3)):
     finally:
         torch.set_num_threads(before)
     return results
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def child_env(**settings):
+    """This process's environment with the repository (and tests/) on
+    PYTHONPATH, each setting applied; a setting of None removes the variable
+    (what a kernel-choosing variable such as TORCHITER_CPU_CAPABILITY needs,
+    since it is read once per process)."""
+    env = dict(os.environ)
+    for key, value in settings.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH")]))
+    return env
+
+
+def run_python(code, args=(), timeout=120, python_flags=(), **settings):
+    """``python -c code args`` in a child with child_env(**settings)."""
+    return subprocess.run(
+        [sys.executable, *python_flags, "-c", code, *args],
+        env=child_env(**settings), capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def run_pytest(files, timeout=1800, **settings):
+    """The given test files (CPU tests only, stopping at the first failure)
+    in a child pytest run from the repository root with child_env(**settings)."""
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-x", "-p", "no:cacheprovider", "-k", "not cuda", *files],
+        cwd=ROOT, env=child_env(**settings), capture_output=True, text=True, timeout=timeout,
+    )

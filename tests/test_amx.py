@@ -8,17 +8,12 @@ TDPBF16PS's order. The tests run in child processes (the mode is chosen once
 per process) and compare against a float32 model of that order, bit for bit.
 """
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 import torchiter
+from _util import bits, run_pytest, run_python
 
-ROOT = Path(__file__).resolve().parents[1]
 UNITS = torchiter.cpu_bfloat16_units()
 
 needs_bf16 = pytest.mark.skipif(
@@ -27,9 +22,7 @@ needs_bf16 = pytest.mark.skipif(
 
 
 def _run(code, amx, threads=2, args=()):
-    env = dict(os.environ, TORCHITER_AMX=amx, OMP_NUM_THREADS=str(threads))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH")]))
-    return subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=600)
+    return run_python(code, args, timeout=600, TORCHITER_AMX=amx, OMP_NUM_THREADS=str(threads))
 
 
 # One float32 loop under "medium" precision, and the same loop modelled in
@@ -140,7 +133,7 @@ def test_emulated_tiles_on_every_loop_path_and_thread_count(tmp_path):
     for key in one:
         a, b = one[key], two[key]
         for x, z in zip(a if isinstance(a, (tuple, list)) else [a], b if isinstance(b, (tuple, list)) else [b]):
-            assert torch.equal(_bits(x), _bits(z)), key
+            assert torch.equal(bits(x), bits(z)), key
     eps = torch.finfo(torch.bfloat16).eps
     for shape in [(300, 64), (4, 50, 9, 7), (1000, 40)]:
         y0, A, b = spd_problem(shape, torch.bfloat16, "cpu", seed=shape[1])
@@ -153,15 +146,11 @@ def test_emulated_tiles_on_every_loop_path_and_thread_count(tmp_path):
         assert 0 < int(n) < 200 and (y.double() - ref).abs().max() <= 2 * eps * ref.abs().max()
         y, iters, converged = one[f"per_sample {shape}"]
         assert converged.all() and (iters < 200).all() and not torch.isnan(y).any()
-        assert torch.equal(_bits(one[f"never stops {shape}"]), _bits(one[f"fixed 25 {shape}"]))
+        assert torch.equal(bits(one[f"never stops {shape}"]), bits(one[f"fixed 25 {shape}"]))
         trace = one[f"trace {shape}"]
-        assert torch.equal(_bits(trace[0]), _bits(one[f"fixed 20 {shape}"]))
+        assert torch.equal(bits(trace[0]), bits(one[f"fixed 20 {shape}"]))
         changes = trace[5]
         assert changes.shape == (20,) and torch.isfinite(changes).all() and changes[-1] < changes[0]
-
-
-def _bits(t):
-    return t.view(torch.int16) if t.dtype == torch.bfloat16 else t
 
 
 def test_amx_environment_variable():
@@ -176,7 +165,7 @@ def test_amx_environment_variable():
 
 _NESTED = r"""
 import signal, torch, torchiter
-from _util import spd_problem
+from _util import bits, spd_problem
 OP = torch.ops.torchiter.quadratic_descent
 y0, A, b = spd_problem((3000, 64), torch.bfloat16, "cpu", seed=3)
 y1, A1, b1 = spd_problem((100, 40), torch.bfloat16, "cpu", seed=4)
@@ -195,11 +184,11 @@ for _ in range(20):  # until a handler has run inside a loop (the check runs eve
     during[0] = True
     got = OP(y0, A, b, 0.5, 150, min=0.0)[0]
     during[0] = False
-    same = same and torch.equal(got.view(torch.int16), want.view(torch.int16))
+    same = same and torch.equal(bits(got), bits(want))
     if inner:
         break
 signal.setitimer(signal.ITIMER_REAL, 0, 0)
-print(len(inner), same, all(torch.equal(x.view(torch.int16), want_inner.view(torch.int16)) for x in inner))
+print(len(inner), same, all(torch.equal(bits(x), bits(want_inner)) for x in inner))
 """
 
 
@@ -229,9 +218,7 @@ def test_a_failing_tile_self_test_falls_back_quietly():
         "y0 = torch.rand(70, 64).bfloat16(); A = torch.eye(64).bfloat16(); A[0, 1] = 0.25\n"
         "print(torch.ops.torchiter.quadratic_descent(y0, A, y0, 0.5, 5, min=0.0)[0].float().sum().item() > 0)\n"
     )
-    env = dict(os.environ, TORCHITER_AMX="force", PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-X", "faulthandler", "-c", code], env=env, capture_output=True,
-                          text=True, timeout=120)
+    proc = run_python(code, python_flags=("-X", "faulthandler"), TORCHITER_AMX="force")
     assert proc.returncode == 0, proc.stderr
     units, ran = proc.stdout.split()
     assert ran == "True" and "Fatal Python error" not in proc.stderr
@@ -246,13 +233,10 @@ def test_a_failing_tile_self_test_falls_back_quietly():
 def test_bfloat16_suites_on_emulated_tiles():
     # The bfloat16 and reduced-precision tests of the op suites, mixing on
     # the emulated tiles.
-    env = dict(os.environ, TORCHITER_AMX="emulate")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-x", "-p", "no:cacheprovider", "-k", "not cuda",
-         "tests/test_quadratic_descent_half.py", "tests/test_quadratic_descent_fixed.py",
+    proc = run_pytest(
+        ["tests/test_quadratic_descent_half.py", "tests/test_quadratic_descent_fixed.py",
          "tests/test_quadratic_descent_rest.py"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800,
+        TORCHITER_AMX="emulate",
     )
     tail = proc.stdout[-3000:] + proc.stderr[-2000:]
     assert "bfloat16 mixing on amx-emulated" in proc.stdout, tail

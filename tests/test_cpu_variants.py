@@ -7,26 +7,20 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import torchiter
+from _util import run_pytest, run_python
 
-ROOT = Path(__file__).resolve().parents[1]
 SUPPORTED = torchiter._C._cpu_capabilities()
 ALL = ["default", "avx2", "avx512"]
 
 
 def _run(code, capability=None, args=()):
-    env = dict(os.environ)
-    env.pop("TORCHITER_CPU_CAPABILITY", None)
-    if capability is not None:
-        env["TORCHITER_CPU_CAPABILITY"] = capability
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    return subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=120)
+    return run_python(code, args, TORCHITER_CPU_CAPABILITY=capability)
 
 
 def test_widest_supported_variant_is_the_default():
@@ -98,16 +92,7 @@ def test_op_suites_under_variant(capability):
         pytest.skip(f"this CPU does not run the {capability} variant")
     if _ONLY and capability not in _ONLY:
         pytest.skip(f"TORCHITER_TEST_VARIANTS={','.join(_ONLY)} leaves out {capability}")
-    env = dict(os.environ, TORCHITER_CPU_CAPABILITY=capability)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-x", "-p", "no:cacheprovider", "-k", "not cuda", *OP_SUITES],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )
+    proc = run_pytest(OP_SUITES, TORCHITER_CPU_CAPABILITY=capability)
     tail = proc.stdout[-3000:] + proc.stderr[-2000:]
     assert f"torchiter CPU kernels: {capability} variant" in proc.stdout, tail
     assert proc.returncode == 0, tail

@@ -121,13 +121,7 @@ Bf16Pairs bf16_pairs_of(const at::Tensor& A, const QuadraticDescentArgs& args, b
         return out;
       }
 #endif
-      const int64_t P = (C + 1) / 2;
-      out.pairs.resize(static_cast<size_t>(C * P));
-      for (int64_t i = 0; i < C; ++i) {
-        for (int64_t p = 0; p < P; ++p) {
-          out.pairs[static_cast<size_t>(i * P + p)] = pair_word(a + i * C, C, p);
-        }
-      }
+      out.pairs = bf16_pair_rows(a, C, (C + 1) / 2, C);
     }
   }
 #else

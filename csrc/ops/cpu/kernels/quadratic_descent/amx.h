@@ -396,19 +396,16 @@ inline AmxMode amx_mode() {
   return mode;
 }
 
+// x rounded up to a multiple of k.
+constexpr int64_t round_up(int64_t x, int64_t k) {
+  return (x + k - 1) / k * k;
+}
+
 // The AMX layout of A's pairs (ChannelMixing::A_tiles): `rows` = C rounded
 // up to 32 rows of `tp` = ceil(C / 2) rounded up to 16 words, zero-padded.
 inline std::vector<uint32_t> amx_pairs_of(const float* a, int64_t C, int64_t& tp) {
-  const int64_t P = (C + 1) / 2;
-  tp = (P + kAmxPairs - 1) / kAmxPairs * kAmxPairs;
-  const int64_t rows = (C + kAmxBlock - 1) / kAmxBlock * kAmxBlock;
-  std::vector<uint32_t> out(static_cast<size_t>(rows * tp), 0u);
-  for (int64_t i = 0; i < C; ++i) {
-    for (int64_t p = 0; p < P; ++p) {
-      out[static_cast<size_t>(i * tp + p)] = pair_word(a + i * C, C, p);
-    }
-  }
-  return out;
+  tp = round_up((C + 1) / 2, kAmxPairs);
+  return bf16_pair_rows(a, C, tp, round_up(C, kAmxBlock));
 }
 
 // One thread's run of steps under one tile configuration: the first
@@ -474,8 +471,8 @@ TORCHITER_AMX_TARGET void step_columns_amx(
   using Vec = Vectorized<float>;
   constexpr int64_t W = 16;
   const int64_t C = pn.C, tp = pn.tile_pairs, P = (C + 1) / 2;
-  const int64_t yld = (n + kAmxBlock - 1) / kAmxBlock * kAmxBlock;
-  const int64_t rows = (C + kAmxBlock - 1) / kAmxBlock * kAmxBlock;
+  const int64_t yld = round_up(n, kAmxBlock);
+  const int64_t rows = round_up(C, kAmxBlock);
   thread_local std::vector<uint32_t> packed;
   thread_local std::vector<float> changes;
   if (packed.size() < static_cast<size_t>(tp * yld)) {

@@ -387,12 +387,21 @@ inline uint32_t bf16_bits(float x) {
   return (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
 }
 
-// Channels (2p, 2p + 1) of one row of A (C entries) as one word of
-// bfloat16 bits, the even one in the low half (0 past the last channel).
-inline uint32_t pair_word(const float* row, int64_t C, int64_t p) {
-  const uint32_t lo = bf16_bits(row[2 * p]);
-  const uint32_t hi = 2 * p + 1 < C ? bf16_bits(row[2 * p + 1]) : 0;
-  return lo | (hi << 16);
+// The (C, C) row-major A rounded to bfloat16 in pairs of channels: row i's
+// channels (2p, 2p + 1) as word p of row i, the even one in the low half.
+// Rows of `row_words` >= ceil(C / 2) words, `rows` >= C of them; every word
+// past the data (an odd C's last half, padding) is zero.
+inline std::vector<uint32_t> bf16_pair_rows(const float* a, int64_t C, int64_t row_words, int64_t rows) {
+  std::vector<uint32_t> out(static_cast<size_t>(rows * row_words), 0u);
+  for (int64_t i = 0; i < C; ++i) {
+    const float* row = a + i * C;
+    for (int64_t p = 0; 2 * p < C; ++p) {
+      const uint32_t lo = bf16_bits(row[2 * p]);
+      const uint32_t hi = 2 * p + 1 < C ? bf16_bits(row[2 * p + 1]) : 0;
+      out[static_cast<size_t>(i * row_words + p)] = lo | (hi << 16);
+    }
+  }
+  return out;
 }
 
 // Rows (2p, 2p + 1) of y's C x n block (row stride ld, n a multiple of 16)
