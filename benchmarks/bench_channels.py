@@ -7,6 +7,10 @@ measured FMA peak of one core per thread (``fma_peak.c``, as in
 ``bench_threads.py``), and the rate of ``torch.mm`` for the same per-iteration
 product (the (C, C) matrix times the (C, rows) state), which a loop built on a
 BLAS GEMM cannot exceed. The rows default to 4,096 (1,024 from C = 1,024 on).
+The loop has a ReLU (``min=0``), which leaves about half of y at zero: the
+rates are those of the dense kernel (``TORCHITER_SPARSE=0``, every channel
+summed); the last column times the default, which on AVX-512 skips those
+zeros for the sizes where that pays (docs/ops.md), and its speed-up.
 
 ``--dtype bfloat16`` runs the op and ``torch.mm`` on bfloat16 tensors: on a
 CPU with AVX512-BF16 the op's mixing then takes bfloat16 products (see
@@ -60,8 +64,9 @@ def main():
     what = "VDPBF16PS" if isa == "avx512bf16" else f"{isa} FMAs"
     print(f"# {args.dtype}; peak ({what}, fma_peak.c, {args.threads} copies): "
           + (f"{peak:.1f} GFLOP/s" if peak else f"not measured ({why})"))
-    print("| C | rows | quadratic_descent ms | GFLOP/s | of peak | torch.mm GFLOP/s (same product) | op / torch.mm |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| C | rows | dense kernel ms | GFLOP/s | of peak | torch.mm GFLOP/s (same product) | op / torch.mm "
+          "| y zero | default ms (zeros skipped; vs dense) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     K = args.iterations
     for C in [int(c) for c in args.channels.split(",")]:
         rows = 4096 if C < 1024 else 1024
@@ -70,16 +75,29 @@ def main():
         A = (Q @ Q.T + torch.eye(C)).to(dtype)  # dense: a diagonal A takes a one-FMA path
         y0 = torch.zeros(rows, C, dtype=dtype)
         b = torch.randn(rows, C, generator=g).to(dtype)
-        t_op = seconds(lambda: torch.ops.torchiter.quadratic_descent(
-            y0, A, b, 0.1, K, 0.0, 1, None, 0.0, 0.0, None), args.calls)
+        def op():
+            return torch.ops.torchiter.quadratic_descent(y0, A, b, 0.1, K, 0.0, 1, None, 0.0, 0.0, None)
+
+        # The dense kernel (every channel summed) and the default, which on
+        # AVX-512 skips the zeros ReLU leaves in y for (B, C) batches of up
+        # to 128 channels; both timed in the same run.
+        os.environ["TORCHITER_SPARSE"] = "0"
+        t_dense = seconds(op, args.calls)
+        os.environ["TORCHITER_SPARSE"] = "auto"
+        before = torchiter._C._sparse_rows_count()
+        t_op = seconds(op, args.calls)
+        skipped = torchiter._C._sparse_rows_count() > before
+        zeros = float((op()[0] == 0).double().mean())
         Y = torch.randn(C, rows, generator=g).to(dtype)
         G = torch.empty(C, rows, dtype=dtype)
         t_mm = seconds(lambda: torch.mm(A, Y, out=G), args.calls * K)
         flop = 2.0 * rows * C * C
-        op_rate = flop * K / t_op / 1e9
+        op_rate = flop * K / t_dense / 1e9
         mm_rate = flop / t_mm / 1e9
         frac = f"{op_rate / peak:.0%}" if peak else "-"
-        print(f"| {C} | {rows} | {t_op * 1e3:.2f} | {op_rate:.0f} | {frac} | {mm_rate:.0f} | {op_rate / mm_rate:.2f}x |")
+        default = f"{t_op * 1e3:.2f} ({t_dense / t_op:.2f}x)" if skipped else "same"
+        print(f"| {C} | {rows} | {t_dense * 1e3:.2f} | {op_rate:.0f} | {frac} | {mm_rate:.0f} | {op_rate / mm_rate:.2f}x "
+              f"| {zeros:.0%} | {default} |")
 
 
 if __name__ == "__main__":

@@ -93,6 +93,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "environment variable TORCHITER_AMX=emulate runs the AMX code on a "
       "software model of the tiles, for tests.");
   m.def(
+      "_sparse_rows_count", [] { return torchiter::cpu::sparse_rows_count(); },
+      "Rows of (B, C) batches the CPU kernels' sparse-row driver has run in "
+      "this process (it skips exact zeros of y in the channel mixing): for "
+      "tests and benchmarks that need to know which driver ran.");
+  m.def(
       "_cpu_capabilities",
       [] {
         std::vector<std::string> names;

@@ -6,6 +6,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cctype>
 #include <cstdlib>
 
@@ -122,6 +123,27 @@ AmxRequest amx_request() {
     return AmxRequest::kEmulate;
   }();
   return request;
+}
+
+bool sparse_rows_enabled() {
+  const char* env = std::getenv("TORCHITER_SPARSE");
+  const std::string want = env && *env ? env : "auto";
+  TORCH_CHECK(
+      want == "auto" || want == "1" || want == "0",
+      "torchiter: TORCHITER_SPARSE must be one of auto, 1, 0, got '", want, "'");
+  return want != "0";
+}
+
+namespace {
+std::atomic<int64_t> sparse_rows_total{0};
+} // namespace
+
+void count_sparse_rows(int64_t rows) {
+  sparse_rows_total.fetch_add(rows, std::memory_order_relaxed);
+}
+
+int64_t sparse_rows_count() {
+  return sparse_rows_total.load(std::memory_order_relaxed);
 }
 
 void kernel_error(const char* message) {

@@ -24,6 +24,13 @@ enum class AmxRequest { kAuto, kOff, kEmulate, kForce };
 // TORCHITER_AMX (auto, 1, 0, emulate or force), read once; throws on
 // another value.
 AmxRequest amx_request();
+// TORCHITER_SPARSE (auto, 1 or 0), read at each call so that a benchmark can
+// time both paths in one process: false for 0; throws on another value.
+bool sparse_rows_enabled();
+// Counts rows run by the AVX-512 kernel's sparse-row driver (process-wide),
+// so that tests can see which driver ran: _C._sparse_rows_count().
+void count_sparse_rows(int64_t rows);
+int64_t sparse_rows_count();
 [[noreturn]] void kernel_error(const char* message);
 void kernel_warning_once(const char* message);
 

@@ -32,6 +32,7 @@
 // and write the result directly (transposing (B, C) rows tile by tile, on
 // every thread), with no working copy.
 #include "quadratic_descent/per_sample.h"
+#include "quadratic_descent/sparse_rows.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -181,10 +182,29 @@ void run_one_rate(
   run_blocked<T>(rest, mix, tiles, K, lrs, stats, poll);
 }
 
+// Whether a loop of run() goes to run_sparse_rows (given a batch without
+// spatial dims and no stop test): mixing by the kernel's own float FMA
+// chains, enough channels but not too many, a projection that can give
+// exact zeros, and a finite A (a zero times an infinite A_ij is NaN in the
+// dense chain).
+template <typename T>
+bool sparse_rows_apply(
+    const ChannelMixing<T>& mix, const QuadraticDescentArgs& args, const at::Tensor& A, bool allowed) {
+  const int64_t C = mix.C;
+  const bool zeros = args.shrink > 0 || (args.min && *args.min == 0) || (args.max && *args.max == 0);
+  return allowed && kSparseRows && zeros && args.max_iterations > 0 && !mix.diagonal && mix.A_pairs == nullptr &&
+      mix.A_tiles == nullptr && C >= kSparseMinChannels &&
+      round_up(C, Vectorized<T>::size()) * C * static_cast<int64_t>(sizeof(T)) <= kSparseMaxBytes &&
+      all_finite<T>(A);
+}
+
 template <typename T>
 QuadraticDescentResult run(
     const at::Tensor& y0, const at::Tensor& A, const at::Tensor& b_in,
     const QuadraticDescentArgs& args, LearningRates& lrs, bool diagonal) {
+  constexpr int64_t W = Vectorized<T>::size();
+  // Read (and checked) on every call, whichever loop runs.
+  const bool sparse_allowed = sparse_rows_enabled();
   // A diagonal A needs no GEMM: the mixing is one FMA per element.
   const bool gemm = y0.size(1) >= kGemmMinChannels && !diagonal;
   const VecProjection<T> proj(args.shrink, args.min, args.max);
@@ -232,7 +252,41 @@ QuadraticDescentResult run(
     const bool rows_in_tiles = blocked && L.batch_folded && L.spatial == 1 && L.channels > 8 && !diagonal;
     const at::Tensor yc = y0.contiguous();
     const at::Tensor bc = b_in.contiguous();
-    if (blocked && (!L.batch_folded || rows_in_tiles)) {
+    // Rows whose zeros the mixing skips (sparse_rows.h): a sample of the
+    // batch first, the rest too where the sample's y was sparse enough.
+    const bool sparse_rows = rows_in_tiles && sparse_rows_apply<T>(mix, args, A, sparse_allowed);
+    if (sparse_rows) {
+      const int64_t C = L.channels, total = L.positions, K = args.max_iterations;
+      const int64_t Cp = round_up(C, W);
+      const at::Tensor A_T = transposed_padded<T>(A, Cp);
+      std::vector<T> rates(lrs.scheduled() ? static_cast<size_t>(K) : 0);
+      for (size_t k = 0; k < rates.size(); ++k) {
+        rates[k] = static_cast<T>(lrs.at(static_cast<int64_t>(k)));
+      }
+      const T lr = static_cast<T>(lrs.at(0));
+      y = at::empty(y0.sizes(), y0.options().memory_format(at::MemoryFormat::Contiguous));
+      const T* yp = yc.const_data_ptr<T>();
+      const T* bp = bc.const_data_ptr<T>();
+      T* out = y.data_ptr<T>();
+      const T* rp = rates.empty() ? nullptr : rates.data();
+      const int64_t sample = std::min(total, std::max<int64_t>(total / 16, 256));
+      const double density = run_sparse_rows<T>(yp, bp, out, C, A_T.const_data_ptr<T>(), Cp, 0, sample, K, rp, lr, proj, st, poll);
+      if (sample < total && !poll.stop()) {
+        if (density <= kSparseMaxDensity) {
+          run_sparse_rows<T>(yp, bp, out, C, A_T.const_data_ptr<T>(), Cp, sample, total, K, rp, lr, proj, st, poll);
+        } else {
+          WorkingLayout R = L;
+          R.positions = total - sample;
+          R.padded_positions = round_up(R.positions, W);
+          BlockedIO<T> io{yp + sample * C, bp + sample * C, out + sample * C, 1, 0, C};
+          if (!lrs.scheduled() && K > 0) {
+            run_one_rate<T>(io, mix, R, K, lrs, st, poll);
+          } else {
+            run_blocked<T>(io, mix, make_tiles<T>(R, false, false), K, lrs, st, poll);
+          }
+        }
+      }
+    } else if (blocked && (!L.batch_folded || rows_in_tiles)) {
       // Tiles straight from the inputs into the output: no working copies
       // (for a large conv layer they cost as much as the loop's own time,
       // and they would run on one thread).

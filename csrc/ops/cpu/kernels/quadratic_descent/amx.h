@@ -396,10 +396,6 @@ inline AmxMode amx_mode() {
   return mode;
 }
 
-// x rounded up to a multiple of k.
-constexpr int64_t round_up(int64_t x, int64_t k) {
-  return (x + k - 1) / k * k;
-}
 
 // The AMX layout of A's pairs (ChannelMixing::A_tiles): `rows` = C rounded
 // up to 32 rows of `tp` = ceil(C / 2) rounded up to 16 words, zero-padded.

@@ -70,6 +70,11 @@ struct ChannelMixing {
         diagonal(diagonal_) {}
 };
 
+// x rounded up to a multiple of k.
+constexpr int64_t round_up(int64_t x, int64_t k) {
+  return (x + k - 1) / k * k;
+}
+
 // |new - old|, with lanes at or past `lanes` (padding) zeroed: they must not
 // count in the convergence test.
 template <typename T>

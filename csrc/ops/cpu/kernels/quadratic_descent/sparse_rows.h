@@ -1,0 +1,345 @@
+// A loop driver of the quadratic_descent kernel that skips exact zeros of y:
+// run_sparse_rows, for a batch without spatial dims, no stop test and no
+// trace, whose projection can give exact zeros (ReLU, a clamp at 0, soft
+// thresholding).
+//
+// Under such a projection much of y is exactly zero: half of it for random
+// inputs, about 70% in the MNIST conv layer. The dense chain of channel i at
+// a position is acc = fma(A_ij, y_j, acc) for j = 0 .. C - 1 from acc = +0;
+// a zero y_j adds A_ij * y_j = +-0, which leaves a non-zero acc unchanged,
+// and a zero acc a zero (its sign can differ where an earlier product
+// underflowed to -0) as long as A_ij is finite (0 * inf is NaN). Summing
+// only the non-zero y_j, in the same ascending order, gives the same values
+// with fewer FMAs. A NaN or an infinity in y is non-zero and is summed as the
+// dense chain sums it.
+//
+// Skipping needs y by position, not by channel, and a (B, C) batch already
+// is: each row (one position) runs all its iterations on its own in L1, as
+// a list of its non-zero channels (found with one compare per vector), sums
+// of A's columns for those channels only (A_T's rows: one broadcast and C / W
+// FMAs per non-zero y_j), and the same projected update as every other path
+// (next_value). A row that an iteration leaves bit for bit unchanged (and
+// finite) is at a fixed point of the loop's arithmetic and stops, as
+// run_lanes' positions do. Rows never share arithmetic, so results do not
+// depend on the thread count.
+//
+// Part of the CPU quadratic_descent kernel: included by quadratic_descent.cpp
+// alone, once per instruction-set variant (see kernels.h).
+#pragma once
+
+#include "loops.h"
+
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+namespace torchiter::cpu::CPU_CAPABILITY {
+namespace {
+
+// Output channels summed per pass over a row's non-zero list: their
+// accumulators stay in registers (16 of 32 vector registers with AVX-512,
+// 8 of 16 otherwise); wider rows take several passes.
+template <typename T>
+constexpr int kSparseChunk = sizeof(Vectorized<T>) >= 64 ? 16 : 8;
+
+// Only the AVX-512 variant skips zeros: there, at half density, it runs the
+// benchmark's 64- and 128-channel loops 1.13x and 1.16x faster than the
+// dense kernel; the AVX2 variant's rows (8-wide vectors, the non-zero list
+// found element by element) ran them 0.85x and 0.90x as fast on the same
+// core, the plain x86-64 variant's 0.46x.
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr bool kSparseRows = true;
+#else
+constexpr bool kSparseRows = false;
+#endif
+
+// Fewer channels than this: the dense kernel's register blocks win whatever
+// the density (a row's FMA chains are too short to hide their latency).
+constexpr int64_t kSparseMinChannels = 32;
+
+// A_T larger than this (float: from 129 channels on): the non-zero rows of
+// A_T that one row reads no longer fit L1, and reading them from L2 for
+// every non-zero costs more than the skipped FMAs save (256 channels: 0.95x
+// the dense kernel, 1024: 0.56x).
+constexpr int64_t kSparseMaxBytes = 64 * 1024;
+
+// The most rows in flight per thread (run_sparse_rows).
+constexpr int kSparseSlots = 4;
+
+// Rows in flight per thread: as many as keep the rows of A_T that their
+// non-zero channels read (about half of A_T each, mostly the same ones
+// from one iteration to the next) within a 32 KiB L1. One row alone at 128
+// float channels (A_T 64 KiB) runs 1.2x faster than the dense kernel, four
+// rows 0.8x; at 64 channels four rows run 1.4x faster than one.
+template <typename T>
+int sparse_slots(int64_t C, int64_t Cp) {
+  const int64_t bytes = C * Cp * static_cast<int64_t>(sizeof(T));
+  return bytes <= 16 * 1024 ? 4 : bytes <= 32 * 1024 ? 2 : 1;
+}
+
+// The largest share of non-zero entries of y (over the iterations of a
+// sample of the batch) at which the rows go on sparse; above it the rest of
+// the batch goes to the dense kernel, whose register blocks share each load
+// among more FMAs (bench_channels.py --density measures both).
+constexpr double kSparseMaxDensity = 0.7;
+
+// The non-zero entries of y[0, C) (NaN counts as non-zero, -0 as zero): their
+// offsets in A_T (j * Cp) to off[0, n) and their values to val[0, n);
+// returns n. Both buffers need C + W entries: the last vector's stores
+// run past n.
+template <typename T>
+inline int64_t nonzeros(const T* y, int64_t C, int64_t Cp, int32_t* off, T* val) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    // The register forms of VCOMPRESS: their memory forms are microcoded on
+    // some cores.
+    __m512i at = _mm512_mullo_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        _mm512_set1_epi32(static_cast<int32_t>(Cp)));
+    const __m512i step = _mm512_set1_epi32(static_cast<int32_t>(16 * Cp));
+    int64_t n = 0;
+    for (int64_t c = 0; c < C; c += 16) {
+      const __mmask16 live = C - c >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (C - c)) - 1);
+      const __m512 v = _mm512_maskz_loadu_ps(live, y + c);
+      const __mmask16 m = _mm512_mask_cmp_ps_mask(live, v, _mm512_setzero_ps(), _CMP_NEQ_UQ);
+      _mm512_storeu_si512(off + n, _mm512_maskz_compress_epi32(m, at));
+      _mm512_storeu_ps(val + n, _mm512_maskz_compress_ps(m, v));
+      n += __builtin_popcount(static_cast<unsigned>(m));
+      at = _mm512_add_epi32(at, step);
+    }
+    return n;
+  }
+#endif
+  int64_t n = 0;
+  for (int64_t j = 0; j < C; ++j) {
+    off[n] = static_cast<int32_t>(j * Cp);
+    val[n] = y[j];
+    n += y[j] != T(0) ? 1 : 0;
+  }
+  return n;
+}
+
+// Output channels [c0, c0 + NA * W) of one row's step: the sums over its
+// non-zero list, then next_value into yn (DELTA: the lane-wise max |new -
+// old| over channels below C folded into dmax).
+template <typename T, int NA, bool SHRINK, bool DELTA>
+TORCHITER_INLINE void sparse_row_chunk(
+    const VecProjection<T>& project, const T* A_T, const int32_t* off, const T* val, int64_t n,
+    const T* y, const T* b, T* yn, int64_t c0, int64_t C, const Vectorized<T>& neg_lr,
+    Vectorized<T>& dmax) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  // Copied from one zero, not constructed in place: GCC otherwise keeps a
+  // zeroed copy of the array on the stack.
+  const Vec zero(static_cast<T>(0));
+  Vec acc[NA];
+  TORCHITER_UNROLL
+  for (int v = 0; v < NA; ++v) {
+    acc[v] = zero;
+  }
+  const T* a0 = A_T + c0;
+  for (int64_t t = 0; t < n; ++t) {
+    const Vec yj(val[t]);
+    const T* a = a0 + off[t];
+    TORCHITER_UNROLL
+    for (int v = 0; v < NA; ++v) {
+      acc[v] = at::vec::fmadd(Vec::loadu(a + v * W), yj, acc[v]);
+    }
+  }
+  TORCHITER_UNROLL
+  for (int v = 0; v < NA; ++v) {
+    update_vector<SHRINK, DELTA>(project, acc[v], y, b, yn, c0 + v * W, neg_lr, C - c0 - v * W, dmax);
+  }
+}
+
+// One step of one row (y, b, yn padded to Cp): returns max |new - old| over
+// its C channels with DELTA (NaN if any is), else 0.
+template <typename T, bool SHRINK, bool DELTA>
+inline T sparse_row_step(
+    const VecProjection<T>& project, const T* A_T, int64_t Cp, const int32_t* off, const T* val,
+    int64_t n, const T* y, const T* b, T* yn, int64_t C, const Vectorized<T>& neg_lr) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  constexpr int64_t chunk = kSparseChunk<T> * W;
+  Vec dmax(static_cast<T>(0));
+  int64_t c0 = 0;
+  for (; c0 + chunk <= Cp; c0 += chunk) {
+    sparse_row_chunk<T, kSparseChunk<T>, SHRINK, DELTA>(project, A_T, off, val, n, y, b, yn, c0, C, neg_lr, dmax);
+  }
+  // The last pass, a whole number of vectors narrower than a chunk.
+  switch ((Cp - c0) / W) {
+#define TORCHITER_SPARSE_TAIL(NA)                                                                          \
+  case NA:                                                                                                 \
+    sparse_row_chunk<T, NA, SHRINK, DELTA>(project, A_T, off, val, n, y, b, yn, c0, C, neg_lr, dmax); \
+    break;
+    TORCHITER_SPARSE_TAIL(1)
+    TORCHITER_SPARSE_TAIL(2)
+    TORCHITER_SPARSE_TAIL(3)
+    TORCHITER_SPARSE_TAIL(4)
+    TORCHITER_SPARSE_TAIL(5)
+    TORCHITER_SPARSE_TAIL(6)
+    TORCHITER_SPARSE_TAIL(7)
+#undef TORCHITER_SPARSE_TAIL
+    default: {
+      // 8 .. kSparseChunk - 1 vectors (AVX-512 only): two passes.
+      const int64_t rest = (Cp - c0) / W;
+      if (rest >= 8) {
+        sparse_row_chunk<T, 8, SHRINK, DELTA>(project, A_T, off, val, n, y, b, yn, c0, C, neg_lr, dmax);
+        c0 += 8 * W;
+        for (; c0 < Cp; c0 += W) {
+          sparse_row_chunk<T, 1, SHRINK, DELTA>(project, A_T, off, val, n, y, b, yn, c0, C, neg_lr, dmax);
+        }
+      }
+      break;
+    }
+  }
+  return DELTA ? lane_max(dmax) : T(0);
+}
+
+// A transposed for run_sparse_rows: row j holds column j of A, Cp = C
+// rounded up to the vector width long, zero-padded.
+// Every row starts a cache line (ATen's CPU allocator aligns to 64 bytes):
+// a vector load that straddles two lines takes two of the core's load slots,
+// and the sums are bound by those loads.
+template <typename T>
+at::Tensor transposed_padded(const at::Tensor& A, int64_t Cp) {
+  const int64_t C = A.size(0);
+  at::Tensor t = at::zeros({C, Cp}, A.options());
+  t.narrow(1, 0, C).copy_(A.t());
+  return t;
+}
+
+// n elements of T in `storage`, from a 64-byte boundary.
+template <typename T>
+T* aligned_in(std::vector<T>& storage, int64_t n) {
+  storage.assign(static_cast<size_t>(n) + 64 / sizeof(T), T(0));
+  const auto at = reinterpret_cast<std::uintptr_t>(storage.data());
+  return reinterpret_cast<T*>((at + 63) / 64 * 64);
+}
+
+// Runs rows [begin, end) of the (rows, C) y0 and b (contiguous) into out,
+// K iterations each (rates[k] if `rates`, else lr), stopping a row at a fixed
+// point. With `stats`, each row's first and K-th changes are folded in (a
+// fixed row's later changes are 0). Returns the share of non-zero entries of
+// y over the iterations run.
+template <typename T>
+double run_sparse_rows(
+    const T* y0, const T* b, T* out, int64_t C, const T* A_T, int64_t Cp, int64_t begin,
+    int64_t end, int64_t K, const T* rates, T lr, const VecProjection<T>& project,
+    LoopStats<T>* stats, InterruptPoll& poll) {
+  constexpr int64_t W = Vectorized<T>::size();
+  std::atomic<int64_t> nonzero_total{0}, entries_total{0};
+  T first_max = 0, last_max = 0;
+  std::mutex stats_mutex;
+  // A task's grab: ~64k FMAs of work at half density.
+  const int64_t per_row = std::max<int64_t>(1, C * C * K / 2);
+  const int64_t per_grab = std::clamp<int64_t>(65536 / per_row, 1, 64);
+  const int64_t rows = std::max<int64_t>(end - begin, 0);
+  for_tiles(rows, per_grab, [&](auto&& grab) {
+    // kSparseSlots rows in flight, each at its own iteration: one row's
+    // iteration is a chain of dependent steps (its non-zero list, the sums,
+    // the update that the next list reads), and the other rows' steps fill
+    // the core while it waits.
+    const int G = sparse_slots<T>(C, Cp);
+    const int64_t stride = 4 * Cp + W;
+    std::vector<T> buf_storage;
+    std::vector<int32_t> off_storage;
+    T* const buf = aligned_in(buf_storage, G * stride);
+    int32_t* const offs = aligned_in(off_storage, G * (Cp + W));
+    T* y[kSparseSlots];
+    T* yn[kSparseSlots];
+    T* bb[kSparseSlots];
+    T* val[kSparseSlots];
+    int32_t* off[kSparseSlots];
+    int64_t row[kSparseSlots], k[kSparseSlots];
+    for (int g = 0; g < G; ++g) {
+      y[g] = buf + g * stride;
+      yn[g] = y[g] + Cp;
+      bb[g] = yn[g] + Cp;
+      val[g] = bb[g] + Cp;
+      off[g] = offs + g * (Cp + W);
+      row[g] = -1;
+    }
+    int64_t next = 0, last = 0;
+    int64_t my_nonzero = 0, my_entries = 0;
+    T my_first = 0, my_last = 0;
+    // Loads the worker's next row into slot g; false when none is left.
+    const auto load = [&](int g) {
+      if (next == last) {
+        int64_t r0, r1;
+        if (poll.stop() || !grab(r0, r1)) {
+          row[g] = -1;
+          return false;
+        }
+        next = begin + r0;
+        last = begin + r1;
+      }
+      row[g] = next++;
+      k[g] = 0;
+      std::memcpy(y[g], y0 + row[g] * C, static_cast<size_t>(C) * sizeof(T));
+      std::memcpy(bb[g], b + row[g] * C, static_cast<size_t>(C) * sizeof(T));
+      return true;
+    };
+    const auto run = [&](auto shrink) {
+      constexpr bool SH = decltype(shrink)::value;
+      int active = 0;
+      for (int g = 0; g < G; ++g) {
+        active += load(g) ? 1 : 0;
+      }
+      while (active > 0) {
+        for (int g = 0; g < G; ++g) {
+          if (row[g] < 0) {
+            continue;
+          }
+          const int64_t kg = k[g];
+          const Vectorized<T> neg_lr(-(rates ? rates[kg] : lr));
+          const int64_t n = nonzeros(y[g], C, Cp, off[g], val[g]);
+          my_nonzero += n;
+          my_entries += C;
+          if (stats && (kg == 0 || kg == K - 1)) {
+            const T d = sparse_row_step<T, SH, true>(project, A_T, Cp, off[g], val[g], n, y[g], bb[g], yn[g], C, neg_lr);
+            if (kg == 0) {
+              my_first = nan_max(my_first, d);
+            }
+            if (kg == K - 1) {
+              my_last = nan_max(my_last, d);
+            }
+          } else {
+            sparse_row_step<T, SH, false>(project, A_T, Cp, off[g], val[g], n, y[g], bb[g], yn[g], C, neg_lr);
+          }
+          std::swap(y[g], yn[g]);
+          k[g] = kg + 1;
+          // Unchanged bits, all finite: every later iteration (with any
+          // rate) computes the same function of the same bits. An infinity
+          // or a NaN changes by NaN in the dense loop.
+          const bool done = k[g] == K ||
+              (std::memcmp(y[g], yn[g], static_cast<size_t>(C) * sizeof(T)) == 0 &&
+               std::all_of(y[g], y[g] + C, [](T v) { return std::isfinite(v); }));
+          if (done) {
+            std::memcpy(out + row[g] * C, y[g], static_cast<size_t>(C) * sizeof(T));
+            if (!load(g)) {
+              --active;
+            }
+          }
+        }
+      }
+    };
+    project.use_shrink ? run(std::true_type{}) : run(std::false_type{});
+    nonzero_total += my_nonzero;
+    entries_total += my_entries;
+    if (stats) {
+      const std::lock_guard<std::mutex> lock(stats_mutex);
+      first_max = nan_max(first_max, my_first);
+      last_max = nan_max(last_max, my_last);
+    }
+  });
+  count_sparse_rows(rows);
+  if (stats) {
+    stats->measured_part(first_max, last_max, K);
+  }
+  const int64_t entries = entries_total.load();
+  return entries > 0 ? static_cast<double>(nonzero_total.load()) / static_cast<double>(entries) : 0.0;
+}
+
+} // namespace
+} // namespace torchiter::cpu::CPU_CAPABILITY
