@@ -192,7 +192,7 @@ bool sparse_rows_apply(
     const ChannelMixing<T>& mix, const QuadraticDescentArgs& args, const at::Tensor& A, bool allowed) {
   const int64_t C = mix.C;
   const bool zeros = args.shrink > 0 || (args.min && *args.min == 0) || (args.max && *args.max == 0);
-  return allowed && kSparseRows && zeros && args.max_iterations > 0 && !mix.diagonal && mix.A_pairs == nullptr &&
+  return allowed && kSparseRows<T> && zeros && args.max_iterations > 0 && !mix.diagonal && mix.A_pairs == nullptr &&
       mix.A_tiles == nullptr && C >= kSparseMinChannels &&
       round_up(C, Vectorized<T>::size()) * C * static_cast<int64_t>(sizeof(T)) <= kSparseMaxBytes &&
       all_finite<T>(A);

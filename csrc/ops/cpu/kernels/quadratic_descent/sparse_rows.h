@@ -42,39 +42,45 @@ namespace {
 template <typename T>
 constexpr int kSparseChunk = sizeof(Vectorized<T>) >= 64 ? 16 : 8;
 
-// Only the AVX-512 variant skips zeros: there, at half density, it runs the
-// benchmark's 64- and 128-channel loops 1.13x and 1.16x faster than the
-// dense kernel; the AVX2 variant's rows (8-wide vectors, the non-zero list
-// found element by element) ran them 0.85x and 0.90x as fast on the same
-// core, the plain x86-64 variant's 0.46x.
+// Only the AVX-512 variant skips zeros, and only in float32: there, at half
+// density, it runs 64- to 128-channel loops 1.2-1.4x faster than the dense
+// kernel; the AVX2 variant's rows (8-wide vectors, the non-zero list found
+// element by element) ran 64 and 128 channels 0.85x and 0.90x as fast on
+// the same core, the plain x86-64 variant's 0.46x, and float64 rows
+// (8 lanes) 0.96-1.05x from 64 to 90 channels.
+template <typename T>
+constexpr bool kSparseRows =
 #if defined(CPU_CAPABILITY_AVX512)
-constexpr bool kSparseRows = true;
+    std::is_same_v<T, float>;
 #else
-constexpr bool kSparseRows = false;
+    false;
 #endif
 
-// Fewer channels than this: the dense kernel's register blocks win whatever
-// the density (a row's FMA chains are too short to hide their latency).
-constexpr int64_t kSparseMinChannels = 32;
+// Fewer channels than this: the dense kernel's register blocks win at half
+// density (float, 1 thread: 32 channels 0.6x, 48 0.95x, 56 1.0x, 64 1.2x,
+// 80 1.3x, 96 1.4x), each non-zero's few FMAs no longer paying for finding
+// it and for the row's update.
+constexpr int64_t kSparseMinChannels = 64;
 
-// A_T larger than this (float: from 129 channels on): the non-zero rows of
+// A_T larger than this (from 129 channels on): the non-zero rows of
 // A_T that one row reads no longer fit L1, and reading them from L2 for
 // every non-zero costs more than the skipped FMAs save (256 channels: 0.95x
 // the dense kernel, 1024: 0.56x).
 constexpr int64_t kSparseMaxBytes = 64 * 1024;
 
 // The most rows in flight per thread (run_sparse_rows).
-constexpr int kSparseSlots = 4;
+constexpr int kSparseSlots = 2;
 
-// Rows in flight per thread: as many as keep the rows of A_T that their
-// non-zero channels read (about half of A_T each, mostly the same ones
-// from one iteration to the next) within a 32 KiB L1. One row alone at 128
-// float channels (A_T 64 KiB) runs 1.2x faster than the dense kernel, four
-// rows 0.8x; at 64 channels four rows run 1.4x faster than one.
+// Rows in flight per thread: two where A_T fits a 32 KiB L1 (the other
+// row's steps fill the core while one row's dependent steps wait: 64 float
+// channels 1.23x the dense kernel with two rows, 1.11x with one), else one,
+// whose non-zero rows of A_T (about half, mostly the same ones from one
+// iteration to the next) then stay in L1 longest (128 channels: 1.18x with
+// one row, 1.04x with two).
 template <typename T>
 int sparse_slots(int64_t C, int64_t Cp) {
   const int64_t bytes = C * Cp * static_cast<int64_t>(sizeof(T));
-  return bytes <= 16 * 1024 ? 4 : bytes <= 32 * 1024 ? 2 : 1;
+  return bytes <= 32 * 1024 ? 2 : 1;
 }
 
 // The largest share of non-zero entries of y (over the iterations of a
@@ -119,6 +125,27 @@ inline int64_t nonzeros(const T* y, int64_t C, int64_t Cp, int32_t* off, T* val)
   return n;
 }
 
+// Bit i set where lane i of a and b differ in any bit.
+template <typename T>
+inline uint32_t differing_lanes(const Vectorized<T>& a, const Vectorized<T>& b) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm512_cmpneq_epi32_mask(_mm512_castps_si512(a), _mm512_castps_si512(b));
+  } else if constexpr (std::is_same_v<T, double>) {
+    return _mm512_cmpneq_epi64_mask(_mm512_castpd_si512(a), _mm512_castpd_si512(b));
+  }
+#endif
+  constexpr int64_t W = Vectorized<T>::size();
+  T x[W], z[W];
+  a.store(x);
+  b.store(z);
+  uint32_t m = 0;
+  for (int64_t i = 0; i < W; ++i) {
+    m |= std::memcmp(x + i, z + i, sizeof(T)) != 0 ? 1u << i : 0u;
+  }
+  return m;
+}
+
 // Output channels [c0, c0 + NA * W) of one row's step: the sums over its
 // non-zero list, then next_value into yn (DELTA: the lane-wise max |new -
 // old| over channels below C folded into dmax).
@@ -126,7 +153,7 @@ template <typename T, int NA, bool SHRINK, bool DELTA>
 TORCHITER_INLINE void sparse_row_chunk(
     const VecProjection<T>& project, const T* A_T, const int32_t* off, const T* val, int64_t n,
     const T* y, const T* b, T* yn, int64_t c0, int64_t C, const Vectorized<T>& neg_lr,
-    Vectorized<T>& dmax) {
+    Vectorized<T>& dmax, uint32_t& changed) {
   using Vec = Vectorized<T>;
   constexpr int64_t W = Vec::size();
   // Copied from one zero, not constructed in place: GCC otherwise keeps a
@@ -148,29 +175,46 @@ TORCHITER_INLINE void sparse_row_chunk(
   }
   TORCHITER_UNROLL
   for (int v = 0; v < NA; ++v) {
-    update_vector<SHRINK, DELTA>(project, acc[v], y, b, yn, c0 + v * W, neg_lr, C - c0 - v * W, dmax);
+    const int64_t at = c0 + v * W, lanes = C - at;
+    const Vec old = Vec::loadu(y + at);
+    const Vec nv = next_value<SHRINK>(project, acc[v], Vec::loadu(b + at), old, neg_lr);
+    nv.store(yn + at);
+    if constexpr (DELTA) {
+      dmax = max_change(dmax, masked_delta(nv, old, lanes));
+    }
+    // Lanes past C (padding) do not count.
+    const uint32_t live = lanes >= W ? ~0u : (1u << lanes) - 1;
+    changed |= differing_lanes(nv, old) & live;
   }
 }
 
-// One step of one row (y, b, yn padded to Cp): returns max |new - old| over
-// its C channels with DELTA (NaN if any is), else 0.
+// What one step of a row did: max |new - old| over its C channels (NaN if
+// any is; 0 without DELTA), and whether any channel changed in any bit.
+template <typename T>
+struct RowStep {
+  T change;
+  bool changed;
+};
+
+// One step of one row (y, b, yn padded to Cp).
 template <typename T, bool SHRINK, bool DELTA>
-inline T sparse_row_step(
+inline RowStep<T> sparse_row_step(
     const VecProjection<T>& project, const T* A_T, int64_t Cp, const int32_t* off, const T* val,
     int64_t n, const T* y, const T* b, T* yn, int64_t C, const Vectorized<T>& neg_lr) {
   using Vec = Vectorized<T>;
   constexpr int64_t W = Vec::size();
   constexpr int64_t chunk = kSparseChunk<T> * W;
   Vec dmax(static_cast<T>(0));
+  uint32_t changed = 0;
   int64_t c0 = 0;
   for (; c0 + chunk <= Cp; c0 += chunk) {
-    sparse_row_chunk<T, kSparseChunk<T>, SHRINK, DELTA>(project, A_T, off, val, n, y, b, yn, c0, C, neg_lr, dmax);
+    sparse_row_chunk<T, kSparseChunk<T>, SHRINK, DELTA>(project, A_T, off, val, n, y, b, yn, c0, C, neg_lr, dmax, changed);
   }
   // The last pass, a whole number of vectors narrower than a chunk.
   switch ((Cp - c0) / W) {
 #define TORCHITER_SPARSE_TAIL(NA)                                                                          \
   case NA:                                                                                                 \
-    sparse_row_chunk<T, NA, SHRINK, DELTA>(project, A_T, off, val, n, y, b, yn, c0, C, neg_lr, dmax); \
+    sparse_row_chunk<T, NA, SHRINK, DELTA>(project, A_T, off, val, n, y, b, yn, c0, C, neg_lr, dmax, changed); \
     break;
     TORCHITER_SPARSE_TAIL(1)
     TORCHITER_SPARSE_TAIL(2)
@@ -184,16 +228,16 @@ inline T sparse_row_step(
       // 8 .. kSparseChunk - 1 vectors (AVX-512 only): two passes.
       const int64_t rest = (Cp - c0) / W;
       if (rest >= 8) {
-        sparse_row_chunk<T, 8, SHRINK, DELTA>(project, A_T, off, val, n, y, b, yn, c0, C, neg_lr, dmax);
+        sparse_row_chunk<T, 8, SHRINK, DELTA>(project, A_T, off, val, n, y, b, yn, c0, C, neg_lr, dmax, changed);
         c0 += 8 * W;
         for (; c0 < Cp; c0 += W) {
-          sparse_row_chunk<T, 1, SHRINK, DELTA>(project, A_T, off, val, n, y, b, yn, c0, C, neg_lr, dmax);
+          sparse_row_chunk<T, 1, SHRINK, DELTA>(project, A_T, off, val, n, y, b, yn, c0, C, neg_lr, dmax, changed);
         }
       }
       break;
     }
   }
-  return DELTA ? lane_max(dmax) : T(0);
+  return {DELTA ? lane_max(dmax) : T(0), changed != 0};
 }
 
 // A transposed for run_sparse_rows: row j holds column j of A, Cp = C
@@ -296,16 +340,17 @@ double run_sparse_rows(
           const int64_t n = nonzeros(y[g], C, Cp, off[g], val[g]);
           my_nonzero += n;
           my_entries += C;
+          RowStep<T> step;
           if (stats && (kg == 0 || kg == K - 1)) {
-            const T d = sparse_row_step<T, SH, true>(project, A_T, Cp, off[g], val[g], n, y[g], bb[g], yn[g], C, neg_lr);
+            step = sparse_row_step<T, SH, true>(project, A_T, Cp, off[g], val[g], n, y[g], bb[g], yn[g], C, neg_lr);
             if (kg == 0) {
-              my_first = nan_max(my_first, d);
+              my_first = nan_max(my_first, step.change);
             }
             if (kg == K - 1) {
-              my_last = nan_max(my_last, d);
+              my_last = nan_max(my_last, step.change);
             }
           } else {
-            sparse_row_step<T, SH, false>(project, A_T, Cp, off[g], val[g], n, y[g], bb[g], yn[g], C, neg_lr);
+            step = sparse_row_step<T, SH, false>(project, A_T, Cp, off[g], val[g], n, y[g], bb[g], yn[g], C, neg_lr);
           }
           std::swap(y[g], yn[g]);
           k[g] = kg + 1;
@@ -313,8 +358,7 @@ double run_sparse_rows(
           // rate) computes the same function of the same bits. An infinity
           // or a NaN changes by NaN in the dense loop.
           const bool done = k[g] == K ||
-              (std::memcmp(y[g], yn[g], static_cast<size_t>(C) * sizeof(T)) == 0 &&
-               std::all_of(y[g], y[g] + C, [](T v) { return std::isfinite(v); }));
+              (!step.changed && std::all_of(y[g], y[g] + C, [](T v) { return std::isfinite(v); }));
           if (done) {
             std::memcpy(out + row[g] * C, y[g], static_cast<size_t>(C) * sizeof(T));
             if (!load(g)) {
