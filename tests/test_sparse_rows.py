@@ -1,7 +1,7 @@
 """quadratic_descent's sparse-row driver: mixing that skips exact zeros of y.
 
 For a (B, C) batch with no stop test and a projection that gives exact zeros
-(ReLU, a clamp at 0, soft thresholding), the AVX-512 kernel runs each float32
+(ReLU, a clamp at 0, soft thresholding), the AVX2 and AVX-512 kernels run each float32
 row of 64 to 128 channels on its own and sums A's columns for the row's
 non-zero channels only. A zero
 y_j adds +-0 to the dense chain, so the two paths give the same values (a
@@ -23,7 +23,7 @@ from torchiter.reference import quadratic_descent_reference
 OP = torch.ops.torchiter.quadratic_descent
 OP_EX = torch.ops.torchiter.quadratic_descent_ex
 
-AVX512 = torchiter.cpu_capability() == "avx512"
+VECTOR = torchiter.cpu_capability() in ("avx2", "avx512")
 PROJECTIONS = {
     "relu": dict(min=0.0),
     "nonpositive": dict(max=0.0),
@@ -44,7 +44,7 @@ def problem(rows, C, dtype, seed, b_shift=0.0):
 
 def eligible(C, dtype):
     """Whether the driver applies: AVX-512 kernels, float32, 64 to 128 channels."""
-    return AVX512 and dtype == torch.float32 and 64 <= C <= 128
+    return VECTOR and dtype == torch.float32 and 64 <= C <= 128
 
 
 def run_both(monkeypatch, fn):
@@ -94,7 +94,7 @@ def test_any_row_count(monkeypatch, rows):
     y0, A, b, lr = problem(rows, 72, torch.float32, seed=rows)
     sparse, dense, ran = run_both(monkeypatch, lambda: OP(y0, A, b, lr, 25, min=0.0)[0])
     assert_same_values(sparse, dense)
-    assert ran == (rows if AVX512 else 0)
+    assert ran == (rows if VECTOR else 0)
 
 
 def test_non_contiguous_inputs_and_schedule(monkeypatch):
@@ -104,7 +104,7 @@ def test_non_contiguous_inputs_and_schedule(monkeypatch):
     lrs = torch.linspace(0.6, 0.2, 20, dtype=torch.float64)
     sparse, dense, ran = run_both(monkeypatch, lambda: OP(y0, A, b, 0.0, 20, lrs=lrs, shrink=0.01, min=0.0)[0])
     assert_same_values(sparse, dense)
-    assert ran == (301 if AVX512 else 0)
+    assert ran == (301 if VECTOR else 0)
 
 
 @pytest.mark.parametrize("K", [1, 2, 7, 60])
@@ -112,7 +112,7 @@ def test_statistics_equal_dense_loop(monkeypatch, K):
     y0, A, b, lr = problem(400, 80, torch.float32, seed=K)
     sparse, dense, ran = run_both(
         monkeypatch, lambda: OP_EX(y0, A, b, lr, K, 0.0, 1, None, 0.0, 0.0, None, False, False))
-    assert ran == (400 if AVX512 else 0)
+    assert ran == (400 if VECTOR else 0)
     for s, d in zip(sparse, dense):
         assert_same_values(s, d)
 
@@ -129,7 +129,7 @@ def test_rows_at_a_fixed_point_stop_with_the_same_result(monkeypatch):
     for s, d in zip(sparse, dense):
         assert_same_values(s, d)
     assert float(sparse[3]) < 1e-6  # settled, or stepping between neighbours
-    assert ran == (300 if AVX512 else 0)
+    assert ran == (300 if VECTOR else 0)
 
 
 def test_non_finite_values(monkeypatch):
@@ -142,7 +142,7 @@ def test_non_finite_values(monkeypatch):
     sparse, dense, ran = run_both(monkeypatch, lambda: OP(y0, A, b, lr, 12, min=0.0)[0])
     assert_same_values(sparse, dense)
     assert torch.isnan(sparse[3]).all() and torch.isnan(sparse[30]).all()
-    assert ran == (280 if AVX512 else 0)
+    assert ran == (280 if VECTOR else 0)
 
 
 def test_infinite_A_takes_the_dense_loop(monkeypatch):
@@ -175,7 +175,7 @@ def test_dense_rest_after_a_dense_sample(monkeypatch):
     y0, A, b, lr = problem(4096, 64, torch.float32, seed=8, b_shift=4.0)
     sparse, dense, ran = run_both(monkeypatch, lambda: OP(y0, A, b, lr, 20, min=0.0)[0])
     assert_same_values(sparse, dense)
-    assert ran == (256 if AVX512 else 0)
+    assert ran == (256 if VECTOR else 0)
 
 
 def test_same_bits_at_any_thread_count():
@@ -183,7 +183,7 @@ def test_same_bits_at_any_thread_count():
     before = _C._sparse_rows_count()
     results = bits_at_thread_counts(lambda: OP(y0, A, b, lr, 30, min=0.0)[0])
     assert all(torch.equal(results[0], r) for r in results[1:])
-    assert _C._sparse_rows_count() - before == (3 * 2000 if AVX512 else 0)
+    assert _C._sparse_rows_count() - before == (3 * 2000 if VECTOR else 0)
 
 
 def test_model_forward_runs_sparse_rows(monkeypatch):
@@ -201,7 +201,7 @@ def test_model_forward_runs_sparse_rows(monkeypatch):
         model.competitor.weight.add_(P + P.T)
         sparse, dense, ran = run_both(monkeypatch, lambda: model(x))
     assert_same_values(sparse, dense)
-    assert ran == (500 if AVX512 else 0)
+    assert ran == (500 if VECTOR else 0)
 
 
 def test_bad_setting_is_refused(monkeypatch):

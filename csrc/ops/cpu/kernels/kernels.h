@@ -27,7 +27,7 @@ AmxRequest amx_request();
 // TORCHITER_SPARSE (auto, 1 or 0), read at each call so that a benchmark can
 // time both paths in one process: false for 0; throws on another value.
 bool sparse_rows_enabled();
-// Counts rows run by the AVX-512 kernel's sparse-row driver (process-wide),
+// Counts rows run by the AVX2 and AVX-512 kernels' sparse-row driver (process-wide),
 // so that tests can see which driver ran: _C._sparse_rows_count().
 void count_sparse_rows(int64_t rows);
 int64_t sparse_rows_count();
