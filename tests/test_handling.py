@@ -436,7 +436,9 @@ _INTERRUPT_SCRIPT = textwrap.dedent(
     # lr = 2/L: the top eigencomponent oscillates forever, so a stop test
     # never passes and the loop runs to max_iterations.
     lr = 2.0 / float(torch.linalg.eigvalsh(A.double()).max())
-    b = torch.randn(2000 if C < 100 else 64, C, 40)
+    # "sparse": (B, C) rows under ReLU, the kernels' sparse-row driver.
+    b = torch.randn(2000, C) if kind == "sparse" else torch.randn(2000 if C < 100 else 64, C, 40)
+    lo = 0.0 if kind == "sparse" else None
     y0 = torch.zeros_like(b)
     y0_copy, b_copy = y0.clone(), b.clone()
     def interrupt():
@@ -445,7 +447,7 @@ _INTERRUPT_SCRIPT = textwrap.dedent(
     threading.Thread(target=interrupt, daemon=True).start()
     start = time.monotonic()
     try:
-        torch.ops.torchiter.quadratic_descent_ex(y0, A, b, lr, 10**7, tol, 1, None, 0.0, None, None, per_sample, False)
+        torch.ops.torchiter.quadratic_descent_ex(y0, A, b, lr, 10**7, tol, 1, None, 0.0, lo, None, per_sample, False)
         print("not interrupted")
     except KeyboardInterrupt:
         print("interrupted after", round(time.monotonic() - start - 1.0, 2))
@@ -458,12 +460,14 @@ _INTERRUPT_SCRIPT = textwrap.dedent(
 
 # Each CPU loop driver: tiles through all iterations (dense, no stop test),
 # runs of a diagonal A in registers, sweeps with a stop test (small and GEMM
-# channel counts), and the per-sample loop.
+# channel counts), the per-sample loop, and the rows that skip zeros.
 @pytest.mark.parametrize(
     "threads,C,kind,tol,per_sample",
     [(2, 3, "dense", 0.0, 0), (1, 3, "dense", 0.0, 0), (2, 5, "diagonal", 0.0, 0), (1, 5, "diagonal", 0.0, 0),
-     (2, 5, "dense", 1e-30, 0), (2, 130, "dense", 1e-30, 0), (2, 4, "dense", 1e-30, 1)],
-    ids=["tiles", "tiles-1-thread", "diagonal", "diagonal-1-thread", "sweeps", "gemm-sweeps", "per-sample"],
+     (2, 5, "dense", 1e-30, 0), (2, 130, "dense", 1e-30, 0), (2, 4, "dense", 1e-30, 1),
+     (2, 64, "sparse", 0.0, 0), (1, 64, "sparse", 0.0, 0)],
+    ids=["tiles", "tiles-1-thread", "diagonal", "diagonal-1-thread", "sweeps", "gemm-sweeps", "per-sample",
+         "sparse-rows", "sparse-rows-1-thread"],
 )
 def test_ctrl_c_interrupts_a_long_whole_loop_op(threads, C, kind, tol, per_sample):
     proc = subprocess.run(

@@ -107,6 +107,26 @@ def test_non_contiguous_inputs_and_schedule(monkeypatch):
     assert ran == (301 if VECTOR else 0)
 
 
+@pytest.mark.parametrize(
+    "lrs,kw",
+    [([0.0] + [0.5] * 29, dict(min=0.0)),  # a warm-up from 0: nothing moves at first
+     ([0.0] * 5 + [0.3] * 25, dict(min=0.0)),
+     ([0.5] * 80 + [0.05] * 80, dict(shrink=0.1)),  # step decay: soft thresholding's fixed points move
+     ([0.4] * 100, dict(shrink=0.1, min=0.0))],
+    ids=["warm-up", "late-start", "step-decay-shrink", "constant-schedule"],
+)
+def test_schedules_with_changing_rates(monkeypatch, lrs, kw):
+    y0, A, b, lr = problem(512, 64, torch.float32, seed=12)
+    rates = torch.tensor(lrs, dtype=torch.float64)
+    K = len(lrs)
+    sparse, dense, ran = run_both(
+        monkeypatch, lambda: OP_EX(y0, A, b, 0.0, K, 0.0, 1, rates, kw.get("shrink", 0.0), kw.get("min"), None, False, False))
+    for s, d in zip(sparse, dense):
+        assert_same_values(s, d)
+    assert ran == (512 if VECTOR else 0)
+    assert (sparse[0] != 0).any()
+
+
 @pytest.mark.parametrize("K", [1, 2, 7, 60])
 def test_statistics_equal_dense_loop(monkeypatch, K):
     y0, A, b, lr = problem(400, 80, torch.float32, seed=K)
@@ -207,5 +227,13 @@ def test_model_forward_runs_sparse_rows(monkeypatch):
 def test_bad_setting_is_refused(monkeypatch):
     y0, A, b, lr = problem(40, 64, torch.float32, seed=1)
     monkeypatch.setenv("TORCHITER_SPARSE", "yes")
-    with pytest.raises(RuntimeError, match="TORCHITER_SPARSE must be one of auto, 1, 0, got 'yes'"):
-        OP(y0, A, b, lr, 3, min=0.0)
+    # Every CPU call checks it, whichever loop runs (or none).
+    calls = [
+        lambda: OP(y0, A, b, lr, 3, min=0.0),
+        lambda: OP(y0.double(), A.double(), b.double(), lr, 3),
+        lambda: OP(y0[:0], A, b[:0], lr, 3),
+        lambda: OP_EX(y0, A, b, lr, 0, 0.0, 1, None, 0.0, None, None, False, False),
+    ]
+    for call in calls:
+        with pytest.raises(RuntimeError, match="TORCHITER_SPARSE must be one of auto, 1, 0, got 'yes'"):
+            call()
