@@ -87,7 +87,7 @@ int sparse_slots(int64_t C, int64_t Cp) {
 // The largest share of non-zero entries of y (over the iterations of a
 // sample of the batch) at which the rows go on sparse; above it the rest of
 // the batch goes to the dense kernel, whose register blocks share each load
-// among more FMAs (bench_channels.py --density measures both).
+// among more FMAs.
 constexpr double kSparseMaxDensity = 0.7;
 
 // The non-zero entries of y[0, C) (NaN counts as non-zero, -0 as zero): their
