@@ -198,6 +198,18 @@ def test_dense_rest_after_a_dense_sample(monkeypatch):
     assert ran == (256 if VECTOR else 0)
 
 
+def test_forced_on_a_dense_batch(monkeypatch):
+    # TORCHITER_SPARSE=1 skips zeros wherever the loop allows it, whatever
+    # the sample's density; the values stay those of the dense kernel.
+    y0, A, b, lr = problem(1000, 64, torch.float32, seed=8, b_shift=4.0)
+    monkeypatch.setenv("TORCHITER_SPARSE", "1")
+    before = _C._sparse_rows_count()
+    forced = OP(y0, A, b, lr, 20, min=0.0)[0]
+    assert _C._sparse_rows_count() - before == (1000 if VECTOR else 0)
+    monkeypatch.setenv("TORCHITER_SPARSE", "0")
+    assert_same_values(forced, OP(y0, A, b, lr, 20, min=0.0)[0])
+
+
 def test_same_bits_at_any_thread_count():
     y0, A, b, lr = problem(2000, 64, torch.float32, seed=9)
     before = _C._sparse_rows_count()

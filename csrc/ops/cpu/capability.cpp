@@ -125,13 +125,13 @@ AmxRequest amx_request() {
   return request;
 }
 
-bool sparse_rows_enabled() {
+SparseRows sparse_rows_request() {
   const char* env = std::getenv("TORCHITER_SPARSE");
   const std::string want = env && *env ? env : "auto";
   TORCH_CHECK(
       want == "auto" || want == "1" || want == "0",
       "torchiter: TORCHITER_SPARSE must be one of auto, 1, 0, got '", want, "'");
-  return want != "0";
+  return want == "0" ? SparseRows::kOff : want == "1" ? SparseRows::kForce : SparseRows::kAuto;
 }
 
 namespace {

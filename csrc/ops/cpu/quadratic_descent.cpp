@@ -36,7 +36,7 @@ std::tuple<at::Tensor, at::Tensor> quadratic_descent_cpu(
       y0.device().is_cpu(), "torchiter.quadratic_descent: the CPU kernel got y0 on ",
       y0.device());
   // A bad TORCHITER_SPARSE is refused on every CPU call, loop or not.
-  cpu::sparse_rows_enabled();
+  cpu::sparse_rows_request();
   if (is_reduced_float(y0.scalar_type())) {
     const QuadraticDescentArgs loop_args = with_mixing_precision(args, y0.scalar_type());
     return with_float32_loop(y0.detach(), A.detach(), b.detach(), [&](const auto& y, const auto& a, const auto& c) {
@@ -61,7 +61,7 @@ QuadraticDescentResult quadratic_descent_ex_cpu(
   TORCH_CHECK(
       y0.device().is_cpu(), "torchiter.quadratic_descent_ex: the CPU kernel got y0 on ",
       y0.device());
-  cpu::sparse_rows_enabled();
+  cpu::sparse_rows_request();
   if (y0.numel() == 0 || args.max_iterations == 0) {
     // Nothing runs: the generic driver's answer, without a loop.
     return quadratic_descent_ex_generic(y0, A, b, lrs, args, &quadratic_descent_cpu);

@@ -25,8 +25,11 @@ enum class AmxRequest { kAuto, kOff, kEmulate, kForce };
 // another value.
 AmxRequest amx_request();
 // TORCHITER_SPARSE (auto, 1 or 0), read at each call so that a benchmark can
-// time both paths in one process: false for 0; throws on another value.
-bool sparse_rows_enabled();
+// time the paths in one process: 0 never skips zeros, auto where a sample
+// of the batch is sparse enough, 1 wherever the loop allows it; throws on
+// another value.
+enum class SparseRows { kOff, kAuto, kForce };
+SparseRows sparse_rows_request();
 // Counts rows run by the AVX2 and AVX-512 kernels' sparse-row driver (process-wide),
 // so that tests can see which driver ran: _C._sparse_rows_count().
 void count_sparse_rows(int64_t rows);

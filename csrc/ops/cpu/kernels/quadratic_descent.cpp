@@ -204,7 +204,7 @@ QuadraticDescentResult run(
     const QuadraticDescentArgs& args, LearningRates& lrs, bool diagonal) {
   constexpr int64_t W = Vectorized<T>::size();
   // Read (and checked) on every call, whichever loop runs.
-  const bool sparse_allowed = sparse_rows_enabled();
+  const SparseRows sparse_request = sparse_rows_request();
   // A diagonal A needs no GEMM: the mixing is one FMA per element.
   const bool gemm = y0.size(1) >= kGemmMinChannels && !diagonal;
   const VecProjection<T> proj(args.shrink, args.min, args.max);
@@ -253,8 +253,9 @@ QuadraticDescentResult run(
     const at::Tensor yc = y0.contiguous();
     const at::Tensor bc = b_in.contiguous();
     // Rows whose zeros the mixing skips (sparse_rows.h): a sample of the
-    // batch first, the rest too where the sample's y was sparse enough.
-    const bool sparse_rows = rows_in_tiles && sparse_rows_apply<T>(mix, args, A, sparse_allowed);
+    // batch first, the rest too where the sample's y was sparse enough (or
+    // TORCHITER_SPARSE=1 asks for it).
+    const bool sparse_rows = rows_in_tiles && sparse_rows_apply<T>(mix, args, A, sparse_request != SparseRows::kOff);
     if (sparse_rows) {
       const int64_t C = L.channels, total = L.positions, K = args.max_iterations;
       const int64_t Cp = round_up(C, W);
@@ -272,7 +273,7 @@ QuadraticDescentResult run(
       const int64_t sample = std::min(total, std::max<int64_t>(total / 16, 256));
       const double density = run_sparse_rows<T>(yp, bp, out, C, A_T.const_data_ptr<T>(), Cp, 0, sample, K, rp, lr, proj, st, poll);
       if (sample < total && !poll.stop()) {
-        if (density <= kSparseMaxDensity) {
+        if (density <= sparse_max_density<T>(C, Cp) || sparse_request == SparseRows::kForce) {
           run_sparse_rows<T>(yp, bp, out, C, A_T.const_data_ptr<T>(), Cp, sample, total, K, rp, lr, proj, st, poll);
         } else {
           WorkingLayout R = L;

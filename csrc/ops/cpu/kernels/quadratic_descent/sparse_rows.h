@@ -87,8 +87,14 @@ int sparse_slots(int64_t C, int64_t Cp) {
 // The largest share of non-zero entries of y (over the iterations of a
 // sample of the batch) at which the rows go on sparse; above it the rest of
 // the batch goes to the dense kernel, whose register blocks share each load
-// among more FMAs.
-constexpr double kSparseMaxDensity = 0.7;
+// among more FMAs. Measured (AVX-512, 1 thread, 4,096 rows, the share set
+// by b's mean): 64 channels 1.16x the dense kernel at 49% non-zero, 1.01x at
+// 60%, 0.92x at 70%; 128 channels 1.14x at 50%, 0.82x at 61%, 0.68x at 71%
+// (more of A_T's rows to keep in L1).
+template <typename T>
+double sparse_max_density(int64_t C, int64_t Cp) {
+  return C * Cp * static_cast<int64_t>(sizeof(T)) <= 32 * 1024 ? 0.58 : 0.54;
+}
 
 // The non-zero entries of y[0, C) (NaN counts as non-zero, -0 as zero): their
 // offsets in A_T (j * Cp) to off[0, n) and their values to val[0, n);
