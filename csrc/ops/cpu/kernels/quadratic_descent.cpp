@@ -229,13 +229,15 @@ QuadraticDescentResult run(
     const Tiles tiles = make_tiles<T>(L, gemm, diagonal);
     LoopStats<T>* st = stats ? &*stats : nullptr;
     const bool blocked = !(args.tol > 0 || gemm || args.trace);
-    const auto run_without_test = [&](const BlockedIO<T>& io) {
+    // The positions of `lay` (L, or the part of it after the sparse rows'
+    // sample) with `tl` its tiles.
+    const auto run_without_test = [&](const BlockedIO<T>& io, const WorkingLayout& lay, const Tiles& tl) {
       if (diagonal) {
-        run_diagonal<T>(io, mix, L.groups, L.positions, args.max_iterations, lrs, st, poll);
-      } else if (!lrs.scheduled() && args.max_iterations > 0 && L.channels > 8) {
-        run_one_rate<T>(io, mix, L, args.max_iterations, lrs, st, poll);
+        run_diagonal<T>(io, mix, lay.groups, lay.positions, args.max_iterations, lrs, st, poll);
+      } else if (!lrs.scheduled() && args.max_iterations > 0 && lay.channels > 8) {
+        run_one_rate<T>(io, mix, lay, args.max_iterations, lrs, st, poll);
       } else {
-        run_blocked<T>(io, mix, tiles, args.max_iterations, lrs, st, poll);
+        run_blocked<T>(io, mix, tl, args.max_iterations, lrs, st, poll);
       }
     };
     // A stop test: tiles that run ahead in L1 (run_tiles_ahead), or one sweep
@@ -260,10 +262,7 @@ QuadraticDescentResult run(
       const int64_t C = L.channels, total = L.positions, K = args.max_iterations;
       const int64_t Cp = round_up(C, W);
       const at::Tensor A_T = transposed_padded<T>(A, Cp);
-      std::vector<T> rates(lrs.scheduled() ? static_cast<size_t>(K) : 0);
-      for (size_t k = 0; k < rates.size(); ++k) {
-        rates[k] = static_cast<T>(lrs.at(static_cast<int64_t>(k)));
-      }
+      const std::vector<T> rates = scheduled_rates<T>(lrs, K);
       const T lr = static_cast<T>(lrs.at(0));
       y = at::empty(y0.sizes(), y0.options().memory_format(at::MemoryFormat::Contiguous));
       const T* yp = yc.const_data_ptr<T>();
@@ -279,12 +278,7 @@ QuadraticDescentResult run(
           WorkingLayout R = L;
           R.positions = total - sample;
           R.padded_positions = round_up(R.positions, W);
-          BlockedIO<T> io{yp + sample * C, bp + sample * C, out + sample * C, 1, 0, C};
-          if (!lrs.scheduled() && K > 0) {
-            run_one_rate<T>(io, mix, R, K, lrs, st, poll);
-          } else {
-            run_blocked<T>(io, mix, make_tiles<T>(R, false, false), K, lrs, st, poll);
-          }
+          run_without_test({yp + sample * C, bp + sample * C, out + sample * C, 1, 0, C}, R, make_tiles<T>(R, gemm, diagonal));
         }
       }
     } else if (blocked && (!L.batch_folded || rows_in_tiles)) {
@@ -301,7 +295,7 @@ QuadraticDescentResult run(
         io.group_stride = 0;
         io.position_stride = L.channels;
       }
-      run_without_test(io);
+      run_without_test(io, L, tiles);
     } else if (const std::vector<int64_t> offsets = !blocked && !gemm && rest_stays_at_zero(mix)
                    ? moving_offsets<T>(yc.const_data_ptr<T>(), bc.const_data_ptr<T>(), L.batch, L.channels, L.spatial)
                    : std::vector<int64_t>();
@@ -321,7 +315,7 @@ QuadraticDescentResult run(
       const at::Tensor Bw = to_working<T>(bc, L);
       if (blocked) {
         const int64_t ld = L.padded_positions;
-        run_without_test({Y.const_data_ptr<T>(), Bw.const_data_ptr<T>(), Y.data_ptr<T>(), ld, L.channels * ld});
+        run_without_test({Y.const_data_ptr<T>(), Bw.const_data_ptr<T>(), Y.data_ptr<T>(), ld, L.channels * ld}, L, tiles);
       } else {
         iterations = with_test(Y, Bw, tiles);
       }

@@ -112,6 +112,17 @@ bool rest_stays_at_zero(const ChannelMixing<T>& mix) {
   return std::all_of(std::begin(out), std::end(out), [](T v) { return v == T(0) && !std::signbit(v); });
 }
 
+// Every rate of a schedule's K iterations, read up front (empty without a
+// schedule): for drivers in which every tile or row needs every rate.
+template <typename T>
+std::vector<T> scheduled_rates(LearningRates& lrs, int64_t K) {
+  std::vector<T> rates(lrs.scheduled() ? static_cast<size_t>(K) : 0);
+  for (size_t k = 0; k < rates.size(); ++k) {
+    rates[k] = static_cast<T>(lrs.at(static_cast<int64_t>(k)));
+  }
+  return rates;
+}
+
 // Runs task(grab) once per parallel task (on the calling thread alone where
 // one grab covers every tile); grab(t0, t1) hands the task tiles [t0, t1),
 // `per_grab` at a time from a shared counter, and is false once none are
@@ -170,10 +181,7 @@ void run_blocked(
   // All K iterations run and every tile needs every rate: a schedule's are
   // read once, up front.
   const T lr = static_cast<T>(lrs.at(0));
-  std::vector<T> scheduled(lrs.scheduled() ? static_cast<size_t>(K) : 0);
-  for (size_t k = 0; k < scheduled.size(); ++k) {
-    scheduled[k] = static_cast<T>(lrs.at(static_cast<int64_t>(k)));
-  }
+  const std::vector<T> scheduled = scheduled_rates<T>(lrs, K);
   const bool skip_rest = rest_stays_at_zero(mix);
   const int64_t T_w = tiles.width;
   const int64_t ld = io.row_stride;
