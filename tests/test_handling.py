@@ -460,14 +460,15 @@ _INTERRUPT_SCRIPT = textwrap.dedent(
 
 # Each CPU loop driver: tiles through all iterations (dense, no stop test),
 # runs of a diagonal A in registers, sweeps with a stop test (small and GEMM
-# channel counts), the per-sample loop, and the rows that skip zeros.
+# channel counts), the per-sample loop, and the rows that skip zeros (each
+# on its own, and by blocks from 129 channels on).
 @pytest.mark.parametrize(
     "threads,C,kind,tol,per_sample",
     [(2, 3, "dense", 0.0, 0), (1, 3, "dense", 0.0, 0), (2, 5, "diagonal", 0.0, 0), (1, 5, "diagonal", 0.0, 0),
      (2, 5, "dense", 1e-30, 0), (2, 130, "dense", 1e-30, 0), (2, 4, "dense", 1e-30, 1),
-     (2, 64, "sparse", 0.0, 0), (1, 64, "sparse", 0.0, 0)],
+     (2, 64, "sparse", 0.0, 0), (1, 64, "sparse", 0.0, 0), (2, 200, "sparse", 0.0, 0), (1, 200, "sparse", 0.0, 0)],
     ids=["tiles", "tiles-1-thread", "diagonal", "diagonal-1-thread", "sweeps", "gemm-sweeps", "per-sample",
-         "sparse-rows", "sparse-rows-1-thread"],
+         "sparse-rows", "sparse-rows-1-thread", "sparse-blocks", "sparse-blocks-1-thread"],
 )
 def test_ctrl_c_interrupts_a_long_whole_loop_op(threads, C, kind, tol, per_sample):
     proc = subprocess.run(

@@ -3,7 +3,8 @@
 For a (B, C) batch with no stop test and a projection that gives exact zeros
 (ReLU, a clamp at 0, soft thresholding), the AVX2 and AVX-512 kernels run each float32
 row of 64 to 128 channels on its own and sums A's columns for the row's
-non-zero channels only. A zero
+non-zero channels only; from 129 channels on, blocks of rows run together,
+by slices of A's columns (run_sparse_blocks). A zero
 y_j adds +-0 to the dense chain, so the two paths give the same values (a
 zero's sign may differ where a product underflowed to -0). These tests run
 every case with the driver allowed (TORCHITER_SPARSE=auto) and turned off
@@ -43,14 +44,15 @@ def problem(rows, C, dtype, seed, b_shift=0.0):
 
 
 def eligible(C, dtype):
-    """Whether the driver applies: AVX-512 kernels, float32, 64 to 128 channels."""
-    return VECTOR and dtype == torch.float32 and 64 <= C <= 128
+    """Whether the driver applies: AVX2 / AVX-512 kernels, float32, 64 channels or more."""
+    return VECTOR and dtype == torch.float32 and C >= 64
 
 
-def run_both(monkeypatch, fn):
-    """``fn()`` with the driver allowed and turned off, and how many rows the
+def run_both(monkeypatch, fn, mode="auto"):
+    """``fn()`` with the driver allowed (``mode``: auto, or 1 to force it
+    whatever the sample's density) and turned off, and how many rows the
     driver ran in the first."""
-    monkeypatch.setenv("TORCHITER_SPARSE", "auto")
+    monkeypatch.setenv("TORCHITER_SPARSE", mode)
     before = _C._sparse_rows_count()
     sparse = fn()
     ran = _C._sparse_rows_count() - before
@@ -69,7 +71,7 @@ def assert_same_values(a, b):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("C", [63, 64, 65, 90, 111, 128, 129])
+@pytest.mark.parametrize("C", [63, 64, 65, 90, 111, 128, 129, 143, 160, 191, 200, 257])
 @pytest.mark.parametrize("proj", list(PROJECTIONS))
 def test_same_values_as_dense_loop(monkeypatch, C, dtype, proj):
     # 300 rows: a sample of 256 rows, then the rest.
@@ -81,7 +83,7 @@ def test_same_values_as_dense_loop(monkeypatch, C, dtype, proj):
     assert (sparse == 0).float().mean() > 0.1  # the case has zeros to skip
 
 
-@pytest.mark.parametrize("C", [64, 100, 128])
+@pytest.mark.parametrize("C", [64, 100, 128, 200])
 def test_close_to_float64_loop(C):
     y0, A, b, lr = problem(257, C, torch.float32, seed=3)
     got, _ = OP(y0, A, b, lr, 40, min=0.0)
@@ -152,11 +154,13 @@ def test_rows_at_a_fixed_point_stop_with_the_same_result(monkeypatch):
     assert ran == (300 if VECTOR else 0)
 
 
-def test_non_finite_values(monkeypatch):
-    y0, A, b, lr = problem(280, 64, torch.float32, seed=2)
+@pytest.mark.parametrize("C", [64, 150])
+def test_non_finite_values(monkeypatch, C):
+    y0, A, b, lr = problem(280, C, torch.float32, seed=2)
     y0[3, 5] = float("nan")
     y0[10, 0] = float("inf")
-    b[20, 63] = float("-inf")
+    y0[11, C - 1] = float("inf")
+    b[20, C - 1] = float("-inf")
     b[30, 7] = float("nan")
     y0[40, :] = -0.0
     sparse, dense, ran = run_both(monkeypatch, lambda: OP(y0, A, b, lr, 12, min=0.0)[0])
@@ -210,12 +214,13 @@ def test_forced_on_a_dense_batch(monkeypatch):
     assert_same_values(forced, OP(y0, A, b, lr, 20, min=0.0)[0])
 
 
-def test_same_bits_at_any_thread_count():
-    y0, A, b, lr = problem(2000, 64, torch.float32, seed=9)
+@pytest.mark.parametrize("rows,C,K", [(2000, 64, 30), (700, 200, 10)])
+def test_same_bits_at_any_thread_count(rows, C, K):
+    y0, A, b, lr = problem(rows, C, torch.float32, seed=9)
     before = _C._sparse_rows_count()
-    results = bits_at_thread_counts(lambda: OP(y0, A, b, lr, 30, min=0.0)[0])
+    results = bits_at_thread_counts(lambda: OP(y0, A, b, lr, K, min=0.0)[0])
     assert all(torch.equal(results[0], r) for r in results[1:])
-    assert _C._sparse_rows_count() - before == (3 * 2000 if VECTOR else 0)
+    assert _C._sparse_rows_count() - before == (3 * rows if VECTOR else 0)
 
 
 def test_model_forward_runs_sparse_rows(monkeypatch):
@@ -249,3 +254,58 @@ def test_bad_setting_is_refused(monkeypatch):
     for call in calls:
         with pytest.raises(RuntimeError, match="TORCHITER_SPARSE must be one of auto, 1, 0, got 'yes'"):
             call()
+
+
+# run_sparse_blocks: blocks of rows (about 58 at 200 channels, 30 at 520),
+# two rows at a time, slices of 4 vectors of A's columns (the last one
+# narrower), A's rows in L1 blocks (2 at 200 channels, 3 at 300 with AVX-512).
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 57, 58, 59, 117, 300])
+def test_blocks_any_row_count(monkeypatch, rows):
+    y0, A, b, lr = problem(rows, 200, torch.float32, seed=rows)
+    sparse, dense, ran = run_both(monkeypatch, lambda: OP(y0, A, b, lr, 15, min=0.0)[0])
+    assert_same_values(sparse, dense)
+    assert ran == (rows if VECTOR else 0)
+
+
+@pytest.mark.parametrize("C", [130, 300, 520])
+@pytest.mark.parametrize("K", [1, 2, 9])
+def test_blocks_statistics_equal_dense_loop(monkeypatch, C, K):
+    y0, A, b, lr = problem(140, C, torch.float32, seed=K)
+    y0 = torch.relu(torch.randn(140, C)) * 0.1  # not from zeros: the first change counts
+    sparse, dense, ran = run_both(
+        monkeypatch, lambda: OP_EX(y0, A, b, lr, K, 0.0, 1, None, 0.0, 0.0, None, False, False))
+    assert ran == (140 if VECTOR else 0)
+    for s, d in zip(sparse, dense):
+        assert_same_values(s, d)
+
+
+@pytest.mark.parametrize(
+    "lrs,kw",
+    [([0.0] + [0.5] * 12, dict(min=0.0)),
+     ([0.5] * 8 + [0.05] * 8, dict(shrink=0.1)),
+     ([0.4] * 10, dict(shrink=0.1, max=0.0))],
+    ids=["warm-up", "step-decay-shrink", "nonpositive-shrink"],
+)
+def test_blocks_schedules_and_projections(monkeypatch, lrs, kw):
+    # Forced: the point is the values, whatever share of y these leave at zero.
+    y0, A, b, lr = problem(301, 176, torch.float32, seed=13)
+    y0 = torch.randn(176, 301).t() * 0.1  # non-contiguous
+    rates = torch.tensor(lrs, dtype=torch.float64)
+    K = len(lrs)
+    sparse, dense, ran = run_both(
+        monkeypatch,
+        lambda: OP_EX(y0, A, b, 0.0, K, 0.0, 1, rates, kw.get("shrink", 0.0), kw.get("min"), kw.get("max"), False, False),
+        mode="1")
+    for s, d in zip(sparse, dense):
+        assert_same_values(s, d)
+    assert ran == (301 if VECTOR else 0)
+    assert (sparse[0] != 0).any() and (sparse[0] == 0).any()
+
+
+def test_blocks_dense_rest_after_a_dense_sample(monkeypatch):
+    y0, A, b, lr = problem(4096, 192, torch.float32, seed=8, b_shift=4.0)
+    sparse, dense, ran = run_both(monkeypatch, lambda: OP(y0, A, b, lr, 4, min=0.0)[0])
+    assert_same_values(sparse, dense)
+    assert ran == (256 if VECTOR else 0)

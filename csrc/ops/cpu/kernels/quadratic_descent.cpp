@@ -193,9 +193,7 @@ bool sparse_rows_apply(
   const int64_t C = mix.C;
   const bool zeros = args.shrink > 0 || (args.min && *args.min == 0) || (args.max && *args.max == 0);
   return allowed && kSparseRows<T> && zeros && args.max_iterations > 0 && !mix.diagonal && mix.A_pairs == nullptr &&
-      mix.A_tiles == nullptr && C >= kSparseMinChannels &&
-      round_up(C, Vectorized<T>::size()) * C * static_cast<int64_t>(sizeof(T)) <= kSparseMaxBytes &&
-      all_finite<T>(A);
+      mix.A_tiles == nullptr && C >= kSparseMinChannels && all_finite<T>(A);
 }
 
 template <typename T>
@@ -261,7 +259,10 @@ QuadraticDescentResult run(
     if (sparse_rows) {
       const int64_t C = L.channels, total = L.positions, K = args.max_iterations;
       const int64_t Cp = round_up(C, W);
-      const at::Tensor A_T = transposed_padded<T>(A, Cp);
+      // Up to kSparseMaxBytes of A_T, each row on its own (run_sparse_rows);
+      // past it, blocks of rows by slices of A_T (run_sparse_blocks).
+      const bool by_blocks = Cp * C * static_cast<int64_t>(sizeof(T)) > kSparseMaxBytes;
+      const at::Tensor A_T = by_blocks ? sliced_A<T>(A, kSparseSliceVecs * W) : transposed_padded<T>(A, Cp);
       const std::vector<T> rates = scheduled_rates<T>(lrs, K);
       const T lr = static_cast<T>(lrs.at(0));
       y = at::empty(y0.sizes(), y0.options().memory_format(at::MemoryFormat::Contiguous));
@@ -269,11 +270,15 @@ QuadraticDescentResult run(
       const T* bp = bc.const_data_ptr<T>();
       T* out = y.data_ptr<T>();
       const T* rp = rates.empty() ? nullptr : rates.data();
+      const auto sparse = [&](int64_t from, int64_t to) {
+        return by_blocks ? run_sparse_blocks<T>(yp, bp, out, C, A_T.const_data_ptr<T>(), from, to, K, rp, lr, proj, st, poll)
+                         : run_sparse_rows<T>(yp, bp, out, C, A_T.const_data_ptr<T>(), Cp, from, to, K, rp, lr, proj, st, poll);
+      };
       const int64_t sample = std::min(total, std::max<int64_t>(total / 16, 256));
-      const double density = run_sparse_rows<T>(yp, bp, out, C, A_T.const_data_ptr<T>(), Cp, 0, sample, K, rp, lr, proj, st, poll);
+      const double density = sparse(0, sample);
       if (sample < total && !poll.stop()) {
         if (density <= sparse_max_density<T>(C, Cp) || sparse_request == SparseRows::kForce) {
-          run_sparse_rows<T>(yp, bp, out, C, A_T.const_data_ptr<T>(), Cp, sample, total, K, rp, lr, proj, st, poll);
+          sparse(sample, total);
         } else {
           WorkingLayout R = L;
           R.positions = total - sample;

@@ -23,6 +23,9 @@
 // run_lanes' positions do. Rows never share arithmetic, so results do not
 // depend on the thread count.
 //
+// With more channels A_T no longer fits L1, and run_sparse_blocks runs
+// blocks of rows together, by slices of A_T that do (see there).
+//
 // Part of the CPU quadratic_descent kernel: included by quadratic_descent.cpp
 // alone, once per instruction-set variant (see kernels.h).
 #pragma once
@@ -63,10 +66,11 @@ constexpr bool kSparseRows =
 // it and for the row's update.
 constexpr int64_t kSparseMinChannels = 64;
 
-// A_T larger than this (from 129 channels on): the non-zero rows of
-// A_T that one row reads no longer fit L1, and reading them from L2 for
-// every non-zero costs more than the skipped FMAs save (AVX-512, 1 thread,
-// half density: 192 channels 0.81x the dense kernel, 256 0.98x, 512 0.93x).
+// A_T larger than this (from 129 channels on) goes to run_sparse_blocks:
+// the non-zero rows of A_T that one row reads no longer fit L1, and reading
+// them from L2 for every non-zero cost more than the skipped FMAs saved
+// (run_sparse_rows, AVX-512, 1 thread, half density: 192 channels 0.81x the
+// dense kernel, 256 0.98x, 512 0.93x).
 constexpr int64_t kSparseMaxBytes = 64 * 1024;
 
 // The most rows in flight per thread (run_sparse_rows).
@@ -88,12 +92,18 @@ int sparse_slots(int64_t C, int64_t Cp) {
 // sample of the batch) at which the rows go on sparse; above it the rest of
 // the batch goes to the dense kernel, whose register blocks share each load
 // among more FMAs. Measured (AVX-512, 1 thread, 4,096 rows, the share set
-// by b's mean): 64 channels 1.16x the dense kernel at 49% non-zero, 1.01x at
-// 60%, 0.92x at 70%; 128 channels 1.14x at 50%, 0.82x at 61%, 0.68x at 71%
-// (more of A_T's rows to keep in L1).
+// by b's mean): run_sparse_rows, 64 channels 1.16x the dense kernel at 49%
+// non-zero, 1.01x at 60%, 0.92x at 70%; 128 channels 1.14x at 50%, 0.82x at
+// 61%, 0.68x at 71% (more of A_T's rows to keep in L1); run_sparse_blocks,
+// 144 channels 1.12x at 50%, 0.95x at 62%; 256 channels 1.27x at 50%,
+// 1.07x at 62%, 0.93x at 73%; 1,024 channels 1.23x, 1.04x, 0.91x.
 template <typename T>
 double sparse_max_density(int64_t C, int64_t Cp) {
-  return C * Cp * static_cast<int64_t>(sizeof(T)) <= 32 * 1024 ? 0.58 : 0.54;
+  const int64_t bytes = C * Cp * static_cast<int64_t>(sizeof(T));
+  if (bytes <= 32 * 1024) {
+    return 0.58;
+  }
+  return bytes > kSparseMaxBytes && C >= 192 ? 0.6 : 0.54;
 }
 
 // The non-zero entries of y[0, C) (NaN counts as non-zero, -0 as zero): their
@@ -309,6 +319,34 @@ T* aligned_in(std::vector<T>& storage, int64_t n) {
   return reinterpret_cast<T*>((at + 63) / 64 * 64);
 }
 
+// What a sparse driver's tasks add up: non-zero entries of y over the
+// entries seen, and the statistics' first and last changes.
+template <typename T>
+struct SparseTally {
+  std::atomic<int64_t> nonzero{0}, entries{0};
+  T first = 0, last = 0;
+  std::mutex mutex;
+
+  void add(int64_t task_nonzero, int64_t task_entries, T task_first, T task_last) {
+    nonzero += task_nonzero;
+    entries += task_entries;
+    const std::lock_guard<std::mutex> lock(mutex);
+    first = nan_max(first, task_first);
+    last = nan_max(last, task_last);
+  }
+
+  // Counts the rows run, folds the changes into `stats` (if any) and returns
+  // the share of non-zero entries.
+  double finish(int64_t rows, LoopStats<T>* stats, int64_t K) {
+    count_sparse_rows(rows);
+    if (stats) {
+      stats->measured_part(first, last, K);
+    }
+    const int64_t n = entries.load();
+    return n > 0 ? static_cast<double>(nonzero.load()) / static_cast<double>(n) : 0.0;
+  }
+};
+
 // Runs rows [begin, end) of the (rows, C) y0 and b (contiguous) into out,
 // K iterations each (rates[k] if `rates`, else lr), stopping a row at a fixed
 // point once the rates stay the same. With `stats`, each row's first and K-th changes are folded in (a
@@ -320,7 +358,7 @@ double run_sparse_rows(
     int64_t end, int64_t K, const T* rates, T lr, const VecProjection<T>& project,
     LoopStats<T>* stats, InterruptPoll& poll) {
   constexpr int64_t W = Vectorized<T>::size();
-  std::atomic<int64_t> nonzero_total{0}, entries_total{0};
+  SparseTally<T> tally;
   // The first iteration from which every rate has the same bits: a row may
   // stop at a fixed point only from there on.
   int64_t steady = 0;
@@ -330,8 +368,6 @@ double run_sparse_rows(
       --steady;
     }
   }
-  T first_max = 0, last_max = 0;
-  std::mutex stats_mutex;
   // A task's grab: ~64k FMAs of work at half density.
   const int64_t per_row = std::max<int64_t>(1, C * C * K / 2);
   const int64_t per_grab = std::clamp<int64_t>(65536 / per_row, 1, 64);
@@ -434,20 +470,224 @@ double run_sparse_rows(
       }
     };
     project.use_shrink ? run(std::true_type{}) : run(std::false_type{});
-    nonzero_total += my_nonzero;
-    entries_total += my_entries;
-    if (stats) {
-      const std::lock_guard<std::mutex> lock(stats_mutex);
-      first_max = nan_max(first_max, my_first);
-      last_max = nan_max(last_max, my_last);
-    }
+    tally.add(my_nonzero, my_entries, my_first, my_last);
   });
-  count_sparse_rows(rows);
-  if (stats) {
-    stats->measured_part(first_max, last_max, K);
-  }
-  const int64_t entries = entries_total.load();
-  return entries > 0 ? static_cast<double>(nonzero_total.load()) / static_cast<double>(entries) : 0.0;
+  return tally.finish(rows, stats, K);
+}
+
+// The sparse rows for more channels (A_T past kSparseMaxBytes): a block of
+// rows runs its iterations together, and its mixing goes by slices of A_T's
+// columns (kSparseSliceVecs vectors of output channels) and, within a
+// slice, by blocks of A_T's rows that fit L1 (kSparseSliceBytes): every row
+// of the block sums its non-zeros that fall in that part of A_T while it
+// stays in L1, two rows at a time (2 x kSparseSliceVecs sums in flight). A
+// row's sums still run over its non-zero list in ascending order from +0
+// (kept between the blocks of A_T's rows), so the values are those of the
+// dense chain, as in run_sparse_rows. At half density (1 thread, 4,096 rows)
+// AVX-512 runs 144 channels 1.12x as fast as the dense kernel, 160-512
+// 1.18-1.28x, 1,024 1.2x; AVX2 (on the same core) 1.16-1.22x from 192 to
+// 512. Measured on a 32 KiB L1 and 1 MiB L2: slices of 2 vectors reached
+// 1.19x at 256 channels, 8 vectors 1.24x, 4 vectors 1.28x; L1 blocks of
+// 16 / 32 / 64 KiB 1.24x / 1.28x / 1.13x.
+constexpr int kSparseSliceVecs = 4;
+constexpr int64_t kSparseSliceBytes = 32 * 1024;
+
+// A for run_sparse_blocks: [slice][j][i] = A[slice * SW + i, j] (A_T's
+// columns cut into slices of SW output channels, each slice's rows
+// contiguous), zero past C.
+template <typename T>
+at::Tensor sliced_A(const at::Tensor& A, int64_t SW) {
+  const int64_t C = A.size(0), Cs = round_up(C, SW);
+  at::Tensor padded = at::zeros({Cs, C}, A.options());
+  padded.narrow(0, 0, C).copy_(A);
+  return padded.view({Cs / SW, SW, C}).transpose(1, 2).contiguous();
+}
+
+template <typename T>
+double run_sparse_blocks(
+    const T* y0, const T* b, T* out, int64_t C, const T* As, int64_t begin, int64_t end,
+    int64_t K, const T* rates, T lr, const VecProjection<T>& project, LoopStats<T>* stats,
+    InterruptPoll& poll) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  constexpr int64_t SW = kSparseSliceVecs * W;
+  // Cw: C rounded up to the vector width, Cs to the slice width.
+  const int64_t Cw = round_up(C, W), Cs = round_up(C, SW), slices = Cs / SW;
+  // Rows of A_T per L1 block of a slice, and the blocks.
+  const int64_t KB = std::max<int64_t>(1, kSparseSliceBytes / (SW * static_cast<int64_t>(sizeof(T))));
+  const int64_t nkb = (C + KB - 1) / KB;
+  // Rows per block: their y, update, b, lists and sums in about 320 KiB,
+  // which stay in L2 beside the slice of A_T in use (from 16 rows on, which
+  // rows share a block of A_T changed little: 256 channels, 2-vector slices,
+  // 32 KiB blocks, 64 rows 1.18x, 32 1.16x, 16 1.15x).
+  const int64_t per_row = (5 * Cs + 2 * W + SW) * static_cast<int64_t>(sizeof(T)) + (nkb + 1) * 8;
+  const int64_t R = std::clamp<int64_t>(320 * 1024 / per_row / 2 * 2, 2, 64);
+  SparseTally<T> tally;
+  const int64_t rows = std::max<int64_t>(end - begin, 0);
+  for_tiles(rows, R, [&](auto&& grab) {
+    const int64_t L = Cs + W;  // a list's room
+    std::vector<T> store;
+    std::vector<int32_t> off_store;
+    T* const base = aligned_in(store, R * (3 * Cs + L + SW));
+    T* y = base;
+    T* yn = y + R * Cs;
+    T* bb = yn + R * Cs;
+    T* val = bb + R * Cs;
+    T* part = val + R * L;
+    int32_t* const off = aligned_in(off_store, R * L);
+    std::vector<int64_t> bounds(static_cast<size_t>(R * (nkb + 1)));
+    int64_t my_nonzero = 0, my_entries = 0;
+    T my_first = 0, my_last = 0;
+    int64_t r0, r1;
+    const auto run = [&](auto shrink) {
+      constexpr bool SH = decltype(shrink)::value;
+      while (!poll.stop() && grab(r0, r1)) {
+        const int64_t n = r1 - r0;
+        std::fill(y, y + 3 * R * Cs, T(0));
+        for (int64_t r = 0; r < n; ++r) {
+          std::memcpy(y + r * Cs, y0 + (begin + r0 + r) * C, static_cast<size_t>(C) * sizeof(T));
+          std::memcpy(bb + r * Cs, b + (begin + r0 + r) * C, static_cast<size_t>(C) * sizeof(T));
+        }
+        for (int64_t k = 0; k < K; ++k) {
+          const Vec neg_lr(-(rates ? rates[k] : lr));
+          const bool delta = stats && (k == 0 || k == K - 1);
+          for (int64_t r = 0; r < n; ++r) {
+            int32_t* o = off + r * L;
+            const int64_t cnt = nonzeros(y + r * Cs, C, SW, o, val + r * L);
+            my_nonzero += cnt;
+            int64_t* bd = bounds.data() + r * (nkb + 1);
+            bd[0] = 0;
+            for (int64_t q = 1; q < nkb; ++q) {
+              bd[q] = std::lower_bound(o + bd[q - 1], o + cnt, static_cast<int32_t>(q * KB * SW)) - o;
+            }
+            bd[nkb] = cnt;
+          }
+          my_entries += n * C;
+          Vec dmax(static_cast<T>(0));
+          // One slice of NV vectors of output channels: NV = kSparseSliceVecs
+          // but in the last slice, which ends with the last vector below C.
+          // Out of line: inlined four times into this loop, GCC spilled the
+          // sums' pointers and ran 256 channels 1.14x instead of 1.28x the
+          // dense kernel.
+          const auto slice = [&](auto nv_c, int64_t sl) __attribute__((noinline)) {
+            constexpr int NV = decltype(nv_c)::value;
+            const T* a_sl = As + sl * C * SW;
+            for (int64_t q = 0; q < nkb; ++q) {
+              const bool last = q == nkb - 1;
+              // Two rows at a time: 2 NV independent sums in flight.
+              for (int64_t r = 0; r < n; r += 2) {
+                const bool two = r + 1 < n;
+                const int64_t r1 = two ? r + 1 : r;
+                const int64_t* bd0 = bounds.data() + r * (nkb + 1);
+                const int64_t* bd1 = bounds.data() + r1 * (nkb + 1);
+                const int32_t* o0 = off + r * L;
+                const int32_t* o1 = off + r1 * L;
+                const T* v0 = val + r * L;
+                const T* v1 = val + r1 * L;
+                Vec acc0[NV], acc1[NV];
+                TORCHITER_UNROLL
+                for (int v = 0; v < NV; ++v) {
+                  acc0[v] = q == 0 ? Vec(static_cast<T>(0)) : Vec::loadu(part + r * SW + v * W);
+                  acc1[v] = q == 0 ? Vec(static_cast<T>(0)) : Vec::loadu(part + (r + 1) * SW + v * W);
+                }
+                int64_t t0 = bd0[q], t1 = two ? bd1[q] : bd1[q + 1];
+                const int64_t e0 = bd0[q + 1], e1 = bd1[q + 1];
+                for (; t0 < e0 && t1 < e1; ++t0, ++t1) {
+                  const Vec x0(v0[t0]);
+                  const Vec x1(v1[t1]);
+                  const T* p0 = a_sl + o0[t0];
+                  const T* p1 = a_sl + o1[t1];
+                  TORCHITER_UNROLL
+                  for (int v = 0; v < NV; ++v) {
+                    acc0[v] = at::vec::fmadd(Vec::loadu(p0 + v * W), x0, acc0[v]);
+                    acc1[v] = at::vec::fmadd(Vec::loadu(p1 + v * W), x1, acc1[v]);
+                  }
+                }
+                for (; t0 < e0; ++t0) {
+                  const Vec x0(v0[t0]);
+                  const T* p0 = a_sl + o0[t0];
+                  TORCHITER_UNROLL
+                  for (int v = 0; v < NV; ++v) {
+                    acc0[v] = at::vec::fmadd(Vec::loadu(p0 + v * W), x0, acc0[v]);
+                  }
+                }
+                for (; t1 < e1; ++t1) {
+                  const Vec x1(v1[t1]);
+                  const T* p1 = a_sl + o1[t1];
+                  TORCHITER_UNROLL
+                  for (int v = 0; v < NV; ++v) {
+                    acc1[v] = at::vec::fmadd(Vec::loadu(p1 + v * W), x1, acc1[v]);
+                  }
+                }
+                if (!last) {
+                  TORCHITER_UNROLL
+                  for (int v = 0; v < NV; ++v) {
+                    acc0[v].store(part + r * SW + v * W);
+                    acc1[v].store(part + (r + 1) * SW + v * W);
+                  }
+                  continue;
+                }
+                // The update of this slice's channels (next_value, as every
+                // other path), into yn.
+                const auto finish = [&](const Vec* a, int64_t row) __attribute__((always_inline)) {
+                  TORCHITER_UNROLL
+                  for (int v = 0; v < NV; ++v) {
+                    const int64_t at = sl * SW + v * W;
+                    const int64_t cell = row * Cs + at;
+                    const Vec old = Vec::loadu(y + cell);
+                    const Vec nv = next_value<SH>(project, a[v], Vec::loadu(bb + cell), old, neg_lr);
+                    nv.store(yn + cell);
+                    if (delta) {
+                      dmax = max_change(dmax, masked_delta(nv, old, C - at));
+                    }
+                  }
+                };
+                finish(acc0, r);
+                if (two) {
+                  finish(acc1, r + 1);
+                }
+              }
+            }
+          };
+          static_assert(kSparseSliceVecs == 4, "the last slice's widths below");
+          for (int64_t sl = 0; sl < slices; ++sl) {
+            switch (std::min<int64_t>(kSparseSliceVecs, (Cw - sl * SW) / W)) {
+              case 1:
+                slice(std::integral_constant<int, 1>{}, sl);
+                break;
+              case 2:
+                slice(std::integral_constant<int, 2>{}, sl);
+                break;
+              case 3:
+                slice(std::integral_constant<int, 3>{}, sl);
+                break;
+              default:
+                slice(std::integral_constant<int, 4>{}, sl);
+                break;
+            }
+          }
+          std::swap(y, yn);
+          if (delta) {
+            if (k == 0) {
+              my_first = nan_max(my_first, lane_max(dmax));
+            }
+            if (k == K - 1) {
+              my_last = nan_max(my_last, lane_max(dmax));
+            }
+          }
+          if (poll.stop()) {
+            return;
+          }
+        }
+        for (int64_t r = 0; r < n; ++r) {
+          std::memcpy(out + (begin + r0 + r) * C, y + r * Cs, static_cast<size_t>(C) * sizeof(T));
+        }
+      }
+    };
+    project.use_shrink ? run(std::true_type{}) : run(std::false_type{});
+    tally.add(my_nonzero, my_entries, my_first, my_last);
+  });
+  return tally.finish(rows, stats, K);
 }
 
 } // namespace
