@@ -16,7 +16,9 @@ thread, so only the FMA units and the clock bound it. The float32 GEMM rate
 of torch.mm (MKL/oneDNN, 2048 x 2048) at the same thread count is shown
 beside it, the practical rate of a tuned library. The conv workload's
 quadratic_descent (C=50 channels, 52900 positions, 40 iterations) does
-2*C*C*positions useful FLOPs per iteration.
+2*C*C*positions useful FLOPs per iteration. Two (B, C) batches under ReLU
+(64 and 256 channels) time the loops that skip y's zeros, each row on its own
+and by blocks of rows; the last lines say whether they ran there.
 
     python3 benchmarks/bench_threads.py [--min-run-time 1] [--threads 1,2]
 """
@@ -52,11 +54,22 @@ def cases():
     bp = torch.randn(1000, 3)
     Ap = torch.eye(3) + 0.05
     conv_flops = 2 * C * C * 100 * 23 * 23 * 40
+    # (B, C) batches under ReLU, about half of y zero: on AVX2 / AVX-512 the
+    # kernels skip those zeros, each row on its own (64 channels) or by
+    # blocks of rows (256); see the last lines of the output.
+    rows = {}
+    for c in (64, 256):
+        m = torch.randn(c, c, dtype=torch.float64) / c**0.5
+        rows[c] = ((m @ m.T / c + 0.5 * torch.eye(c, dtype=torch.float64)).float(), torch.randn(4096, c))
     return {
         "sgd_step_ 16M float32 (step+clamp)": (lambda: SGD([big_p], [big_g], [], 1e-6, min=-1.0, max=1.0), None),
         "sgd_step_ 4096 x 1000 float32": (lambda: SGD(small_p, small_g, [], 1e-6, min=0.0), None),
         "quadratic_descent conv (50 ch, 100x23x23, 40 it)": (lambda: QD(y0, A, b, 0.5, 40, min=0.0), conv_flops),
         "quadratic_descent pca (3 ch, 1000, 100 it, tol)": (lambda: QD(yp, Ap, bp, 0.1, 100, tol=1e-30), None),
+        "quadratic_descent rows, ReLU (64 ch, 4096, 50 it)":
+            (lambda: QD(torch.zeros(4096, 64), rows[64][0], rows[64][1], 0.3, 50, min=0.0), None),
+        "quadratic_descent rows, ReLU (256 ch, 4096, 50 it)":
+            (lambda: QD(torch.zeros(4096, 256), rows[256][0], rows[256][1], 0.3, 50, min=0.0), None),
     }
 
 
@@ -143,6 +156,14 @@ def main():
         peak, why = fma[n]
         peak_cell, frac = (f"{peak:.1f}", f"{rate / peak:.2f}") if peak else (f"n/a ({why})", "n/a")
         print(f"| {n} | {peak_cell} | {peaks[n]:.1f} | {rate:.1f} | {frac} | {rate / peaks[n]:.2f} |")
+    # Which loop the (B, C) rows ran: the sparse drivers count their rows.
+    print()
+    some = cases()
+    for name in [k for k in some if k.startswith("quadratic_descent rows")]:
+        before = torchiter._C._sparse_rows_count()
+        some[name][0]()
+        ran = torchiter._C._sparse_rows_count() - before
+        print(f"# {name}: {'zeros of y skipped' if ran else 'dense kernel'} ({ran} of 4096 rows on the sparse drivers)")
 
 
 if __name__ == "__main__":

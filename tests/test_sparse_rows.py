@@ -44,8 +44,8 @@ def problem(rows, C, dtype, seed, b_shift=0.0):
 
 
 def eligible(C, dtype):
-    """Whether the driver applies: AVX2 / AVX-512 kernels, float32, 64 channels or more."""
-    return VECTOR and dtype == torch.float32 and C >= 64
+    """Whether the driver applies: AVX2 / AVX-512 kernels, float32, 64 to 1,024 channels."""
+    return VECTOR and dtype == torch.float32 and 64 <= C <= 1024
 
 
 def run_both(monkeypatch, fn, mode="auto"):
@@ -183,6 +183,16 @@ def test_projection_without_zeros_takes_the_dense_loop(monkeypatch, kw):
     y0, A, b, lr = problem(300, 64, torch.float32, seed=6)
     _, _, ran = run_both(monkeypatch, lambda: OP(y0, A, b, lr, 5, **kw)[0])
     assert ran == 0
+
+
+def test_more_than_1024_channels_take_the_dense_loop(monkeypatch):
+    y0, A, b, lr = problem(3, 1025, torch.float32, seed=6)
+    _, _, ran = run_both(monkeypatch, lambda: OP(y0, A, b, lr, 2, min=0.0)[0])
+    assert ran == 0
+    y0, A, b, lr = problem(3, 1024, torch.float32, seed=6)
+    sparse, dense, ran = run_both(monkeypatch, lambda: OP(y0, A, b, lr, 2, min=0.0)[0])
+    assert_same_values(sparse, dense)
+    assert ran == (3 if VECTOR else 0)
 
 
 def test_stop_test_and_trace_take_other_loops(monkeypatch):

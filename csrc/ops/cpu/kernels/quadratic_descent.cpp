@@ -184,7 +184,7 @@ void run_one_rate(
 
 // Whether a loop of run() goes to run_sparse_rows (given a batch without
 // spatial dims and no stop test): mixing by the kernel's own float FMA
-// chains, enough channels but not too many, a projection that can give
+// chains, 64 to kSparseMaxChannels channels, a projection that can give
 // exact zeros, and a finite A (a zero times an infinite A_ij is NaN in the
 // dense chain).
 template <typename T>
@@ -193,7 +193,7 @@ bool sparse_rows_apply(
   const int64_t C = mix.C;
   const bool zeros = args.shrink > 0 || (args.min && *args.min == 0) || (args.max && *args.max == 0);
   return allowed && kSparseRows<T> && zeros && args.max_iterations > 0 && !mix.diagonal && mix.A_pairs == nullptr &&
-      mix.A_tiles == nullptr && C >= kSparseMinChannels && all_finite<T>(A);
+      mix.A_tiles == nullptr && C >= kSparseMinChannels && C <= kSparseMaxChannels && all_finite<T>(A);
 }
 
 template <typename T>

@@ -490,6 +490,11 @@ double run_sparse_rows(
 // 1.19x at 256 channels, 8 vectors 1.24x, 4 vectors 1.28x; L1 blocks of
 // 16 / 32 / 64 KiB 1.24x / 1.28x / 1.13x.
 constexpr int kSparseSliceVecs = 4;
+
+// More channels than this: a slice of A_T (C x 4 vectors) outgrows L2 and
+// the blocks shrink to a few rows (AVX-512, 1 thread, half density: 1,024
+// channels 1.24x the dense kernel, 2,048 0.88x, 4,096 0.13x).
+constexpr int64_t kSparseMaxChannels = 1024;
 constexpr int64_t kSparseSliceBytes = 32 * 1024;
 
 // A for run_sparse_blocks: [slice][j][i] = A[slice * SW + i, j] (A_T's
@@ -521,6 +526,8 @@ double run_sparse_blocks(
   // rows share a block of A_T changed little: 256 channels, 2-vector slices,
   // 32 KiB blocks, 64 rows 1.18x, 32 1.16x, 16 1.15x).
   const int64_t per_row = (5 * Cs + 2 * W + SW) * static_cast<int64_t>(sizeof(T)) + (nkb + 1) * 8;
+  // Even: a lone last row of an odd block still has a partner's room in
+  // `part` (its sums there go unused).
   const int64_t R = std::clamp<int64_t>(320 * 1024 / per_row / 2 * 2, 2, 64);
   SparseTally<T> tally;
   const int64_t rows = std::max<int64_t>(end - begin, 0);
@@ -543,7 +550,10 @@ double run_sparse_blocks(
       constexpr bool SH = decltype(shrink)::value;
       while (!poll.stop() && grab(r0, r1)) {
         const int64_t n = r1 - r0;
-        std::fill(y, y + 3 * R * Cs, T(0));
+        // From base: y and yn may have swapped in the previous block.
+        y = base;
+        yn = y + R * Cs;
+        std::fill(base, base + 3 * R * Cs, T(0));
         for (int64_t r = 0; r < n; ++r) {
           std::memcpy(y + r * Cs, y0 + (begin + r0 + r) * C, static_cast<size_t>(C) * sizeof(T));
           std::memcpy(bb + r * Cs, b + (begin + r0 + r) * C, static_cast<size_t>(C) * sizeof(T));
