@@ -203,11 +203,13 @@ def test_stop_test_and_trace_take_other_loops(monkeypatch):
     assert ran == 0
 
 
-def test_dense_rest_after_a_dense_sample(monkeypatch):
+@pytest.mark.parametrize("C,K", [(64, 20), (192, 4)])
+def test_dense_rest_after_a_dense_sample(monkeypatch, C, K):
     # b well above 0: ReLU leaves almost nothing at zero, so after its sample
-    # of 256 rows the batch goes to the dense kernel.
-    y0, A, b, lr = problem(4096, 64, torch.float32, seed=8, b_shift=4.0)
-    sparse, dense, ran = run_both(monkeypatch, lambda: OP(y0, A, b, lr, 20, min=0.0)[0])
+    # of 256 rows the batch goes to the dense kernel (each row on its own at
+    # 64 channels, by blocks at 192).
+    y0, A, b, lr = problem(4096, C, torch.float32, seed=8, b_shift=4.0)
+    sparse, dense, ran = run_both(monkeypatch, lambda: OP(y0, A, b, lr, K, min=0.0)[0])
     assert_same_values(sparse, dense)
     assert ran == (256 if VECTOR else 0)
 
@@ -266,7 +268,7 @@ def test_bad_setting_is_refused(monkeypatch):
             call()
 
 
-# run_sparse_blocks: blocks of rows (about 58 at 200 channels, 30 at 520),
+# run_sparse_blocks: blocks of rows (about 58 at 200 channels, 26 at 520),
 # two rows at a time, slices of 4 vectors of A's columns (the last one
 # narrower), A's rows in L1 blocks (2 at 200 channels, 3 at 300 with AVX-512).
 
@@ -312,10 +314,3 @@ def test_blocks_schedules_and_projections(monkeypatch, lrs, kw):
         assert_same_values(s, d)
     assert ran == (301 if VECTOR else 0)
     assert (sparse[0] != 0).any() and (sparse[0] == 0).any()
-
-
-def test_blocks_dense_rest_after_a_dense_sample(monkeypatch):
-    y0, A, b, lr = problem(4096, 192, torch.float32, seed=8, b_shift=4.0)
-    sparse, dense, ran = run_both(monkeypatch, lambda: OP(y0, A, b, lr, 4, min=0.0)[0])
-    assert_same_values(sparse, dense)
-    assert ran == (256 if VECTOR else 0)

@@ -182,11 +182,11 @@ void run_one_rate(
   run_blocked<T>(rest, mix, tiles, K, lrs, stats, poll);
 }
 
-// Whether a loop of run() goes to run_sparse_rows (given a batch without
-// spatial dims and no stop test): mixing by the kernel's own float FMA
-// chains, 64 to kSparseMaxChannels channels, a projection that can give
-// exact zeros, and a finite A (a zero times an infinite A_ij is NaN in the
-// dense chain).
+// Whether a loop of run() goes to the sparse drivers, run_sparse_rows or
+// run_sparse_blocks (given a batch without spatial dims and no stop test):
+// mixing by the kernel's own float FMA chains, 64 to kSparseMaxChannels
+// channels, a projection that can give exact zeros, and a finite A (a zero
+// times an infinite A_ij is NaN in the dense chain).
 template <typename T>
 bool sparse_rows_apply(
     const ChannelMixing<T>& mix, const QuadraticDescentArgs& args, const at::Tensor& A, bool allowed) {

@@ -107,7 +107,8 @@ double sparse_max_density(int64_t C, int64_t Cp) {
 }
 
 // The non-zero entries of y[0, C) (NaN counts as non-zero, -0 as zero): their
-// offsets in A_T (j * Cp) to off[0, n) and their values to val[0, n);
+// offsets in A_T (j * Cp, Cp the length of A_T's rows: a slice's width in
+// run_sparse_blocks) to off[0, n) and their values to val[0, n);
 // returns n. Both buffers need C + W entries: the last vector's stores
 // run past n.
 template <typename T>
@@ -490,12 +491,12 @@ double run_sparse_rows(
 // 1.19x at 256 channels, 8 vectors 1.24x, 4 vectors 1.28x; L1 blocks of
 // 16 / 32 / 64 KiB 1.24x / 1.28x / 1.13x.
 constexpr int kSparseSliceVecs = 4;
+constexpr int64_t kSparseSliceBytes = 32 * 1024;
 
 // More channels than this: a slice of A_T (C x 4 vectors) outgrows L2 and
 // the blocks shrink to a few rows (AVX-512, 1 thread, half density: 1,024
 // channels 1.24x the dense kernel, 2,048 0.88x, 4,096 0.13x).
 constexpr int64_t kSparseMaxChannels = 1024;
-constexpr int64_t kSparseSliceBytes = 32 * 1024;
 
 // A for run_sparse_blocks: [slice][j][i] = A[slice * SW + i, j] (A_T's
 // columns cut into slices of SW output channels, each slice's rows
@@ -587,13 +588,13 @@ double run_sparse_blocks(
               // Two rows at a time: 2 NV independent sums in flight.
               for (int64_t r = 0; r < n; r += 2) {
                 const bool two = r + 1 < n;
-                const int64_t r1 = two ? r + 1 : r;
+                const int64_t partner = two ? r + 1 : r;
                 const int64_t* bd0 = bounds.data() + r * (nkb + 1);
-                const int64_t* bd1 = bounds.data() + r1 * (nkb + 1);
+                const int64_t* bd1 = bounds.data() + partner * (nkb + 1);
                 const int32_t* o0 = off + r * L;
-                const int32_t* o1 = off + r1 * L;
+                const int32_t* o1 = off + partner * L;
                 const T* v0 = val + r * L;
-                const T* v1 = val + r1 * L;
+                const T* v1 = val + partner * L;
                 Vec acc0[NV], acc1[NV];
                 TORCHITER_UNROLL
                 for (int v = 0; v < NV; ++v) {
