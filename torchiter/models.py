@@ -43,6 +43,43 @@ def _mix(A: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.einsum("ij,bj...->bi...", A, y)
 
 
+def _gram(y: torch.Tensor) -> torch.Tensor:
+    """``Σ yᵢ yⱼ`` over the batch and spatial positions: y (B, C, *spatial) -> (C, C)."""
+    B, C = y.shape[0], y.shape[1]
+    positions = y.numel() // (B * C)
+    if positions > C:
+        # Per-sample Grams (B, C, C) are smaller than y, and a batched product
+        # needs no transposed copy of y.
+        y3 = y.reshape(B, C, positions)
+        return torch.bmm(y3, y3.transpose(1, 2)).sum(0)
+    # Without spatial dims this is a view: yᵀ·y straight from y.
+    yt = y.transpose(0, 1).reshape(C, -1)
+    return yt @ yt.T
+
+
+class _SimilarityFit(torch.autograd.Function):
+    """``2·Σ y⊙(M·y) − 4·Σ y⊙Wx`` for an output ``y`` without a graph.
+
+    Computed as ``2·⟨M, G⟩ − 4·⟨y, Wx⟩`` with ``G = Σ y yᵀ``: the one
+    ``C × C × y.numel()`` product gives both the value and ``M``'s gradient
+    (``2·G``), where autograd through ``M·y`` would run a second one in the
+    backward. ``Wx``'s gradient is ``−4·y``.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, M: torch.Tensor, y: torch.Tensor, Wx: torch.Tensor) -> torch.Tensor:
+        G = _gram(y)
+        ctx.save_for_backward(G, y)
+        return 2 * (M * G).sum() - 4 * torch.dot(y.reshape(-1), Wx.reshape(-1))
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], None, Optional[torch.Tensor]]:
+        G, y = ctx.saved_tensors
+        grad_M = (2 * grad) * G if ctx.needs_input_grad[0] else None
+        grad_Wx = (-4 * grad) * y if ctx.needs_input_grad[2] else None
+        return grad_M, None, grad_Wx
+
+
 def _detached(t: torch.Tensor) -> torch.Tensor:
     # Testing the flag costs a tenth of a detach.
     return t.detach() if t.requires_grad else t
@@ -750,7 +787,19 @@ class MultiSimilarityMatching(_QuadraticLoopModule):
         return [self.y]
 
     def _fit(self, y: torch.Tensor, Wx_sum: torch.Tensor) -> torch.Tensor:
-        return 2 * (y * _mix(self.competitor.weight, y)).sum() - 4 * (y * Wx_sum).sum()
+        M = self.competitor.weight
+        if (
+            not y.requires_grad
+            and y.dtype in (torch.float32, torch.float64)
+            and y.dtype == M.dtype == Wx_sum.dtype
+            and y.device == M.device == Wx_sum.device
+            and y.shape == Wx_sum.shape
+            and y.dim() >= 2
+        ):
+            # The training loss: y is the forward's detached output. Half
+            # dtypes keep the formula (the per-sample Grams would be rounded).
+            return _SimilarityFit.apply(M, y, Wx_sum)
+        return 2 * (y * _mix(M, y)).sum() - 4 * (y * Wx_sum).sum()
 
     def loss(self, *args: Optional[torch.Tensor]) -> torch.Tensor:
         """Training loss ``loss(*xs, y)`` with ``y`` the forward's output.
@@ -833,7 +882,9 @@ class SupervisedSimilarityMatching(MultiSimilarityMatching):
             labels = nn.functional.one_hot(labels.long(), self.num_classes).to(self.encoders[1].weight.dtype)
         Wl = self.encoders[1](labels)
         if Wx is not None:
-            Wl = Wl.reshape(Wl.shape + (1,) * (Wx.dim() - 2)).expand(Wx.shape)
+            # Left to broadcast in the sum: "whiten"'s mean of Wl² then runs
+            # over (B, C), not over a (B, C, *spatial) copy, with the same mean.
+            Wl = Wl.reshape(Wl.shape + (1,) * (Wx.dim() - 2))
         return [Wx, Wl]
 
 
