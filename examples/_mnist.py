@@ -25,7 +25,6 @@ of the model, so that one run times both on the same batches.
 """
 
 import copy
-import functools
 import importlib.metadata
 import importlib.util
 import math
@@ -146,11 +145,20 @@ def original_forward(model: nn.Module, *inputs: Optional[torch.Tensor]) -> torch
     return y
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: Inputs,
-               forward: Optional[Callable[..., torch.Tensor]] = None) -> float:
-    """The notebook's step: ``y = model(*inputs)``, ``model.loss(*inputs, y)``, backward, SGD step; the loss."""
-    y = (forward or model)(*inputs)
-    loss = model.loss(*inputs, y)
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: Inputs, original: bool = False) -> float:
+    """The notebook's step: ``y = model(*inputs)``, ``model.loss(*inputs, y)``, backward, SGD step; the loss.
+
+    With ``original``, the forward and the loss as the original library runs
+    them: ``original_forward`` and ``torchiter.reference.original_nsm_loss``.
+    """
+    from torchiter.reference import original_nsm_loss
+
+    if original:
+        y = original_forward(model, *inputs)
+        loss = original_nsm_loss(model, *inputs, y)
+    else:
+        y = model(*inputs)
+        loss = model.loss(*inputs, y)
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
@@ -175,8 +183,9 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, loader, epochs: in
     """Trains ``epochs`` passes over ``loader``; times the original loop's step on sampled batches.
 
     A sampled batch (never the first) runs the step twice from the same weights: torchiter's on
-    the model, the original loop's on a copy (with its own SGD at the same
-    rate), which is then dropped; the copy's parameters after the step are
+    the model, the original library's (its per-iteration loop and its loss
+    formula, ``train_step(..., original=True)``) on a copy (with its own SGD at
+    the same rate), which is then dropped; the copy's parameters after the step are
     compared with the model's. The training time leaves out the copies and the
     original steps.
     """
@@ -201,7 +210,7 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, loader, epochs: in
             t_step = time.perf_counter() - t0
             if step in sampled:
                 t0 = time.perf_counter()
-                train_step(twin, twin_optimizer, inputs, functools.partial(original_forward, twin))
+                train_step(twin, twin_optimizer, inputs, original=True)
                 pairs.append((t_step, time.perf_counter() - t0))
                 drift = max(drift, _largest_difference(model, twin))
                 del twin, twin_optimizer

@@ -163,3 +163,29 @@ def test_supervised_loss_with_whitened_labels(given):
                 assert p.grad is None or not p.grad.any()
             else:
                 torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("supervised", [False, True])
+def test_reference_loss_of_the_benchmarks_matches_the_model(supervised):
+    # torchiter.reference.original_nsm_loss, the notebooks' baseline: the formula through einsum.
+    from torchiter.reference import original_nsm_loss
+
+    torch.manual_seed(7)
+    enc = nn.Conv2d(1, 6, 3, bias=False, dtype=torch.float64)
+    kw = dict(max_iterations=15, iteration_lr=0.2, iteration_projection=nn.ReLU())
+    model = (SupervisedSimilarityMatching(enc, 3, 6, **kw) if supervised else SimilarityMatching(enc, 6, **kw)).double()
+    perturb = 0.05 * torch.randn(6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        model.competitor.weight.add_(perturb + perturb.T)
+    x = torch.rand(4, 1, 9, 7, dtype=torch.float64)
+    inputs = (x, torch.tensor([2, 0, 1, 2])) if supervised else (x,)
+    y = model(*inputs)
+    twin = copy.deepcopy(model)
+    theirs = original_nsm_loss(twin, *inputs, y)
+    assert "_SimilarityFitBackward" not in graph_names(theirs)
+    ours = model.loss(*inputs, y)
+    torch.testing.assert_close(theirs, ours, rtol=1e-12, atol=1e-12)
+    theirs.backward()
+    ours.backward()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-12)

@@ -17,6 +17,7 @@ __all__ = [
     "quadratic_descent_reference",
     "quadratic_descent_backward_reference",
     "original_nsm_loop",
+    "original_nsm_loss",
 ]
 
 
@@ -222,3 +223,43 @@ def original_nsm_loop(
         if done:
             return y.detach(), k + 1
     return y.detach(), iterations
+
+
+def original_nsm_loss(model: torch.nn.Module, *args: Optional[torch.Tensor]) -> torch.Tensor:
+    """A similarity-matching model's training loss as its formula reads, one tensor op at a time.
+
+    ``loss(*xs, y)`` of ``torchiter.models.MultiSimilarityMatching`` (and its
+    subclasses) written out as the original library computes it: ``M·y`` by
+    einsum, autograd through it for ``M``'s gradient, and every encoder's
+    output at ``y``'s full shape (a label code ``(B, C)`` expanded over the
+    spatial dims) before the sums. The baseline the MNIST notebook benchmarks
+    time the model's ``loss`` against; same value and gradients to float
+    rounding.
+
+    Args:
+        model: a ``MultiSimilarityMatching``.
+        *args: the model's inputs (None where absent), then ``y``, the
+            forward's output ``(B, C, *spatial)``.
+
+    Returns:
+        The loss, a 0-dim tensor in ``y``'s dtype, differentiable in the
+        encoders and the competitor.
+    """
+    *xs, y = args
+    M = model.competitor.weight
+    C = model.out_channels
+    full = []
+    for w in model._encode(*xs):
+        if w is not None and w.shape != y.shape:
+            w = w.reshape(w.shape + (1,) * (y.dim() - w.dim())).expand(y.shape)
+        full.append(w)
+    Wx = builtins.sum(w for w in full if w is not None)
+    loss = (2 * (y * torch.einsum("ij,bj...->bi...", M, y)).sum() - 4 * (y * Wx).sum()) / y.numel() - (M**2).sum() / C
+    for enc, reg, w in zip(model.encoders, model.regularization, full):
+        if reg == "weight":
+            for p in enc.parameters():
+                if p.requires_grad:
+                    loss = loss + (p**2).sum() * (2.0 / C)
+        elif reg == "whiten" and w is not None:
+            loss = loss + 2 * (w**2).mean()
+    return loss
