@@ -819,6 +819,11 @@ class MultiSimilarityMatching(_QuadraticLoopModule):
         C = self.out_channels
         M = self.competitor.weight
         loss = self._fit(y, self._check_encoded(self._sum(Wx))) / y.numel() - (M**2).sum() / C
+        return self._regularized(loss, Wx)
+
+    def _regularized(self, loss: torch.Tensor, Wx: Sequence[Optional[torch.Tensor]]) -> torch.Tensor:
+        """``loss`` plus each encoder's regularization term, ``Wx`` the encoders' outputs (or None)."""
+        C = self.out_channels
         for enc, reg, w in zip(self.encoders, self.regularization, Wx):
             if reg == "weight":
                 for p in enc.parameters():

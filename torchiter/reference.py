@@ -255,11 +255,5 @@ def original_nsm_loss(model: torch.nn.Module, *args: Optional[torch.Tensor]) -> 
         full.append(w)
     Wx = builtins.sum(w for w in full if w is not None)
     loss = (2 * (y * torch.einsum("ij,bj...->bi...", M, y)).sum() - 4 * (y * Wx).sum()) / y.numel() - (M**2).sum() / C
-    for enc, reg, w in zip(model.encoders, model.regularization, full):
-        if reg == "weight":
-            for p in enc.parameters():
-                if p.requires_grad:
-                    loss = loss + (p**2).sum() * (2.0 / C)
-        elif reg == "whiten" and w is not None:
-            loss = loss + 2 * (w**2).mean()
-    return loss
+    # The same terms as the model's, "whiten" here over the expanded outputs.
+    return model._regularized(loss, full)
