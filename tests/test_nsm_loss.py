@@ -100,8 +100,24 @@ def test_gradcheck_in_float64():
     y = model(x)
     M = torch.randn(4, 4, dtype=torch.float64, requires_grad=True)
     Wx = torch.randn_like(y, requires_grad=True)
-    assert torch.autograd.gradcheck(_SimilarityFit.apply, (M, y, Wx))
-    assert torch.autograd.gradgradcheck(_SimilarityFit.apply, (M, y, Wx))
+    fit = lambda M, y, Wx: _SimilarityFit.apply(M, y, Wx)[0]  # noqa: E731
+    assert torch.autograd.gradcheck(fit, (M, y, Wx))
+    assert torch.autograd.gradgradcheck(fit, (M, y, Wx))
+
+
+def test_torch_func_transforms_take_the_fit():
+    # torch.func.grad and vmap (per-sample gradients of M) give the formula's gradients.
+    torch.manual_seed(8)
+    y = torch.rand(5, 4, 3, dtype=torch.float64).clamp(min=0.3) - 0.3
+    Wx = torch.randn_like(y)
+    Ms = torch.randn(6, 4, 4, dtype=torch.float64)
+    fit = lambda M, y, Wx: _SimilarityFit.apply(M, y, Wx)[0]  # noqa: E731
+    plain = lambda M, y, Wx: 2 * (y * mix(M, y)).sum() - 4 * (y * Wx).sum()  # noqa: E731
+    torch.testing.assert_close(torch.func.grad(fit)(Ms[0], y, Wx), torch.func.grad(plain)(Ms[0], y, Wx))
+    ours = torch.func.vmap(torch.func.grad(fit), in_dims=(0, None, None))(Ms, y, Wx)
+    theirs = torch.func.vmap(torch.func.grad(plain), in_dims=(0, None, None))(Ms, y, Wx)
+    torch.testing.assert_close(ours, theirs)
+    torch.testing.assert_close(torch.func.grad(fit, argnums=2)(Ms[0], y, Wx), -4 * y)
 
 
 def test_output_with_a_graph_keeps_the_formula_and_its_gradient_in_y():

@@ -63,17 +63,26 @@ class _SimilarityFit(torch.autograd.Function):
     Computed as ``2·⟨M, G⟩ − 4·⟨y, Wx⟩`` with ``G = Σ y yᵀ``: the one
     ``C × C × y.numel()`` product gives both the value and ``M``'s gradient
     (``2·G``), where autograd through ``M·y`` would run a second one in the
-    backward. ``Wx``'s gradient is ``−4·y``.
+    backward. ``Wx``'s gradient is ``−4·y``. ``G`` is a second, non-differentiable
+    output so that ``setup_context`` can keep it: torch.func's transforms need
+    that form.
     """
 
-    @staticmethod
-    def forward(ctx: Any, M: torch.Tensor, y: torch.Tensor, Wx: torch.Tensor) -> torch.Tensor:
-        G = _gram(y)
-        ctx.save_for_backward(G, y)
-        return 2 * (M * G).sum() - 4 * torch.dot(y.reshape(-1), Wx.reshape(-1))
+    generate_vmap_rule = True
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], None, Optional[torch.Tensor]]:
+    def forward(M: torch.Tensor, y: torch.Tensor, Wx: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        G = _gram(y)
+        return 2 * (M * G).sum() - 4 * torch.dot(y.reshape(-1), Wx.reshape(-1)), G
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Tuple[torch.Tensor, ...], output: Tuple[torch.Tensor, torch.Tensor]) -> None:
+        G = output[1]
+        ctx.mark_non_differentiable(G)
+        ctx.save_for_backward(G, inputs[1])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor, _grad_G: Any) -> Tuple[Optional[torch.Tensor], None, Optional[torch.Tensor]]:
         G, y = ctx.saved_tensors
         grad_M = (2 * grad) * G if ctx.needs_input_grad[0] else None
         grad_Wx = (-4 * grad) * y if ctx.needs_input_grad[2] else None
@@ -798,7 +807,7 @@ class MultiSimilarityMatching(_QuadraticLoopModule):
         ):
             # The training loss: y is the forward's detached output. Half
             # dtypes keep the formula (the per-sample Grams would be rounded).
-            return _SimilarityFit.apply(M, y, Wx_sum)
+            return _SimilarityFit.apply(M, y, Wx_sum)[0]
         return 2 * (y * _mix(M, y)).sum() - 4 * (y * Wx_sum).sum()
 
     def loss(self, *args: Optional[torch.Tensor]) -> torch.Tensor:
