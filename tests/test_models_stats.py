@@ -148,16 +148,21 @@ def test_noise_floor_is_max_abs_of_the_state(numel, dtype):
     assert torch.isnan(_noise(y.view(1, -1)))
 
 
+@pytest.mark.parametrize("forwards", [1, 2], ids=["first-forward", "replayed-forward"])
 @pytest.mark.parametrize("B", [13, 20000], ids=["small-state", "large-state"])
-def test_model_noise_is_the_floor_of_the_returned_state(B):
+def test_model_noise_is_the_floor_of_the_returned_state(B, forwards):
     # Small CPU states get their noise floor when it is first read; it must
     # be that of the loop's result even after the caller changes the
     # returned tensor in place, and a diverging loop must still be reported.
+    # A replayed forward's state is the op's output itself, which the
+    # returned tensor shares.
     from torchiter.stats import NOISE_ULPS
 
     torch.manual_seed(2)
     x = torch.randn(B, 7, dtype=torch.float64) * 3
     model = nsm(1e-9)
+    for _ in range(forwards - 1):
+        model(x)
     y = model(x)
     expected = max(1.0, float(y.abs().max())) * NOISE_ULPS * torch.finfo(torch.float64).eps
     y.mul_(1000.0)

@@ -561,11 +561,17 @@ class _QuadraticLoopModule(IterationLossModule):
         else:
             state.copy_(y)
         attrs["iteration_idx"] = count - 1
-        # y is the op's own output (the state holds a copy), so a small CPU
-        # one can be kept for a noise floor computed on first read; so is a
-        # traced one, where testing its size would specialise the batch.
-        lazy = not readable or (y.is_cpu and y.numel() <= _LAZY_NOISE_NUMEL)
-        noise = functools.partial(_noise, y) if lazy else _noise(y)
+        # A small CPU y is kept for a noise floor computed on first read; so
+        # is a traced one, where testing its size would specialise the batch.
+        # Where y is the state itself (rebind), a copy is kept: the tensor
+        # returned to the caller shares its storage, and the floor must be
+        # the loop's result's even after the caller changes that in place.
+        if not readable:
+            noise = functools.partial(_noise, y)
+        elif y.is_cpu and y.numel() <= _LAZY_NOISE_NUMEL:
+            noise = functools.partial(_noise, y.clone() if rebind else y)
+        else:
+            noise = _noise(y)
         attrs["iteration_stats"] = _stats.IterationStats(
             counts, r[2], r[3], r[4], noise,
             change_trace=r[5][:count] if trace else None,
