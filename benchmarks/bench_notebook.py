@@ -6,7 +6,9 @@ Times the two pieces of work the notebooks (``examples/mnist_conv_nsm.py``,
 - the training step on a batch of 100 digits: ``y = model(*inputs)``,
   ``model.loss(*inputs, y)``, backward, ``torch.optim.SGD`` step (lr 0.05);
 - the embedding forward: the model on the images alone, then
-  ``nn.MaxPool2d(2)``, without autograd;
+  ``nn.MaxPool2d(2)``, without autograd; and, apart, the model's forward
+  alone (the pooling is PyTorch's, the same work on both sides: its time is
+  printed below the table);
 
 once with torchiter's model (its inner loop is one ``quadratic_descent`` call,
 its loss ``model.loss``) and once as the original library runs it on a copy of
@@ -133,12 +135,25 @@ def compare(name, data, args):
     def embed_theirs(i):
         return pool(_mnist.original_forward(twin, work[i][0])).flatten(1)
 
+    def forward_ours(i):
+        with torch.no_grad():
+            return model(work[i][0])
+
+    def forward_fast(i):
+        with torch.no_grad(), matmul_precision("medium"):
+            return fast(work[i][0])
+
+    def forward_theirs(i):
+        return _mnist.original_forward(twin, work[i][0])
+
     rows = []
     for what, variants, theirs in (
         ("training step (forward, loss, backward, SGD step)", (("float32", step_ours, model), ("medium", step_fast, fast)),
          step_theirs),
         ("embedding forward (model, MaxPool2d(2), no grad)", (("float32", embed_ours, None), ("medium", embed_fast, None)),
          embed_theirs),
+        ("the model's forward alone (no grad)", (("float32", forward_ours, None), ("medium", forward_fast, None)),
+         forward_theirs),
     ):
         times = {label: [] for label, _, _ in variants}
         t_theirs = []
@@ -152,11 +167,14 @@ def compare(name, data, args):
                 ratios[label].append(t_theirs[-1] / times[label][-1])
         for label, fn, trained in variants:
             if trained is None:
-                diff = max((fn(i) - embed_theirs(i)).abs().max().item() for i in range(args.steps))
+                diff = max((fn(i) - theirs(i)).abs().max().item() for i in range(args.steps))
             else:
                 diff = max((p - q).abs().max().item() for p, q in zip(trained.parameters(), twin.parameters()))
             rows.append((what, label, median(t_theirs), median(times[label]), ratios[label], diff))
-    return rows
+    with torch.no_grad():
+        outputs = [model(work[i][0]) for i in range(args.steps)]
+    pool_time = median([timed(pool, y) for y in outputs for _ in range(3)])
+    return rows, (tuple(outputs[0].shape), pool_time)
 
 
 def main():
@@ -179,10 +197,17 @@ def main():
           "torch.set_float32_matmul_precision(\"medium\"); the original loop at the default")
     print("| model | work | torchiter precision | original loop | torchiter | speedup | max abs diff |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
+    pools = []
     for name in MODELS:
-        for work, label, t_theirs, t_ours, ratios, diff in compare(name, data, args):
+        rows, pool = compare(name, data, args)
+        pools.append((name, pool))
+        for work, label, t_theirs, t_ours, ratios, diff in rows:
             print(f"| {name} | {work} | {label} | {t_theirs * 1e3:.1f} ms | {t_ours * 1e3:.1f} ms | {median(ratios):.2f}x "
                   f"({min(ratios):.2f}-{max(ratios):.2f}x) | {diff:.1e} |", flush=True)
+    # The embedding's pooling is PyTorch's own, the same work in both columns.
+    for name, (shape, seconds) in pools:
+        print(f"# {name}: nn.MaxPool2d(2) of one output {shape} takes {seconds * 1e3:.1f} ms (median), "
+              "in both columns of its embedding rows")
 
 
 if __name__ == "__main__":
