@@ -322,14 +322,15 @@ class _QuadraticLoopModule(IterationLossModule):
             # Raises that a forward is already running.
             return super().forward(*args)
         planned = False
-        # Nothing in a replayed forward is differentiated (the encoders run
-        # under no_grad in any forward); grad mode is switched once, here.
+        # Nothing in a replayed forward is differentiated but what _prepare
+        # decides to record (it runs in the caller's grad mode); grad mode is
+        # switched off after it, here.
         grad = torch.is_grad_enabled()
-        _internals.set_grad_enabled(False)
         try:
             attrs["iteration_idx"] = -1
             try:
                 self._prepare(*args)
+                _internals.set_grad_enabled(False)
                 state = self._state()
                 projection = fused_projection_args(_internals.module_attr(self, "iteration_projection"))
                 if (
@@ -637,6 +638,51 @@ class _QuadraticLoopModule(IterationLossModule):
         return _stats.step_size_hint(stats.lr, L, how="from the loop's matrix A")
 
 
+# Encoder modules whose call is a pure function of its input, parameters and
+# buffers: no random draw, no buffer written, no other effect (an exact type:
+# a subclass may override forward).
+_PURE_ENCODER_TYPES = frozenset({
+    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+    nn.Linear, nn.Sequential, nn.Identity, nn.Flatten, nn.Unflatten,
+    nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Softplus,
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+})
+
+
+class _KeptEncoding:
+    """The encoders' outputs of a training forward, with their graph, for the
+    ``loss`` of that forward's output (see ``MultiSimilarityMatching._prepare``).
+
+    Valid while the loss gets the very output (``y``), the same input tensors
+    and the same encoder parameters and buffers, none changed in place since.
+    """
+
+    __slots__ = ("inputs", "tensors", "versions", "flags", "Wx", "y")
+
+    def __init__(self, inputs: Tuple[Any, ...], tensors: List[torch.Tensor], Wx: List[Optional[torch.Tensor]]) -> None:
+        self.inputs = inputs
+        self.tensors = tensors
+        self.versions = [t._version for t in inputs if t is not None] + [t._version for t in tensors]
+        self.flags = [t.requires_grad for t in tensors]
+        self.Wx = Wx
+        self.y: Optional[weakref.ref] = None
+
+    def matches(self, inputs: Tuple[Any, ...], tensors: List[torch.Tensor], y: torch.Tensor) -> bool:
+        if self.y is None or self.y() is not y or len(inputs) != len(self.inputs) or len(tensors) != len(self.tensors):
+            return False
+        if any(a is not b for a, b in zip(inputs, self.inputs)) or any(a is not b for a, b in zip(tensors, self.tensors)):
+            return False
+        versions = [t._version for t in inputs if t is not None] + [t._version for t in tensors]
+        return versions == self.versions and [t.requires_grad for t in tensors] == self.flags
+
+
+def _forget_kept(model_ref: "weakref.ref", kept: _KeptEncoding, _output_ref: "weakref.ref") -> None:
+    # Its output is gone, so no loss can use the kept encoding: free it now.
+    model = model_ref()
+    if model is not None and model.__dict__.get("_kept_encoding") is kept:
+        del model.__dict__["_kept_encoding"]
+
+
 class MultiSimilarityMatching(_QuadraticLoopModule):
     """Non-negative similarity matching with several encoded inputs.
 
@@ -717,6 +763,14 @@ class MultiSimilarityMatching(_QuadraticLoopModule):
         if not any(isinstance(h, _ScaleGrad) for h in _internals.tensor_backward_hooks(weight).values()):
             weight.register_hook(_ScaleGrad(self))
 
+    def __getstate__(self) -> Dict[str, Any]:
+        # A kept encoding belongs to this module's last forward (and holds
+        # its graph, which cannot be copied).
+        state = super().__getstate__()
+        state.pop("_kept_encoding", None)
+        state.pop("_kept_pending", None)
+        return state
+
     def __setstate__(self, state: dict) -> None:
         # Tensor hooks do not survive copy.deepcopy or pickling: put it back.
         super().__setstate__(state)
@@ -751,14 +805,29 @@ class MultiSimilarityMatching(_QuadraticLoopModule):
         return total
 
     def _prepare(self, *xs: Optional[torch.Tensor]) -> None:
-        """Encodes the inputs once (detached) and sets ``y`` to zeros."""
+        """Encodes the inputs once (detached) and sets ``y`` to zeros.
+
+        In a training forward (grad mode on, CPU) whose encoders are pure
+        (``_PURE_ENCODER_TYPES``, no forward hooks), the encoding keeps its
+        graph for the ``loss`` of this forward's output, which then does not
+        run the encoders again: the same computation on the same tensors
+        gives the same values, and the loss's backward goes through it once.
+        """
         # Plain attributes are written through __dict__: nn.Module.__setattr__
         # costs microseconds per call, a visible share of a small forward.
         attrs = self.__dict__
         self._note_ddp()
+        attrs.pop("_kept_encoding", None)
+        attrs["_kept_pending"] = None
         if torch.is_grad_enabled():
-            with torch.no_grad():
-                Wx_sum = self._check_encoded(self._sum(self._encode(*xs)))
+            tensors = self._keepable_encoders(xs)
+            if tensors is not None:
+                Wx = self._encode(*xs)
+                Wx_sum = self._check_encoded(self._sum(Wx))
+                attrs["_kept_pending"] = _KeptEncoding(tuple(xs), tensors, Wx)
+            else:
+                with torch.no_grad():
+                    Wx_sum = self._check_encoded(self._sum(self._encode(*xs)))
         else:
             Wx_sum = self._check_encoded(self._sum(self._encode(*xs)))
         attrs["_Wx_sum"] = _detached(Wx_sum)
@@ -766,6 +835,54 @@ class MultiSimilarityMatching(_QuadraticLoopModule):
         attrs["y"] = torch.zeros_like(Wx_sum)
 
     _STATE_NAME = "y"
+
+    def _keepable_encoders(self, xs: Tuple[Any, ...]) -> Optional[List[torch.Tensor]]:
+        """The encoders' parameters and buffers where this forward may keep its
+        encoding for ``loss`` (see ``_prepare``), else None: CPU tensor inputs,
+        pure encoders without hooks, no autocast, tracing, inference mode or
+        DistributedDataParallel."""
+        if (
+            torch.compiler.is_compiling()
+            or torch.jit.is_tracing()
+            or torch.is_inference_mode_enabled()
+            or torch.is_autocast_enabled("cpu")
+            or self.__dict__.get("_it_ddp") is not None
+        ):
+            return None
+        if not any(x is not None for x in xs) or any(
+            x is not None and (type(x) is not torch.Tensor or not x.is_cpu) for x in xs
+        ):
+            return None
+        tensors: List[torch.Tensor] = []
+        for enc in _internals.module_attr(self, "encoders"):
+            for m in enc.modules():
+                if type(m) not in _PURE_ENCODER_TYPES or _internals.module_has_forward_hooks(m):
+                    return None
+            tensors.extend(enc.parameters())
+            tensors.extend(enc.buffers())
+        if any(type(t) is not torch.Tensor and type(t) is not nn.Parameter or not t.is_cpu for t in tensors):
+            return None
+        return tensors
+
+    def _take_kept_encoding(self, xs: Tuple[Any, ...], y: torch.Tensor) -> Optional[List[Optional[torch.Tensor]]]:
+        """The encoding ``_prepare`` kept for this loss, if it still applies.
+
+        Used once: a second loss of the same output encodes again (the first
+        one's backward may have freed the kept graph)."""
+        attrs = self.__dict__
+        kept = attrs.get("_kept_encoding")
+        if kept is None or not torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return None
+        if torch.is_autocast_enabled("cpu"):
+            return None
+        tensors: List[torch.Tensor] = []
+        for enc in _internals.module_attr(self, "encoders"):
+            tensors.extend(enc.parameters())
+            tensors.extend(enc.buffers())
+        if not kept.matches(tuple(xs), tensors, y):
+            return None
+        del attrs["_kept_encoding"]
+        return kept.Wx
 
     def _state(self) -> torch.Tensor:
         return self.y
@@ -795,7 +912,12 @@ class MultiSimilarityMatching(_QuadraticLoopModule):
         super().post_iteration(*xs)
         attrs = self.__dict__
         attrs["_Wx_sum"] = attrs["_last_state"] = None
-        return self.y.detach()
+        out = self.y.detach()
+        kept = attrs.pop("_kept_pending", None)
+        if kept is not None:
+            kept.y = weakref.ref(out, functools.partial(_forget_kept, weakref.ref(self), kept))
+            attrs["_kept_encoding"] = kept
+        return out
 
     def iteration_parameters(self) -> List[torch.Tensor]:
         """``[y]``, the network's output state."""
@@ -824,13 +946,18 @@ class MultiSimilarityMatching(_QuadraticLoopModule):
         ``"weight"``: ``Σ w² · 2/C`` over its trainable parameters;
         ``"whiten"``: ``2·mean(Wxᵢ²)`` (encoders whose input is given);
         ``"none"``: nothing. Differentiable in the encoders and ``M``.
+        The encoders run on ``xs`` again, unless the training forward that
+        returned ``y`` kept its encoding for it (pure encoders on the CPU, the
+        same unchanged inputs and parameters: see ``docs/models.md``).
         """
         *xs, y = args
         if y is None:
             raise ValueError(f"{type(self).__name__}.loss: the last argument must be the output y")
         _check_nonempty(f"{type(self).__name__}.loss", y)
         self._check_loss_inside_ddp()
-        Wx = self._encode(*xs)
+        Wx = self._take_kept_encoding(tuple(xs), y)
+        if Wx is None:
+            Wx = self._encode(*xs)
         C = self.out_channels
         M = self.competitor.weight
         loss = self._fit(y, self._check_encoded(self._sum(Wx))) / y.numel() - (M**2).sum() / C
