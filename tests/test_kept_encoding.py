@@ -18,7 +18,14 @@ import pytest
 import torch
 from torch import nn
 
+import torchiter.models
 from torchiter.models import SimilarityMatching, SupervisedSimilarityMatching
+
+
+@pytest.fixture(autouse=True)
+def keep_small_inputs(monkeypatch):
+    # The tests' inputs are small; the rule does not depend on the size.
+    monkeypatch.setattr(torchiter.models, "_KEEP_MIN_NUMEL", 0)
 
 
 @contextmanager
@@ -227,3 +234,16 @@ def test_torch_func_over_the_loss():
     y_leaf = y.clone().requires_grad_(True)
     model.loss(x, y_leaf).backward()
     assert torch.allclose(g, y_leaf.grad, rtol=1e-12, atol=1e-15)
+
+
+def test_small_inputs_are_encoded_again(monkeypatch):
+    monkeypatch.setattr(torchiter.models, "_KEEP_MIN_NUMEL", 496)
+    model = conv_model()
+    x = images(11)  # 495 elements
+    with conv_calls() as calls:
+        step(model, x)
+    assert calls == [False, True]
+    x = images(11, batch=6)
+    with conv_calls() as calls:
+        step(model, x)
+    assert calls == [True]

@@ -649,6 +649,13 @@ _PURE_ENCODER_TYPES = frozenset({
 })
 
 
+# Inputs of fewer elements than this are encoded again by the loss: recording
+# the forward's encoding and checking it costs 20-30 us per training step,
+# more than a small encoder's second forward (the pca and clustering
+# workloads'); an MNIST batch of 100 digits has 78,400.
+_KEEP_MIN_NUMEL = 1 << 16
+
+
 class _KeptEncoding:
     """The encoders' outputs of a training forward, with their graph, for the
     ``loss`` of that forward's output (see ``MultiSimilarityMatching._prepare``).
@@ -819,15 +826,20 @@ class MultiSimilarityMatching(_QuadraticLoopModule):
         self._note_ddp()
         attrs.pop("_kept_encoding", None)
         attrs["_kept_pending"] = None
-        if torch.is_grad_enabled():
-            tensors = self._keepable_encoders(xs)
-            if tensors is not None:
-                Wx = self._encode(*xs)
-                Wx_sum = self._check_encoded(self._sum(Wx))
-                attrs["_kept_pending"] = _KeptEncoding(tuple(xs), tensors, Wx)
-            else:
-                with torch.no_grad():
-                    Wx_sum = self._check_encoded(self._sum(self._encode(*xs)))
+        grad = torch.is_grad_enabled()
+        tensors = self._keepable_encoders(xs) if grad else None
+        if tensors is not None:
+            Wx = self._encode(*xs)
+            Wx_sum = self._check_encoded(self._sum(Wx))
+            attrs["_kept_pending"] = _KeptEncoding(tuple(xs), tensors, Wx)
+        elif grad:
+            # The plain switch: torch.no_grad()'s context manager costs
+            # microseconds, a visible share of a small forward.
+            _internals.set_grad_enabled(False)
+            try:
+                Wx_sum = self._check_encoded(self._sum(self._encode(*xs)))
+            finally:
+                _internals.set_grad_enabled(True)
         else:
             Wx_sum = self._check_encoded(self._sum(self._encode(*xs)))
         attrs["_Wx_sum"] = _detached(Wx_sum)
@@ -840,11 +852,19 @@ class MultiSimilarityMatching(_QuadraticLoopModule):
         """The encoders' parameters and buffers where this forward may keep its
         encoding for ``loss`` (see ``_prepare``), else None: CPU tensor inputs,
         pure encoders without hooks, no autocast, tracing, inference mode or
-        DistributedDataParallel."""
+        DistributedDataParallel, and inputs of at least ``_KEEP_MIN_NUMEL``
+        elements."""
+        # Tracing first: reading a traced input's size would specialise it.
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return None
+        numel = 0
+        for x in xs:
+            if type(x) is torch.Tensor:
+                numel += x.numel()
+        if numel < _KEEP_MIN_NUMEL:
+            return None
         if (
-            torch.compiler.is_compiling()
-            or torch.jit.is_tracing()
-            or torch.is_inference_mode_enabled()
+            torch.is_inference_mode_enabled()
             or torch.is_autocast_enabled("cpu")
             or self.__dict__.get("_it_ddp") is not None
         ):
