@@ -247,3 +247,25 @@ def test_small_inputs_are_encoded_again(monkeypatch):
     with conv_calls() as calls:
         step(model, x)
     assert calls == [True]
+
+
+def test_a_replaced_encoding_is_freed_without_the_garbage_collector():
+    # Nothing may hold a kept encoding in a reference cycle: its graph and
+    # outputs (a conv layer's: megabytes) would wait for a collection.
+    import weakref
+
+    model = conv_model()
+    x = images(12)
+    gc.collect()
+    gc.disable()
+    try:
+        y = model(x)
+        encoded = weakref.ref(model.__dict__["_kept_encoding"].Wx[0])
+        y2 = model(x)  # replaces it while y is still alive
+        assert encoded() is None
+        encoded = weakref.ref(model.__dict__["_kept_encoding"].Wx[0])
+        del y2
+        assert encoded() is None
+    finally:
+        gc.enable()
+    assert y is not None

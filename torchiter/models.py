@@ -683,11 +683,16 @@ class _KeptEncoding:
         return versions == self.versions and [t.requires_grad for t in tensors] == self.flags
 
 
-def _forget_kept(model_ref: "weakref.ref", kept: _KeptEncoding, _output_ref: "weakref.ref") -> None:
+def _forget_kept(model_ref: "weakref.ref", output_ref: "weakref.ref") -> None:
     # Its output is gone, so no loss can use the kept encoding: free it now.
+    # (Found through the model, not held here: a reference from this
+    # callback would make a cycle through the encoding's weak reference to
+    # the output, and its graph would wait for the garbage collector.)
     model = model_ref()
-    if model is not None and model.__dict__.get("_kept_encoding") is kept:
-        del model.__dict__["_kept_encoding"]
+    if model is not None:
+        kept = model.__dict__.get("_kept_encoding")
+        if kept is not None and kept.y is output_ref:
+            del model.__dict__["_kept_encoding"]
 
 
 class MultiSimilarityMatching(_QuadraticLoopModule):
@@ -935,7 +940,7 @@ class MultiSimilarityMatching(_QuadraticLoopModule):
         out = self.y.detach()
         kept = attrs.pop("_kept_pending", None)
         if kept is not None:
-            kept.y = weakref.ref(out, functools.partial(_forget_kept, weakref.ref(self), kept))
+            kept.y = weakref.ref(out, functools.partial(_forget_kept, weakref.ref(self)))
             attrs["_kept_encoding"] = kept
         return out
 
