@@ -269,3 +269,16 @@ def test_a_replaced_encoding_is_freed_without_the_garbage_collector():
     finally:
         gc.enable()
     assert y is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_forward_output_is_the_same_with_a_kept_encoding(dtype):
+    # The kept encoding is computed with autograd recording, the plain one
+    # without: the loop must see the same values either way.
+    model = conv_model().to(dtype)
+    x = images(13, batch=7).to(dtype)
+    kept = model(x)
+    assert "_kept_encoding" in model.__dict__
+    with torch.no_grad():
+        plain = model(x)
+    assert torch.equal(kept, plain)
