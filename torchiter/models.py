@@ -669,18 +669,21 @@ class _KeptEncoding:
     def __init__(self, inputs: Tuple[Any, ...], tensors: List[torch.Tensor], Wx: List[Optional[torch.Tensor]]) -> None:
         self.inputs = inputs
         self.tensors = tensors
-        self.versions = [t._version for t in inputs if t is not None] + [t._version for t in tensors]
+        self.versions = self._versions(inputs, tensors)
         self.flags = [t.requires_grad for t in tensors]
         self.Wx = Wx
         self.y: Optional[weakref.ref] = None
+
+    @staticmethod
+    def _versions(inputs: Tuple[Any, ...], tensors: List[torch.Tensor]) -> List[int]:
+        return [t._version for t in inputs if t is not None] + [t._version for t in tensors]
 
     def matches(self, inputs: Tuple[Any, ...], tensors: List[torch.Tensor], y: torch.Tensor) -> bool:
         if self.y is None or self.y() is not y or len(inputs) != len(self.inputs) or len(tensors) != len(self.tensors):
             return False
         if any(a is not b for a, b in zip(inputs, self.inputs)) or any(a is not b for a, b in zip(tensors, self.tensors)):
             return False
-        versions = [t._version for t in inputs if t is not None] + [t._version for t in tensors]
-        return versions == self.versions and [t.requires_grad for t in tensors] == self.flags
+        return self._versions(inputs, tensors) == self.versions and [t.requires_grad for t in tensors] == self.flags
 
 
 def _forget_kept(model_ref: "weakref.ref", output_ref: "weakref.ref") -> None:
@@ -874,19 +877,27 @@ class MultiSimilarityMatching(_QuadraticLoopModule):
             or self.__dict__.get("_it_ddp") is not None
         ):
             return None
-        if not any(x is not None for x in xs) or any(
-            x is not None and (type(x) is not torch.Tensor or not x.is_cpu) for x in xs
-        ):
+        # (At least one input is a tensor: the size test above needs one.)
+        if any(x is not None and (type(x) is not torch.Tensor or not x.is_cpu) for x in xs):
             return None
-        tensors: List[torch.Tensor] = []
-        for enc in _internals.module_attr(self, "encoders"):
+        encoders = _internals.module_attr(self, "encoders")
+        for enc in encoders:
             for m in enc.modules():
                 if type(m) not in _PURE_ENCODER_TYPES or _internals.module_has_forward_hooks(m):
                     return None
-            tensors.extend(enc.parameters())
-            tensors.extend(enc.buffers())
+        tensors = self._encoder_tensors(encoders)
         if any(type(t) is not torch.Tensor and type(t) is not nn.Parameter or not t.is_cpu for t in tensors):
             return None
+        return tensors
+
+    @staticmethod
+    def _encoder_tensors(encoders: nn.ModuleList) -> List[torch.Tensor]:
+        """Every parameter and buffer of ``encoders``, in a fixed order: what a
+        kept encoding was computed from."""
+        tensors: List[torch.Tensor] = []
+        for enc in encoders:
+            tensors.extend(enc.parameters())
+            tensors.extend(enc.buffers())
         return tensors
 
     def _take_kept_encoding(self, xs: Tuple[Any, ...], y: torch.Tensor) -> Optional[List[Optional[torch.Tensor]]]:
@@ -900,10 +911,7 @@ class MultiSimilarityMatching(_QuadraticLoopModule):
             return None
         if torch.is_autocast_enabled("cpu"):
             return None
-        tensors: List[torch.Tensor] = []
-        for enc in _internals.module_attr(self, "encoders"):
-            tensors.extend(enc.parameters())
-            tensors.extend(enc.buffers())
+        tensors = self._encoder_tensors(_internals.module_attr(self, "encoders"))
         if not kept.matches(tuple(xs), tensors, y):
             return None
         del attrs["_kept_encoding"]
