@@ -183,6 +183,7 @@ void run_blocked(
   const T lr = static_cast<T>(lrs.at(0));
   const std::vector<T> scheduled = scheduled_rates<T>(lrs, K);
   const bool skip_rest = rest_stays_at_zero(mix);
+  const bool zero_first = K > 0 && mixes_zero_to_zero(mix);
   const int64_t T_w = tiles.width;
   const int64_t ld = io.row_stride;
   const int64_t ps = io.position_stride;
@@ -213,13 +214,25 @@ void run_blocked(
       }
       T* src = cur;
       T* dst = nxt;
+      // A tile that starts at +0 (every model's state does) takes its first
+      // iteration without the mixing (zero_start_block).
+      const bool from_zero = zero_first && all_positive_zero(cur, C, T_w, count);
       for (int64_t k = 0; k < K; ++k) {
         // A tile of a wide layer can take seconds over all K iterations.
         if ((k & 15) == 15 && poll.stop()) {
           return nullptr;
         }
         const T lr_k = scheduled.empty() ? lr : scheduled[static_cast<size_t>(k)];
-        if (stats && (k == 0 || k == K - 1)) {
+        if (k == 0 && from_zero) {
+          const T m = lane_max(zero_start_block<T, true>(mix, src, bl, dst, T_w, n, count, lr_k));
+          if (stats) {
+            my_first = nan_max(my_first, m);
+            if (K == 1) {
+              my_last = nan_max(my_last, m);
+            }
+            measured = true;
+          }
+        } else if (stats && (k == 0 || k == K - 1)) {
           const T m = lane_max(step_block<T, true>(mix, src, bl, dst, T_w, n, count, lr_k));
           if (k == 0) {
             my_first = nan_max(my_first, m);
@@ -395,13 +408,17 @@ struct LaneTile {
     finished.reserve(static_cast<size_t>(width));
     fresh.reserve(static_cast<size_t>(width));
   }
-  // Lane p, its y and b written, starts item `it` now.
-  void enter(int64_t p, int64_t it) {
+  // Lane p, its y and b written, starts item `it` now, `ran` (0 or 1 < K) of
+  // its iterations already run. Lanes that start at iteration 0 are `fresh`:
+  // their first step is the item's first iteration.
+  void enter(int64_t p, int64_t it, int64_t ran = 0) {
     item[static_cast<size_t>(p)] = it;
-    entered[static_cast<size_t>(p)] = steps;
+    entered[static_cast<size_t>(p)] = steps - ran;
     done[static_cast<size_t>(p)] = 0;
-    fresh.push_back(p);
-    deadline = std::min(deadline, steps + K);
+    if (ran == 0) {
+      fresh.push_back(p);
+    }
+    deadline = std::min(deadline, steps - ran + K);
   }
   int64_t ran(int64_t p) const {
     return steps - entered[static_cast<size_t>(p)];
@@ -548,6 +565,9 @@ double run_lanes(
   const int64_t ld = io.row_stride;
   const int64_t T_w = tile_width<T>(C);
   const bool skip_rest = rest_stays_at_zero(mix);
+  // A position that starts at +0 enters with its first iteration done
+  // without the mixing (zero_start_position).
+  const bool zero_first = K > 1 && mixes_zero_to_zero(mix);
   // Positions are handed out a few vectors' worth at a time: neighbours
   // share cache lines of the (C, positions) rows, and the shared counter is
   // rarely touched.
@@ -576,6 +596,8 @@ double run_lanes(
     // A lane's item: the offset of its position's channel 0.
     LaneTile<T> tile(C, T_w, K);
     std::vector<Bits> changed(static_cast<size_t>(T_w + W));
+    // One position's b and first iteration, contiguous.
+    std::vector<T> column(static_cast<size_t>(2 * C));
     int64_t chunk_next = 0, chunk_end = 0, group = 0, within = 0;
     int64_t next_check = check_period;
     T my_first = 0, my_last = 0;
@@ -612,11 +634,14 @@ double run_lanes(
         }
         const T* yp = io.y + at;
         const T* bp = io.b + at;
-        Bits moving = 0;
+        Bits moving = 0, y_bits = 0;
         for (int64_t c = 0; c < C; ++c) {
           tile.cur[c * T_w + p] = yp[c * ld];
           tile.bl[c * T_w + p] = bp[c * ld];
           moving |= motion_bits(yp + c * ld, bp + c * ld);
+          Bits u;
+          std::memcpy(&u, yp + c * ld, sizeof u);
+          y_bits |= u;
         }
         if (skip_rest && moving == 0) {
           T* to = io.out + at;
@@ -625,7 +650,23 @@ double run_lanes(
           }
           continue;
         }
-        tile.enter(p, at);
+        if (zero_first && y_bits == 0) {
+          T* bc = column.data();
+          T* yc = bc + C;
+          for (int64_t c = 0; c < C; ++c) {
+            bc[c] = tile.bl[c * T_w + p];
+          }
+          const T change = zero_start_position(*mix.project, bc, yc, C, lr);
+          for (int64_t c = 0; c < C; ++c) {
+            tile.cur[c * T_w + p] = yc[c];
+          }
+          if (stats) {
+            my_first = nan_max(my_first, change);
+          }
+          tile.enter(p, at, 1);
+        } else {
+          tile.enter(p, at);
+        }
         return true;
       }
     };
