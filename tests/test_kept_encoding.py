@@ -90,11 +90,16 @@ def test_supervised_model_with_class_indices():
     ).double()
     twin = copy.deepcopy(model)
     x, labels = images(1), torch.tensor([0, 2, 1, 1, 0])
+    summed = SupervisedSimilarityMatching._sum
     for _ in range(2):
-        with conv_calls() as calls, mock.patch("torch.nn.modules.linear.F.linear", wraps=nn.functional.linear) as lin:
+        with conv_calls() as calls, mock.patch("torch.nn.modules.linear.F.linear", wraps=nn.functional.linear) as lin, \
+                mock.patch.object(SupervisedSimilarityMatching, "_sum", wraps=summed) as sums:
             loss, grads = step(model, x, labels)
-        assert calls == [True] and lin.call_count == 1
-        twin_loss, twin_grads = step(twin, x, labels, loss_inputs=(x.clone(), labels.clone()))
+        # The two codes are added once: the loss takes the forward's sum too.
+        assert calls == [True] and lin.call_count == 1 and sums.call_count == 1
+        with mock.patch.object(SupervisedSimilarityMatching, "_sum", wraps=summed) as twin_sums:
+            twin_loss, twin_grads = step(twin, x, labels, loss_inputs=(x.clone(), labels.clone()))
+        assert twin_sums.call_count == 2
         assert torch.equal(loss, twin_loss)
         for g, h in zip(grads, twin_grads):
             assert torch.equal(g, h)

@@ -657,21 +657,27 @@ _KEEP_MIN_NUMEL = 1 << 16
 
 
 class _KeptEncoding:
-    """The encoders' outputs of a training forward, with their graph, for the
-    ``loss`` of that forward's output (see ``MultiSimilarityMatching._prepare``).
+    """The encoders' outputs of a training forward and their sum, with their
+    graph, for the ``loss`` of that forward's output (see
+    ``MultiSimilarityMatching._prepare``).
 
     Valid while the loss gets the very output (``y``), the same input tensors
     and the same encoder parameters and buffers, none changed in place since.
     """
 
-    __slots__ = ("inputs", "tensors", "versions", "flags", "Wx", "y")
+    __slots__ = ("inputs", "tensors", "versions", "flags", "Wx", "Wx_sum", "y")
 
-    def __init__(self, inputs: Tuple[Any, ...], tensors: List[torch.Tensor], Wx: List[Optional[torch.Tensor]]) -> None:
+    def __init__(
+        self, inputs: Tuple[Any, ...], tensors: List[torch.Tensor], Wx: List[Optional[torch.Tensor]], Wx_sum: torch.Tensor
+    ) -> None:
         self.inputs = inputs
         self.tensors = tensors
         self.versions = self._versions(inputs, tensors)
         self.flags = [t.requires_grad for t in tensors]
         self.Wx = Wx
+        # With several encoders their sum is a pass over the state's size:
+        # the loss takes it from here too.
+        self.Wx_sum = Wx_sum
         self.y: Optional[weakref.ref] = None
 
     @staticmethod
@@ -839,7 +845,7 @@ class MultiSimilarityMatching(_QuadraticLoopModule):
         if tensors is not None:
             Wx = self._encode(*xs)
             Wx_sum = self._check_encoded(self._sum(Wx))
-            attrs["_kept_pending"] = _KeptEncoding(tuple(xs), tensors, Wx)
+            attrs["_kept_pending"] = _KeptEncoding(tuple(xs), tensors, Wx, Wx_sum)
         elif grad:
             # The plain switch: torch.no_grad()'s context manager costs
             # microseconds, a visible share of a small forward.
@@ -900,7 +906,7 @@ class MultiSimilarityMatching(_QuadraticLoopModule):
             tensors.extend(enc.buffers())
         return tensors
 
-    def _take_kept_encoding(self, xs: Tuple[Any, ...], y: torch.Tensor) -> Optional[List[Optional[torch.Tensor]]]:
+    def _take_kept_encoding(self, xs: Tuple[Any, ...], y: torch.Tensor) -> Optional[_KeptEncoding]:
         """The encoding ``_prepare`` kept for this loss, if it still applies.
 
         Used once: a second loss of the same output encodes again (the first
@@ -915,7 +921,7 @@ class MultiSimilarityMatching(_QuadraticLoopModule):
         if not kept.matches(tuple(xs), tensors, y):
             return None
         del attrs["_kept_encoding"]
-        return kept.Wx
+        return kept
 
     def _state(self) -> torch.Tensor:
         return self.y
@@ -988,12 +994,15 @@ class MultiSimilarityMatching(_QuadraticLoopModule):
             raise ValueError(f"{type(self).__name__}.loss: the last argument must be the output y")
         _check_nonempty(f"{type(self).__name__}.loss", y)
         self._check_loss_inside_ddp()
-        Wx = self._take_kept_encoding(tuple(xs), y)
-        if Wx is None:
+        kept = self._take_kept_encoding(tuple(xs), y)
+        if kept is None:
             Wx = self._encode(*xs)
+            Wx_sum = self._check_encoded(self._sum(Wx))
+        else:
+            Wx, Wx_sum = kept.Wx, kept.Wx_sum
         C = self.out_channels
         M = self.competitor.weight
-        loss = self._fit(y, self._check_encoded(self._sum(Wx))) / y.numel() - (M**2).sum() / C
+        loss = self._fit(y, Wx_sum) / y.numel() - (M**2).sum() / C
         return self._regularized(loss, Wx)
 
     def _regularized(self, loss: torch.Tensor, Wx: Sequence[Optional[torch.Tensor]]) -> torch.Tensor:
