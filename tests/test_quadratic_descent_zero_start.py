@@ -2,17 +2,20 @@
 
 The CPU kernel takes the first iteration of a position whose y is +0 in every
 channel without the channel mixing: with every A_ij finite, A·(+0) is a zero
-whose sign does not reach the result. A start at -0 is not taken that way
-(its bits are not +0) and gives the same values, so the loops from -0 are the
-mixing reference here; both drivers (the lanes of the one-rate loop and the
-tiles of a constant ``lrs`` schedule) must agree bit for bit. Infinite entries
+whose sign does not reach the result. A loop with a trace runs its sweeps
+with the mixing in every iteration, so it is the bitwise reference here (the
+shapes stay below the plain x86-64 build's GEMM threshold, where the sweeps
+would sum in another order); the loops from -0 (which also mix) must give the
+same values. Both drivers that take the shortcut are checked: the lanes of the
+one-rate loop and the tiles of a constant ``lrs`` schedule. Infinite entries
 of A, where the mixing gives NaN, must turn the shortcut off.
 """
 
 import pytest
 import torch
 
-from _util import bits, spd_matrix
+import torchiter
+from _util import bits, run_python, spd_matrix
 from test_quadratic_descent_fixed import PROJECTIONS
 from torchiter.reference import quadratic_descent_reference
 
@@ -25,8 +28,10 @@ SHAPES = [(5, 50, 23, 23), (3, 33, 37), (300, 20), (2, 70, 130), (50, 12, 5)]
 
 
 def problem(shape, dtype, seed):
-    """``(A, b, lr)``: b with zeros of both signs (a bias-free encoder's
-    background) and a position or two whose b is large."""
+    """``(A, b, lr)``: b with zeros of both signs, a fifth of the positions
+    zero in every channel (at rest: a bias-free encoder's background, which
+    sends the moving positions through the packed tiles), and a few large
+    entries."""
     g = torch.Generator().manual_seed(seed)
     C = shape[1]
     A = spd_matrix(C, generator=g)
@@ -35,6 +40,8 @@ def problem(shape, dtype, seed):
     b = b.masked_fill(torch.rand(shape, generator=g) < 0.2, 0.0)
     b = b.masked_fill(torch.rand(shape, generator=g) < 0.05, -0.0)
     b.view(-1)[:: max(1, b.numel() // 3)] *= 1e3
+    pos_shape = (shape[0], 1) + tuple(shape[2:])
+    b = b.masked_fill(torch.rand(pos_shape, generator=g) < 0.2, 0.0)
     return A.to(dtype), b.to(dtype), lr
 
 
@@ -51,19 +58,22 @@ def both_drivers(y0, A, b, lr, K, op=OP_EX, **kw):
 def test_as_the_mixing_loop(shape, dtype, proj, K):
     A, b, lr = problem(shape, dtype, seed=shape[1] + K)
     kw = PROJECTIONS[proj]
-    r, r_all = both_drivers(torch.zeros_like(b), A, b, lr, K, **kw)
-    for i in range(5):
-        assert torch.equal(bits(r[i]), bits(r_all[i])), f"output {i}"
+    y0 = torch.zeros_like(b)
     # y, iterations, converged, change (with one iteration: the shortcut's
-    # own measure) and growth all as from -0.
+    # own measure) and growth, bit for bit as the mixing sweeps give them.
+    mixing = OP_EX(y0, A, b, lr, K, trace=True, **kw)
+    for r in both_drivers(y0, A, b, lr, K, **kw):
+        for i in range(5):
+            assert torch.equal(bits(r[i]), bits(mixing[i])), f"output {i}"
+        assert float(r[3]) > 0, "the change is measured"
+    # From -0 (not taken as +0): the same values.
     for ref in both_drivers(torch.full_like(b, -0.0), A, b, lr, K, **kw):
         for i in range(5):
-            assert torch.equal(r[i], ref[i]), f"output {i}"
-    assert float(r[3]) > 0, "the change is measured"
+            assert torch.equal(mixing[i], ref[i]), f"output {i}"
     if K == 1:
-        # One iteration from +0 is project(lr·b).
-        expected = quadratic_descent_reference(torch.zeros_like(b), A, b, lr, 1, **PROJECTIONS[proj])[0]
-        assert torch.equal(r_all[0], expected)
+        # One iteration from +0 is the projection of lr·b.
+        expected = quadratic_descent_reference(y0, A, b, lr, 1, **kw)[0]
+        assert torch.equal(mixing[0], expected)
 
 
 @pytest.mark.parametrize("shape", [(5, 50, 23, 23), (300, 20)], ids=str)
@@ -92,23 +102,38 @@ def test_non_finite_A_mixes_zero_to_nan(shape, value):
             assert torch.isnan(r[3])
 
 
-@pytest.mark.parametrize("shape", [(4, 64, 21, 23), (300, 64)], ids=str)
-def test_bfloat16_mixing_of_a_past_its_range(shape):
-    # 3.4e38 is finite in float32 and rounds to infinity in bfloat16: where
-    # the mixing runs on bfloat16 products, from +0 it gives NaN there too.
-    A, b, lr = problem(shape, torch.float32, seed=5)
-    A = A.to(torch.bfloat16).float()
-    A[1, 5] = 3.4e38
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("medium")
-    try:
-        results = both_drivers(torch.zeros_like(b), A, b, lr, 1, min=0.0)
-        refs = both_drivers(torch.full_like(b, -0.0), A, b, lr, 1, min=0.0)
-    finally:
-        torch.set_float32_matmul_precision(before)
+_PAST_RANGE = """
+import sys, torch
+import torchiter
+from test_quadratic_descent_zero_start import both_drivers, problem
+shape = tuple(int(d) for d in sys.argv[1].split(","))
+A, b, lr = problem(shape, torch.float32, seed=5)
+A = A.to(torch.bfloat16).float()
+A[1, 5] = 3.4e38
+torch.set_float32_matmul_precision("medium")
+for K in (1, 2):
+    results = both_drivers(torch.zeros_like(b), A, b, lr, K, min=0.0)
+    refs = both_drivers(torch.full_like(b, -0.0), A, b, lr, K, min=0.0)
     for r, ref in zip(results, refs):
-        assert torch.equal(bits(r[0].isnan()), bits(ref[0].isnan()))
+        assert bool(r[0][:, 1].isnan().all()), "inf * 0 in channel 1"
+        assert torch.equal(r[0].isnan(), ref[0].isnan())
         assert torch.equal(r[0].nan_to_num(), ref[0].nan_to_num())
+print(torchiter.cpu_bfloat16_units())
+"""
+
+
+@pytest.mark.parametrize("amx", ["auto", "emulate"])
+@pytest.mark.parametrize("shape", [(4, 64, 21, 23), (300, 64)], ids=str)
+def test_bfloat16_mixing_of_a_past_its_range(shape, amx):
+    # 3.4e38 is finite in float32 and rounds to infinity in bfloat16: where
+    # the mixing runs on bfloat16 products (AVX512-BF16, AMX tiles or their
+    # emulation), from +0 it gives NaN there too, as from -0.
+    if torchiter.cpu_bfloat16_units() == "none":
+        pytest.skip("this CPU has no bfloat16 dot products: the mixing stays in float32")
+    proc = run_python(_PAST_RANGE, args=(",".join(map(str, shape)),), timeout=300, TORCHITER_AMX=amx)
+    assert proc.returncode == 0, proc.stderr
+    units = proc.stdout.split()[-1]
+    assert units in (("amx-emulated",) if amx == "emulate" else ("amx", "avx512_bf16"))
 
 
 @pytest.mark.parametrize("precision", ["highest", "medium"])
@@ -125,12 +150,3 @@ def test_reduced_precision_mixing(precision):
     for i in range(5):
         assert torch.equal(bits(r[i]), bits(r_all[i])), f"output {i}"
         assert torch.equal(r[i], ref[i]), f"output {i}"
-
-
-def test_zero_with_a_sign_is_not_plus_zero():
-    # y0 = -0 everywhere takes the mixing; its values equal those from +0.
-    A, b, lr = problem((4, 50, 23, 23), torch.float32, seed=7)
-    lrs = torch.full((20,), lr, dtype=torch.float64)
-    y_pos, _ = OP(torch.zeros_like(b), A, b, 0.0, 20, lrs=lrs, min=0.0)
-    y_neg, _ = OP(torch.full_like(b, -0.0), A, b, 0.0, 20, lrs=lrs, min=0.0)
-    assert torch.equal(y_pos, y_neg)
