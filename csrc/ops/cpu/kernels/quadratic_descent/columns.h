@@ -80,9 +80,11 @@ bool mixes_zero_to_zero(const ChannelMixing<T>& mix) {
   if (mix.A_pairs != nullptr && !finite_halves(mix.A_pairs, mix.C * mix.pairs)) {
     return false;
   }
-  if (mix.A_tiles != nullptr && !finite_halves(mix.A_tiles, round_up(mix.C, 32) * mix.tile_pairs)) {
+#ifdef TORCHITER_AMX_MIXING
+  if (mix.A_tiles != nullptr && !finite_halves(mix.A_tiles, round_up(mix.C, kAmxBlock) * mix.tile_pairs)) {
     return false;
   }
+#endif
   return true;
 }
 

@@ -183,7 +183,8 @@ void run_blocked(
   const T lr = static_cast<T>(lrs.at(0));
   const std::vector<T> scheduled = scheduled_rates<T>(lrs, K);
   const bool skip_rest = rest_stays_at_zero(mix);
-  const bool zero_first = K > 0 && mixes_zero_to_zero(mix);
+  // (skip_rest already found the mixing of +0 to be +-0.)
+  const bool zero_first = K > 0 && (skip_rest || mixes_zero_to_zero(mix));
   const int64_t T_w = tiles.width;
   const int64_t ld = io.row_stride;
   const int64_t ps = io.position_stride;
@@ -567,7 +568,7 @@ double run_lanes(
   const bool skip_rest = rest_stays_at_zero(mix);
   // A position that starts at +0 enters with its first iteration done
   // without the mixing (zero_start_position).
-  const bool zero_first = K > 1 && mixes_zero_to_zero(mix);
+  const bool zero_first = K > 1 && (skip_rest || mixes_zero_to_zero(mix));
   // Positions are handed out a few vectors' worth at a time: neighbours
   // share cache lines of the (C, positions) rows, and the shared counter is
   // rarely touched.
