@@ -98,6 +98,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "this process (it skips exact zeros of y in the channel mixing): for "
       "tests and benchmarks that need to know which driver ran.");
   m.def(
+      "_sparse_blocks_count", [] { return torchiter::cpu::sparse_blocks_count(); },
+      "Of those rows, the ones run by blocks of rows (run_sparse_blocks: A's "
+      "columns by slices that fit L1), for tests.");
+  m.def(
       "_cpu_capabilities",
       [] {
         std::vector<std::string> names;

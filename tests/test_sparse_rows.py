@@ -3,8 +3,9 @@
 For a (B, C) batch with no stop test and a projection that gives exact zeros
 (ReLU, a clamp at 0, soft thresholding), the AVX2 and AVX-512 kernels run each float32
 row of 64 to 128 channels on its own and sums A's columns for the row's
-non-zero channels only; from 129 channels on, blocks of rows run together,
-by slices of A's columns (run_sparse_blocks). A zero
+non-zero channels only; from 129 channels on, and where a row's non-zero
+channels select more of A than L1 holds, blocks of rows run together, by
+slices of A's columns (run_sparse_blocks). A zero
 y_j adds +-0 to the dense chain, so the two paths give the same values (a
 zero's sign may differ where a product underflowed to -0). These tests run
 every case with the driver allowed (TORCHITER_SPARSE=auto) and turned off
@@ -152,6 +153,29 @@ def test_rows_at_a_fixed_point_stop_with_the_same_result(monkeypatch):
         assert_same_values(s, d)
     assert float(sparse[3]) < 1e-6  # settled, or stepping between neighbours
     assert ran == (300 if VECTOR else 0)
+
+
+# Rows of up to 128 channels whose non-zero channels select more of A's
+# columns than an L1 cache holds beside the row (about 28 KiB: 128 channels
+# at half density select 32 KiB) run on by blocks after the batch's sample;
+# sparser rows (128 channels at 28%: 18 KiB) stay on their own.
+@pytest.mark.parametrize("b_shift,by_blocks", [(0.0, True), (-0.6, False)])
+@pytest.mark.parametrize("stats", [False, True])
+def test_rows_reading_more_of_A_than_l1_go_on_by_blocks(monkeypatch, b_shift, by_blocks, stats):
+    rows = 1000
+    y0, A, b, lr = problem(rows, 128, torch.float32, seed=12, b_shift=b_shift)
+    if stats:
+        def fn():
+            return OP_EX(y0, A, b, lr, 20, 0.0, 1, None, 0.0, 0.0, None, False, False)
+    else:
+        def fn():
+            return OP(y0, A, b, lr, 20, min=0.0)
+    before = _C._sparse_blocks_count()
+    sparse, dense, ran = run_both(monkeypatch, fn)
+    assert ran == (rows if VECTOR else 0)
+    assert _C._sparse_blocks_count() - before == (rows - 256 if VECTOR and by_blocks else 0)
+    for s, d in zip(sparse, dense):
+        assert_same_values(s, d)
 
 
 @pytest.mark.parametrize("C", [64, 150])

@@ -136,7 +136,16 @@ SparseRows sparse_rows_request() {
 
 namespace {
 std::atomic<int64_t> sparse_rows_total{0};
+std::atomic<int64_t> sparse_blocks_total{0};
 } // namespace
+
+void count_sparse_blocks(int64_t rows) {
+  sparse_blocks_total.fetch_add(rows, std::memory_order_relaxed);
+}
+
+int64_t sparse_blocks_count() {
+  return sparse_blocks_total.load(std::memory_order_relaxed);
+}
 
 void count_sparse_rows(int64_t rows) {
   sparse_rows_total.fetch_add(rows, std::memory_order_relaxed);

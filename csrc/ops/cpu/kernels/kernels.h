@@ -30,10 +30,13 @@ AmxRequest amx_request();
 // another value.
 enum class SparseRows { kOff, kAuto, kForce };
 SparseRows sparse_rows_request();
-// Counts rows run by the AVX2 and AVX-512 kernels' sparse-row driver (process-wide),
-// so that tests can see which driver ran: _C._sparse_rows_count().
+// Counts rows run by the AVX2 and AVX-512 kernels' sparse-row drivers (process-wide),
+// so that tests can see which driver ran: _C._sparse_rows_count() (both
+// drivers), _C._sparse_blocks_count() (run_sparse_blocks alone).
 void count_sparse_rows(int64_t rows);
 int64_t sparse_rows_count();
+void count_sparse_blocks(int64_t rows);
+int64_t sparse_blocks_count();
 [[noreturn]] void kernel_error(const char* message);
 void kernel_warning_once(const char* message);
 

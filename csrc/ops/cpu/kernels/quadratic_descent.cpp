@@ -263,6 +263,7 @@ QuadraticDescentResult run(
       // past it, blocks of rows by slices of A_T (run_sparse_blocks).
       const bool by_blocks = Cp * C * static_cast<int64_t>(sizeof(T)) > kSparseMaxBytes;
       const at::Tensor A_T = by_blocks ? sliced_A<T>(A, kSparseSliceVecs * W) : transposed_padded<T>(A, Cp);
+      at::Tensor A_slices;
       const std::vector<T> rates = scheduled_rates<T>(lrs, K);
       const T lr = static_cast<T>(lrs.at(0));
       y = at::empty(y0.sizes(), y0.options().memory_format(at::MemoryFormat::Contiguous));
@@ -270,15 +271,24 @@ QuadraticDescentResult run(
       const T* bp = bc.const_data_ptr<T>();
       T* out = y.data_ptr<T>();
       const T* rp = rates.empty() ? nullptr : rates.data();
-      const auto sparse = [&](int64_t from, int64_t to) {
-        return by_blocks ? run_sparse_blocks<T>(yp, bp, out, C, A_T.const_data_ptr<T>(), from, to, K, rp, lr, proj, st, poll)
-                         : run_sparse_rows<T>(yp, bp, out, C, A_T.const_data_ptr<T>(), Cp, from, to, K, rp, lr, proj, st, poll);
+      const auto sparse = [&](int64_t from, int64_t to, bool blocks) {
+        if (blocks) {
+          const at::Tensor& As = by_blocks ? A_T : A_slices;
+          return run_sparse_blocks<T>(yp, bp, out, C, As.const_data_ptr<T>(), from, to, K, rp, lr, proj, st, poll);
+        }
+        return run_sparse_rows<T>(yp, bp, out, C, A_T.const_data_ptr<T>(), Cp, from, to, K, rp, lr, proj, st, poll);
       };
       const int64_t sample = std::min(total, std::max<int64_t>(total / 16, 256));
-      const double density = sparse(0, sample);
+      const double density = sparse(0, sample, by_blocks);
       if (sample < total && !poll.stop()) {
         if (density <= sparse_max_density<T>(C, Cp) || sparse_request == SparseRows::kForce) {
-          sparse(sample, total);
+          // Rows whose non-zeros read more of A_T than L1 holds: the rest by
+          // blocks. Both drivers give the dense loop's values.
+          const bool rest_by_blocks = by_blocks || rows_outgrow_l1<T>(density, C, Cp);
+          if (rest_by_blocks && !by_blocks) {
+            A_slices = sliced_A<T>(A, kSparseSliceVecs * W);
+          }
+          sparse(sample, total, rest_by_blocks);
         } else {
           WorkingLayout R = L;
           R.positions = total - sample;
