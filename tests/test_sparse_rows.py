@@ -178,6 +178,20 @@ def test_rows_reading_more_of_A_than_l1_go_on_by_blocks(monkeypatch, b_shift, by
         assert_same_values(s, d)
 
 
+@pytest.mark.parametrize("C", [90, 111, 127])
+def test_forced_dense_rows_go_on_by_blocks(monkeypatch, C):
+    # TORCHITER_SPARSE=1 on rows that are hardly ever zero: from about 85
+    # channels they select more of A than L1 holds, so blocks of rows, whose
+    # slices of A's columns are narrower than such a row, take the rest.
+    rows = 700
+    y0, A, b, lr = problem(rows, C, torch.float32, seed=C, b_shift=4.0)
+    before = _C._sparse_blocks_count()
+    sparse, dense, ran = run_both(monkeypatch, lambda: OP(y0, A, b, lr, 12, min=0.0)[0], mode="1")
+    assert ran == (rows if VECTOR else 0)
+    assert _C._sparse_blocks_count() - before == (rows - 256 if VECTOR else 0)
+    assert_same_values(sparse, dense)
+
+
 @pytest.mark.parametrize("C", [64, 150])
 def test_non_finite_values(monkeypatch, C):
     y0, A, b, lr = problem(280, C, torch.float32, seed=2)
