@@ -262,8 +262,8 @@ QuadraticDescentResult run(
       // Up to kSparseMaxBytes of A_T, each row on its own (run_sparse_rows);
       // past it, blocks of rows by slices of A_T (run_sparse_blocks).
       const bool by_blocks = Cp * C * static_cast<int64_t>(sizeof(T)) > kSparseMaxBytes;
-      const at::Tensor A_T = by_blocks ? sliced_A<T>(A, kSparseSliceVecs * W) : transposed_padded<T>(A, Cp);
-      at::Tensor A_slices;
+      // Each driver's layout of A, made when that driver first runs.
+      at::Tensor A_rows, A_slices;
       const std::vector<T> rates = scheduled_rates<T>(lrs, K);
       const T lr = static_cast<T>(lrs.at(0));
       y = at::empty(y0.sizes(), y0.options().memory_format(at::MemoryFormat::Contiguous));
@@ -273,10 +273,15 @@ QuadraticDescentResult run(
       const T* rp = rates.empty() ? nullptr : rates.data();
       const auto sparse = [&](int64_t from, int64_t to, bool blocks) {
         if (blocks) {
-          const at::Tensor& As = by_blocks ? A_T : A_slices;
-          return run_sparse_blocks<T>(yp, bp, out, C, As.const_data_ptr<T>(), from, to, K, rp, lr, proj, st, poll);
+          if (!A_slices.defined()) {
+            A_slices = sliced_A<T>(A, kSparseSliceVecs * W);
+          }
+          return run_sparse_blocks<T>(yp, bp, out, C, A_slices.const_data_ptr<T>(), from, to, K, rp, lr, proj, st, poll);
         }
-        return run_sparse_rows<T>(yp, bp, out, C, A_T.const_data_ptr<T>(), Cp, from, to, K, rp, lr, proj, st, poll);
+        if (!A_rows.defined()) {
+          A_rows = transposed_padded<T>(A, Cp);
+        }
+        return run_sparse_rows<T>(yp, bp, out, C, A_rows.const_data_ptr<T>(), Cp, from, to, K, rp, lr, proj, st, poll);
       };
       const int64_t sample = std::min(total, std::max<int64_t>(total / 16, 256));
       const double density = sparse(0, sample, by_blocks);
@@ -284,11 +289,7 @@ QuadraticDescentResult run(
         if (density <= sparse_max_density<T>(C, Cp) || sparse_request == SparseRows::kForce) {
           // Rows whose non-zeros read more of A_T than L1 holds: the rest by
           // blocks. Both drivers give the dense loop's values.
-          const bool rest_by_blocks = by_blocks || rows_outgrow_l1<T>(density, C, Cp);
-          if (rest_by_blocks && !by_blocks) {
-            A_slices = sliced_A<T>(A, kSparseSliceVecs * W);
-          }
-          sparse(sample, total, rest_by_blocks);
+          sparse(sample, total, by_blocks || rows_outgrow_l1<T>(density, C, Cp));
         } else {
           WorkingLayout R = L;
           R.positions = total - sample;
